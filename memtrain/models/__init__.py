@@ -1,0 +1,27 @@
+"""Models: masked-mixer and transformer blocks, the autoencoder, the memory model and the causal LM baseline.
+
+``build_model(cfg.model, vocab_size)`` is the one entry point; every model is a :class:`MemtrainModel`.
+"""
+from __future__ import annotations
+
+from memtrain.config import ModelConfig
+from memtrain.models.autoencoder import Autoencoder
+from memtrain.models.base import ChunkEncoder, MemtrainModel
+from memtrain.models.clm import CausalLM
+from memtrain.models.memory import MemoryModel
+from memtrain.models.mixing import CausalMix, causal_mix
+
+MODEL_CLASSES: dict[str, type[MemtrainModel]] = {
+    "memory": MemoryModel,
+    "autoencoder": Autoencoder,
+    "clm": CausalLM,
+}
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> MemtrainModel:
+    """The model for ``cfg.kind`` ("memory" | "autoencoder" | "clm") over a vocabulary of ``vocab_size``."""
+    return MODEL_CLASSES[cfg.kind](cfg, vocab_size)
+
+
+__all__ = ["build_model", "MemtrainModel", "MemoryModel", "Autoencoder", "CausalLM", "ChunkEncoder",
+           "CausalMix", "causal_mix", "MODEL_CLASSES"]

@@ -1,0 +1,157 @@
+"""What every memtrain model shares: the LM head, label alignment, module groups, freezing, and the chunk encoder.
+
+Shapes: B batch, T = cfg.seq_len tokens per row, L = cfg.chunk_len, C = cfg.n_chunks, V vocabulary,
+e = encoder width, d = decoder width.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from memtrain.config import MODULE_GROUPS, ModelConfig
+from memtrain.errors import UserError
+from memtrain.models.stack import Stack, init_like, make_norm
+
+IGNORE_INDEX = -100
+
+
+class ChunkEncoder(Stack):
+    """Token ids [N, L] -> memory [N, e]: embedding -> encoder stack (+ final norm if cfg.final_norm) ->
+    hidden state at ``cfg.memory_position`` -> optional bottleneck Linear(e, e/c) -> Linear(e/c, e).
+
+    Parameters: ``wte``, ``blocks.*``, ``norm``, ``down``, ``up`` (the last two only when compression > 1).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__(cfg.encoder, cfg.chunk_len, final_norm=cfg.final_norm)
+        e, c = cfg.encoder.d_model, cfg.compression
+        self.memory_position = cfg.memory_position
+        self.wte = init_like(nn.Embedding(vocab_size, e), cfg.encoder.arch)
+        self.down = init_like(nn.Linear(e, e // c), cfg.encoder.arch) if c > 1 else nn.Identity()
+        self.up = init_like(nn.Linear(e // c, e), cfg.encoder.arch) if c > 1 else nn.Identity()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [N, L] -> memories [N, e]."""
+        h = super().forward(self.wte(input_ids))
+        return self.up(self.down(h[:, self.memory_position]))
+
+
+class MemtrainModel(nn.Module):
+    """Base of the three model kinds. ``forward(input_ids [B, T]) -> hidden [B, T, d]`` aligned with
+    :meth:`align_labels`; :meth:`logits` maps hidden states to the vocabulary.
+
+    Subclasses set ``kind``, ``label_shift``, build their layers and call :meth:`_build_head`.
+    """
+
+    kind: str = ""
+    label_shift: int = 0
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+
+    def _build_head(self, tie_to: nn.Embedding | None) -> None:
+        """Final norm (if cfg.final_norm) and lm_head Linear(d, V, bias=False), tied to ``tie_to`` if asked."""
+        dec = self.cfg.decoder
+        self.norm = make_norm(dec) if self.cfg.final_norm else nn.Identity()
+        self.lm_head = init_like(nn.Linear(dec.d_model, self.vocab_size, bias=False), dec.arch)
+        if self.cfg.tie_embeddings:
+            if tie_to is None or tie_to.weight.shape != self.lm_head.weight.shape:
+                have = "none" if tie_to is None else str(tuple(tie_to.weight.shape))
+                raise UserError(f"model.tie_embeddings: the lm_head {tuple(self.lm_head.weight.shape)} can only be "
+                                f"tied to a token embedding of the same shape; this {self.kind}'s is {have}; "
+                                "set tie_embeddings: false or make encoder.d_model equal decoder.d_model")
+            self.lm_head.weight = tie_to.weight
+
+    # -- outputs ------------------------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d] -> logits [..., V] (final norm if cfg.final_norm, then lm_head)."""
+        return self.lm_head(self.norm(hidden))
+
+    def align_labels(self, targets: torch.Tensor) -> torch.Tensor:
+        """targets [B, T] (what each sequence position is; -100 = ignore) -> labels [B, T] for hidden[:, t].
+
+        Autoencoder: labels = targets (overridden by the memory model and the causal LM).
+        """
+        return targets
+
+    def _check_ids(self, input_ids: torch.Tensor, length: int) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[1] != length:
+            raise ValueError(f"{self.kind} model expects input_ids [B, {length}], got {list(input_ids.shape)}")
+
+    # -- groups and freezing ------------------------------------------------------------------------------
+    def _group_modules(self) -> dict[str, list[nn.Module]]:
+        raise NotImplementedError
+
+    def module_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"encoder", "decoder", "embeddings", "head"} -> parameters (groups may overlap, may be empty)."""
+        groups = {}
+        for name, modules in self._group_modules().items():
+            seen: dict[int, nn.Parameter] = {}
+            for m in modules:
+                for p in m.parameters():
+                    seen.setdefault(id(p), p)
+            groups[name] = list(seen.values())
+        return groups
+
+    def freeze(self, groups: list[str]) -> None:
+        """requires_grad = False for every parameter of ``groups``, True for every other parameter."""
+        unknown = set(groups) - set(MODULE_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown module groups {sorted(unknown)}; valid: {list(MODULE_GROUPS)}")
+        frozen = {id(p) for g, params in self.module_groups().items() if g in groups for p in params}
+        for p in self.parameters():
+            p.requires_grad_(id(p) not in frozen)
+
+    # -- encoder ------------------------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Memories of ``input_ids`` (see subclasses). The causal LM has no encoder: TypeError."""
+        raise TypeError(f"a {self.kind} model has no encoder")
+
+    def encoder_frozen(self) -> bool:
+        """True when the model has an encoder and none of its parameters requires grad (it then runs under
+        torch.no_grad(), its own embedding included)."""
+        encoder = getattr(self, "encoder", None)
+        return encoder is not None and not any(p.requires_grad for p in encoder.parameters())
+
+    def _run_encoder(self, chunks: torch.Tensor) -> torch.Tensor:
+        """chunks [N, L] -> memories [N, e], without autograd when the encoder is frozen."""
+        ctx = torch.no_grad() if self.encoder_frozen() else contextlib.nullcontext()
+        with ctx:
+            return self.encoder(chunks)
+
+    def load_encoder_state(self, state_dict: dict[str, torch.Tensor], source_kind: str) -> None:
+        """Copy the encoder (embedding, blocks, final norm, bottleneck) of an ``autoencoder`` or ``memory``
+        model's full state dict into this model's encoder. Raises UserError naming any missing, unexpected
+        or mis-shaped parameter. Does not freeze anything (call ``freeze(["encoder"])``).
+        """
+        if source_kind not in ("autoencoder", "memory"):
+            raise UserError(f"frozen encoder: a checkpoint of kind {source_kind!r} has no encoder; "
+                            "use an autoencoder or memory model checkpoint")
+        if getattr(self, "encoder", None) is None:
+            raise UserError(f"frozen encoder: this {self.kind} model has no encoder (model.no_memory is true?)")
+        prefix = "encoder."
+        src = {}
+        for key, value in state_dict.items():
+            for wrap in ("module.", "_orig_mod."):
+                key = key.removeprefix(wrap)
+            if key.startswith(prefix):
+                src[key[len(prefix):]] = value
+        own = self.encoder.state_dict()
+        missing = sorted(set(own) - set(src))
+        unexpected = sorted(set(src) - set(own))
+        if missing or unexpected:
+            raise UserError(
+                f"frozen encoder: the {source_kind} checkpoint's encoder does not fit this model's encoder "
+                f"(missing: {[prefix + k for k in missing][:5]}, "
+                f"unexpected: {[prefix + k for k in unexpected][:5]}); "
+                "check model.encoder (arch, n_layers, n_heads), model.compression and model.final_norm")
+        for key, value in src.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise UserError(
+                    f"frozen encoder: parameter {prefix}{key} has shape {tuple(value.shape)} in the {source_kind} "
+                    f"checkpoint but {tuple(own[key].shape)} in this model; check model.encoder, model.chunk_len "
+                    "and the vocabulary")
+        self.encoder.load_state_dict(src)

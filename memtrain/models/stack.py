@@ -1,0 +1,64 @@
+"""A stack of blocks built from a :class:`~memtrain.config.StackConfig`, plus the small helpers every model uses.
+
+Mixer stacks are fixed-length (their context is set at construction); transformer stacks accept any length T
+and use positions 0..T-1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from memtrain.config import StackConfig
+from memtrain.models.blocks import MixerBlock, TransformerBlock, rotary_cos_sin
+
+
+def make_norm(cfg: StackConfig) -> nn.Module:
+    """The stack's norm over [..., d]: LayerNorm (with bias) for mixers, RMSNorm for transformers."""
+    if cfg.arch == "mixer":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def init_like(module: nn.Module, arch: str) -> nn.Module:
+    """Initialise the Linear/Embedding layers of ``module`` as the ``arch`` stack they belong to does.
+
+    transformer: weights N(0, 0.02), biases 0 (HF Llama); mixer: PyTorch defaults are kept (the reference).
+    Returns ``module``.
+    """
+    if arch == "transformer":
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+class Stack(nn.Module):
+    """``cfg.n_layers`` blocks, then an optional final norm: [B, T, d] -> [B, T, d].
+
+    ``seq_len`` is the mixer context (T must equal it); transformers ignore it and take any T.
+    """
+
+    def __init__(self, cfg: StackConfig, seq_len: int, final_norm: bool = False):
+        super().__init__()
+        self.arch, self.seq_len = cfg.arch, seq_len
+        self.head_dim = cfg.d_model // max(cfg.n_heads, 1)
+        self.rope_theta = cfg.rope_theta
+        if cfg.arch == "mixer":
+            blocks = [MixerBlock(cfg.d_model, seq_len, cfg.kernel, cfg.n_heads, cfg.ffn_mult, cfg.norm_eps)
+                      for _ in range(cfg.n_layers)]
+        else:
+            blocks = [TransformerBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.norm_eps)
+                      for _ in range(cfg.n_layers)]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = make_norm(cfg) if final_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]."""
+        rope = None
+        if self.arch == "transformer":
+            rope = rotary_cos_sin(x.shape[1], self.head_dim, self.rope_theta, x.device, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.norm(x)
