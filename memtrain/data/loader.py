@@ -1,0 +1,492 @@
+"""Reading memtrain MDS shards: shard-directory metadata, compatibility checks and the batch loader.
+
+A shard directory (local, or remote for any scheme mosaicml-streaming downloads from: ``s3://``, ``gs://``,
+``oci://``, ``azure://``, ``hf://``, ``dbfs:/``, ``sftp://``, ... and ``file://`` for a shared filesystem
+read through a local cache) is what :func:`memtrain.data.ingest.build_shards` writes: ``train/`` and
+``val/`` MDS splits, ``tokenizer.model`` and ``memtrain_shards.json``.
+
+:func:`make_loader` wraps ``streaming.StreamingDataset`` + ``StreamingDataLoader``: deterministic order
+(shuffled by ``seed`` or not), rows partitioned across ``torch.distributed`` ranks by streaming itself (from
+the RANK / WORLD_SIZE / LOCAL_WORLD_SIZE environment), batches of ``torch.long`` ``[batch_size, row_len]``,
+cycling over epochs forever, and exact mid-epoch resume through ``state_dict()`` / ``load_state_dict()``.
+
+Note: streaming decompresses the zstd shards it reads next to them (``shard.*.mds`` beside
+``shard.*.mds.zstd``), so a local shard directory must be writable. For a read-only or shared directory use
+``file:///path/to/shards`` with a ``cache_dir``.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+import urllib.parse
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from memtrain.data.ingest import FORMAT_VERSION, INFO_FILE
+from memtrain.data.streaming_compat import clean_stale_shared_memory_once, import_streaming
+from memtrain.data.tokenizer import TOKENIZER_FILE, file_sha256
+from memtrain.errors import UserError
+
+NOT_SHARDS_HINT = "not a memtrain shard directory; make one with `memtrain data shards`"
+_STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# memtrain_shards.json
+
+
+class _SplitCounts(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    rows: int = Field(..., ge=0)
+    tokens: int = Field(..., ge=0)
+    documents: int = Field(..., ge=0)
+    dropped_tail_tokens: int = Field(0, ge=0)
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    format_version: int = Field(..., ge=1)
+    tokenizer_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    vocab_size: int = Field(..., ge=8)
+    row_len: int = Field(..., ge=2)
+    dtype: Literal["uint16", "int32"] = "uint16"
+    special_ids: dict[str, Optional[int]]
+    splits: dict[str, _SplitCounts]
+    dropped_tail_tokens: int = Field(0, ge=0)
+    sources: list[str] = []
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What ``memtrain_shards.json`` says about a shard directory, plus where it lives.
+
+    ``path``: the directory or URL as given; ``local_dir``: the local directory holding
+    ``memtrain_shards.json`` and ``tokenizer.model`` (the shard directory itself, or its cache when remote);
+    ``remote``: the location streaming downloads shards from (None for a local directory).
+    ``splits``: ``{"train": {"rows", "tokens", "documents", "dropped_tail_tokens"}, "val": {...}}``.
+    """
+
+    path: str
+    local_dir: Path
+    remote: Optional[str]
+    format_version: int
+    tokenizer_sha256: str
+    vocab_size: int
+    row_len: int
+    dtype: str
+    special_ids: dict[str, Optional[int]]
+    splits: dict[str, dict[str, int]]
+    dropped_tail_tokens: int
+    sources: list[str]
+    created: str
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """Local path of the tokenizer the shards were made with."""
+        return self.local_dir / TOKENIZER_FILE
+
+    @property
+    def pad_id(self) -> Optional[int]:
+        """Padding id (0)."""
+        return self.special_ids.get("pad")
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        """End-of-document id (3)."""
+        return self.special_ids.get("eos")
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        """Beginning-of-sequence id (2)."""
+        return self.special_ids.get("bos")
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        """Unknown-piece id (1)."""
+        return self.special_ids.get("unk")
+
+    @property
+    def sep_id(self) -> Optional[int]:
+        """Copy delimiter <sep> id (4)."""
+        return self.special_ids.get("sep")
+
+    @property
+    def blank_id(self) -> Optional[int]:
+        """Blank-copy filler <blank> id (5)."""
+        return self.special_ids.get("blank")
+
+    def rows(self, split: str) -> int:
+        """Rows in ``split`` (0 if the split does not exist)."""
+        return int(self.splits.get(split, {}).get("rows", 0))
+
+
+def _remote_location(shards: str) -> Optional[str]:
+    """The streaming ``remote`` for a URL (a plain path for ``file://``), or None for a local path."""
+    parsed = urllib.parse.urlparse(shards)
+    scheme = parsed.scheme
+    if len(scheme) <= 1:  # no scheme, or a Windows drive letter
+        return None
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise UserError(f"{shards}: file:// URLs must name a local path (file:///abs/path)")
+        return urllib.parse.unquote(parsed.path)
+    import_streaming()
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
+
+    known = "dbfs-uc" if scheme == "dbfs" and shards.startswith("dbfs:/Volumes") else scheme
+    if known not in DOWNLOADER_MAPPINGS:
+        supported = sorted(k for k in DOWNLOADER_MAPPINGS if k) + ["file"]
+        raise UserError(f"{shards}: unsupported remote scheme '{scheme}://' (supported: "
+                        f"{', '.join(s + '://' for s in supported)})")
+    return shards
+
+
+def _remote_join(remote: str, name: str) -> str:
+    return remote.rstrip("/") + "/" + name if "://" in remote else os.path.join(remote, name)
+
+
+def _download(remote_file: str, local_file: Path, what: str, shards: str) -> None:
+    """Download one file with streaming's downloader into ``local_file`` (atomically)."""
+    import_streaming()
+    from streaming.base.storage import CloudDownloader
+
+    local_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local_file.with_name(f".{local_file.name}.{os.getpid()}.{threading.get_ident()}.part")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        CloudDownloader.direct_download(remote_file, str(tmp))
+    except FileNotFoundError:
+        raise UserError(f"{shards}: no {what} there; {NOT_SHARDS_HINT}") from None
+    except Exception as err:  # boto/gcs/... errors, missing client libraries
+        raise UserError(f"{shards}: cannot download {what} ({type(err).__name__}: {err})") from None
+    os.replace(tmp, local_file)
+
+
+def _default_cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "memtrain-shard-cache"
+
+
+def _parse_manifest(text: str, where: str) -> _Manifest:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: malformed {INFO_FILE}: {err.msg} at line {err.lineno}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: malformed {INFO_FILE}: expected a JSON object")
+    try:
+        return _Manifest.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        raise UserError(f"{where}: malformed {INFO_FILE}: field '{loc}': {e['msg']}") from None
+
+
+def read_shard_info(shards: str | Path, cache_dir: str | Path | None = None) -> ShardInfo:
+    """Read and validate a shard directory's ``memtrain_shards.json``.
+
+    ``shards``: a local directory, or a URL streaming supports (``s3://…``, ``gs://…``, ``file://…``, …);
+    for a URL the json and ``tokenizer.model`` are downloaded into ``cache_dir`` (default: a
+    ``memtrain-shard-cache`` folder in the temp directory), in a subfolder specific to that URL and that
+    version of the shards. Raises :class:`UserError` when the directory is missing, is not a shard
+    directory, its json is malformed, or it was written by a newer memtrain.
+    """
+    shards = str(shards)
+    remote = _remote_location(shards)
+    if remote is None:
+        local_dir = Path(shards)
+        if not local_dir.exists():
+            raise UserError(f"{shards}: shard directory not found; make one with `memtrain data shards`")
+        if not local_dir.is_dir():
+            raise UserError(f"{shards}: is a file, not a shard directory")
+        info_path = local_dir / INFO_FILE
+        if not info_path.is_file():
+            raise UserError(f"{shards}: no {INFO_FILE}: {NOT_SHARDS_HINT}")
+        text = info_path.read_text(encoding="utf-8", errors="replace")
+        manifest = _parse_manifest(text, str(info_path))
+    else:
+        base = Path(cache_dir) if cache_dir else _default_cache_dir()
+        base = base / hashlib.blake2s(remote.encode("utf-8"), digest_size=8).hexdigest()
+        fetched = base / f"{INFO_FILE}.latest"
+        _download(_remote_join(remote, INFO_FILE), fetched, INFO_FILE, shards)
+        text = fetched.read_text(encoding="utf-8", errors="replace")
+        manifest = _parse_manifest(text, f"{shards}/{INFO_FILE}")
+        # one cache folder per version of the shards, so a rebuilt remote never mixes with old cached shards
+        local_dir = base / hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        local_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched, local_dir / INFO_FILE)
+        tok = local_dir / TOKENIZER_FILE
+        if not tok.is_file() or file_sha256(tok) != manifest.tokenizer_sha256:
+            _download(_remote_join(remote, TOKENIZER_FILE), tok, TOKENIZER_FILE, shards)
+    if manifest.format_version > FORMAT_VERSION:
+        raise UserError(f"{shards}: shards use format version {manifest.format_version}, but this memtrain "
+                        f"reads version {FORMAT_VERSION} or older; upgrade memtrain")
+    return ShardInfo(
+        path=shards, local_dir=local_dir, remote=remote, format_version=manifest.format_version,
+        tokenizer_sha256=manifest.tokenizer_sha256, vocab_size=manifest.vocab_size, row_len=manifest.row_len,
+        dtype=manifest.dtype, special_ids=dict(manifest.special_ids),
+        splits={k: v.model_dump() for k, v in manifest.splits.items()},
+        dropped_tail_tokens=manifest.dropped_tail_tokens, sources=list(manifest.sources),
+        created=manifest.created, raw=json.loads(text))
+
+
+def check_compatible(info: ShardInfo, row_len: Optional[int] = None, tokenizer_sha256: Optional[str] = None,
+                     vocab_size: Optional[int] = None, *, row_len_source: str = "the model's row length",
+                     tokenizer_source: str = "the checkpoint's tokenizer", vocab_source: str = "model.vocab_size",
+                     where: str = "data.shards") -> None:
+    """Raise :class:`UserError` naming what differs between shards and a model/checkpoint.
+
+    ``row_len``: tokens per row the model needs (chunk_len * n_chunks); ``row_len_source`` describes it,
+    e.g. ``"model.chunk_len x model.n_chunks = 4 x 32"`` gives "... but model.chunk_len x model.n_chunks =
+    4 x 32 = 128". ``tokenizer_sha256``: the checkpoint's tokenizer hash. ``vocab_size``: the model's
+    vocabulary (must equal the shards' tokenizer's). None skips a check.
+    """
+    loc = f"{where} ({info.path})"
+    if row_len is not None and int(row_len) != info.row_len:
+        src = row_len_source if row_len_source.rstrip().endswith(str(row_len)) else f"{row_len_source} = {row_len}"
+        raise UserError(f"{loc}: rows hold {info.row_len} tokens but {src}; make matching shards with "
+                        f"`memtrain data shards --row-len {row_len}` or change the model")
+    if tokenizer_sha256 is not None and tokenizer_sha256 != info.tokenizer_sha256:
+        raise UserError(f"{loc}: shards were made with tokenizer sha256 {info.tokenizer_sha256[:12]}… but "
+                        f"{tokenizer_source} is {tokenizer_sha256[:12]}…; use shards made with the same tokenizer")
+    if vocab_size is not None and int(vocab_size) != info.vocab_size:
+        raise UserError(f"{loc}: the shards' tokenizer has {info.vocab_size} ids but {vocab_source} is "
+                        f"{vocab_size}; set it to {info.vocab_size} or null (taken from the tokenizer)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loader
+
+
+def collate_rows(samples: list[dict[str, Any]]) -> torch.Tensor:
+    """Stack MDS samples ``{"input_ids": uint16/int32 [row_len]}`` into a ``torch.long [B, row_len]``."""
+    return torch.from_numpy(np.stack([s["input_ids"] for s in samples]).astype(np.int64))
+
+
+#: (local dir, split) pairs of live remote-backed datasets in this process (streaming forbids sharing one)
+_live_locals: dict[tuple[str, str], int] = {}
+_live_lock = threading.Lock()
+
+
+def _claim_local(base: Path, split: str) -> tuple[str, tuple[str, str]]:
+    """A cache directory for (remote, split) that no live dataset of this process uses (base, base-1, ...)."""
+    key = (os.path.abspath(base), split)
+    with _live_lock:
+        taken = key in _live_locals
+    if taken:
+        gc.collect()  # an unreachable old loader may still hold it
+    with _live_lock:
+        k = 0
+        while True:
+            cand = str(base) if k == 0 else f"{base}-{k}"
+            key = (os.path.abspath(cand), split)
+            if key not in _live_locals:
+                _live_locals[key] = 1
+                return cand, key
+            k += 1
+
+
+def _release_local(key: tuple[str, str]) -> None:
+    with _live_lock:
+        _live_locals.pop(key, None)
+
+
+def _num_nodes() -> int:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(1, world // max(1, local_world))
+
+
+class ShardLoader:
+    """Batches of one split of a shard directory: ``torch.long [batch_size, row_len]``.
+
+    ``iter(loader)`` cycles over epochs forever (the trainer counts steps), or yields exactly
+    ``max_batches`` batches when that was given (the same ones each time when unshuffled: a validation set).
+    ``epoch()`` iterates over the rest of the current epoch only. ``len(loader)`` is batches per epoch on
+    this rank. Use one iterator at a time.
+
+    ``state_dict()`` taken after k batches and loaded into a fresh loader (before iterating it) makes that
+    loader yield exactly batches k+1, k+2, ... of the uninterrupted sequence, across epoch boundaries too.
+    """
+
+    def __init__(self, info: ShardInfo, split: str, batch_size: int, shuffle: bool, seed: int,
+                 num_workers: int = 0, epoch_size: Optional[int] = None, drop_last: bool = True,
+                 max_batches: Optional[int] = None) -> None:
+        if batch_size < 1:
+            raise UserError(f"data.batch_size: expected >= 1, got {batch_size}")
+        if max_batches is not None and max_batches < 1:
+            raise UserError(f"max_batches: expected >= 1, got {max_batches}")
+        if split not in info.splits or info.rows(split) == 0:
+            have = ", ".join(s for s in info.splits if info.rows(s)) or "none"
+            raise UserError(f"{info.path}: has no '{split}' split (splits with rows: {have})")
+        if info.remote is None:
+            index = info.local_dir / split / "index.json"
+            if not index.is_file():
+                raise UserError(f"{info.path}: {split}/index.json is missing; the shard directory is incomplete, "
+                                "rebuild it with `memtrain data shards`")
+        self.info = info
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.max_batches = max_batches
+        clean_stale_shared_memory_once()
+        streaming = import_streaming()
+        if info.remote is None:
+            remote, local, key = None, str(info.local_dir), None
+        else:
+            remote = info.remote
+            local, key = _claim_local(info.local_dir, split)
+        try:
+            self.dataset = streaming.StreamingDataset(
+                remote=remote, local=local, split=split, batch_size=self.batch_size, shuffle=self.shuffle,
+                shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes())
+        except UserError:
+            raise
+        except FileNotFoundError as err:
+            if key:
+                _release_local(key)
+            raise UserError(f"{info.path}: cannot read split '{split}': {err}") from None
+        except ValueError as err:
+            if key:
+                _release_local(key)
+            msg = str(err).splitlines()[0]
+            if "Reused local directory" in msg:
+                raise UserError(f"{info.path}: its cache {local} is in use by another running job; give this "
+                                "one another data.cache_dir") from None
+            raise UserError(f"{info.path}: cannot open split '{split}': {msg}") from None
+        except Exception as err:  # remote storage clients raise their own error types
+            if key:
+                _release_local(key)
+            if info.remote is None:
+                raise
+            raise UserError(f"{info.path}: cannot open split '{split}' ({type(err).__name__}: {err})") from None
+        if key:
+            weakref.finalize(self.dataset, _release_local, key)
+        per_rank = len(self.dataset)
+        if self.drop_last and per_rank < self.batch_size:
+            raise UserError(f"{info.path}: split '{split}' has {per_rank} rows per rank, fewer than one batch of "
+                            f"{self.batch_size}; use a smaller data.batch_size or more data")
+        self.dataloader = streaming.StreamingDataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=int(num_workers), collate_fn=collate_rows,
+            drop_last=self.drop_last, persistent_workers=False)
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per row."""
+        return self.info.row_len
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (``max_batches`` when given)."""
+        if self.max_batches is not None:
+            return self.max_batches
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _stop_prefetch(self) -> None:
+        """Stop streaming's prefetch threads of an abandoned epoch (in-process iteration only).
+
+        Streaming leaves them polling when an epoch is not read to its end; worker processes
+        (``num_workers > 0``) are shut down by the DataLoader instead.
+        """
+        it = self.dataset.__dict__.get("_iterator")
+        if it is not None:
+            try:
+                it.exit()
+            except Exception:  # noqa: BLE001 (best effort, may run at interpreter shutdown)
+                pass
+
+    def epoch(self) -> Iterator[torch.Tensor]:
+        """The remaining batches of the current epoch (from a loaded state's position, if any)."""
+        try:
+            yield from self.dataloader
+        finally:
+            self._stop_prefetch()
+
+    def infinite(self) -> Iterator[torch.Tensor]:
+        """Batches forever, epoch after epoch (each epoch reshuffled when ``shuffle``)."""
+        empty_epochs = 0
+        try:
+            while True:
+                n = 0
+                for batch in self.dataloader:
+                    n += 1
+                    yield batch
+                if n:
+                    empty_epochs = 0
+                    continue
+                # an epoch resumed exactly at its end is empty once; two in a row means no batch ever fits
+                empty_epochs += 1
+                if empty_epochs >= 2:
+                    raise UserError(f"{self.info.path}: split '{self.split}' yields no complete batch of "
+                                    f"{self.batch_size} rows on this rank")
+        finally:
+            self._stop_prefetch()
+
+    def close(self) -> None:
+        """Stop background prefetching; the loader can still be iterated again afterwards."""
+        self._stop_prefetch()
+
+    def _take(self, n: int) -> Iterator[torch.Tensor]:
+        it = self.infinite()
+        try:
+            for _ in range(n):
+                yield next(it)
+        finally:
+            it.close()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches ``torch.long [batch_size, row_len]``: forever, or ``max_batches`` of them."""
+        if self.max_batches is not None:
+            return self._take(self.max_batches)
+        return self.infinite()
+
+    def state_dict(self) -> dict:
+        """The position in the stream (epoch, sample in epoch, shuffle seed, ...) as a JSON-able dict."""
+        return {"version": _STATE_VERSION, "split": self.split, "row_len": self.info.row_len,
+                "tokenizer_sha256": self.info.tokenizer_sha256, "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "seed": self.seed, "streaming": self.dataloader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` output; call before iterating. The saved shuffle seed wins."""
+        if not isinstance(state, dict) or "streaming" not in state:
+            raise UserError("loader state: not a memtrain loader state (no 'streaming' entry)")
+        if state.get("split") != self.split:
+            raise UserError(f"loader state: saved for split '{state.get('split')}', this loader reads "
+                            f"'{self.split}'")
+        if state.get("tokenizer_sha256") != self.info.tokenizer_sha256 or state.get("row_len") != self.info.row_len:
+            raise UserError(f"loader state: saved for other shards (tokenizer {str(state.get('tokenizer_sha256'))[:12]}…, "
+                            f"rows of {state.get('row_len')}) than {self.info.path} (tokenizer "
+                            f"{self.info.tokenizer_sha256[:12]}…, rows of {self.info.row_len})")
+        self.dataloader.load_state_dict(dict(state["streaming"]))
+
+
+def make_loader(shards: str | Path, split: str, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                cache_dir: str | Path | None = None, epoch_size: Optional[int] = None, drop_last: bool = True,
+                max_batches: Optional[int] = None, info: Optional[ShardInfo] = None) -> ShardLoader:
+    """A :class:`ShardLoader` over ``split`` ("train" or "val") of the shard directory/URL ``shards``.
+
+    Iterating yields ``torch.long [batch_size, row_len]`` batches forever (or ``max_batches`` of them).
+    ``shuffle``/``seed``: streaming's deterministic shuffle (reshuffled each epoch); ``shuffle=False`` gives
+    the stored order. ``num_workers``: DataLoader worker processes (0 is fastest on 2 cores).
+    ``epoch_size``: rows per epoch (default: all). ``drop_last``: drop each rank's last partial batch.
+    Under torch.distributed each rank gets its own part of every epoch (streaming reads RANK/WORLD_SIZE).
+    For a validation set use ``shuffle=False, max_batches=N``.
+    """
+    info = info or read_shard_info(shards, cache_dir)
+    return ShardLoader(info, split, batch_size, shuffle, seed, num_workers=num_workers, epoch_size=epoch_size,
+                       drop_last=drop_last, max_batches=max_batches)

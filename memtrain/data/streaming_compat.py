@@ -1,0 +1,127 @@
+"""The one way memtrain imports mosaicml-streaming.
+
+``streaming/__init__.py`` eagerly imports ``streaming.vision`` and ``streaming.multimodal``, which need
+torchvision. memtrain installs mosaicml-streaming with ``--no-deps`` (torchvision would replace the CPU
+torch with a CUDA build), so those two subpackages are replaced by empty modules before the import.
+Text datasets (``MDSWriter``, ``StreamingDataset``, ``StreamingDataLoader``) do not need them.
+
+Everything in memtrain imports streaming through :func:`import_streaming`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+_lock = threading.Lock()
+_cleaned = False
+
+#: set to "0" to skip the once-per-process clean-up of leaked streaming shared memory
+CLEAN_ENV = "MEMTRAIN_STREAMING_CLEAN"
+_SHM_DIR = Path("/dev/shm")
+_SEGMENT = re.compile(r"^\d{6}_[a-z_]+$")
+#: a segment younger than this may be in the middle of being created and mapped; never touch it
+_MIN_STALE_AGE_S = 30.0
+
+
+def import_streaming() -> types.ModuleType:
+    """Return the ``streaming`` package, installing the ``sys.modules`` shim it needs first.
+
+    The shim registers empty ``streaming.vision`` and ``streaming.multimodal`` modules unless real ones
+    are already importable as such (``sys.modules.setdefault``), so an environment with torchvision and a
+    full streaming install keeps working.
+    """
+    if "streaming" in sys.modules and hasattr(sys.modules["streaming"], "StreamingDataset"):
+        return sys.modules["streaming"]
+    for name in ("streaming.vision", "streaming.multimodal"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    import streaming  # deliberately late, after the shim
+
+    return streaming
+
+
+def _mapped_segments() -> set[str] | None:
+    """Names of streaming /dev/shm segments that some live process maps (None if /proc is unreadable)."""
+    proc = Path("/proc")
+    if not proc.is_dir() or not _SHM_DIR.is_dir():
+        return None
+    pattern = re.compile(r"/dev/shm/(\d{6}_[a-z_]+)")
+    mapped: set[str] = set()
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps", "r", errors="replace") as f:
+                mapped.update(pattern.findall(f.read()))
+        except OSError:  # exited meanwhile, or another user's process
+            continue
+    return mapped
+
+
+def _streaming_segments() -> list[Path]:
+    try:
+        return [p for p in _SHM_DIR.iterdir() if _SEGMENT.match(p.name)]
+    except OSError:
+        return []
+
+
+def clean_stale_shared_memory_once() -> str:
+    """Remove leaked streaming shared memory, the first time it is called in this process.
+
+    Streaming keeps each dataset's state in ``/dev/shm`` segments named by a small integer prefix; a
+    process killed without its resource tracker leaves them behind, and a later remote-backed dataset
+    with the same cache directory then fails with "Reused local directory".
+
+    ``streaming.base.util.clean_stale_shared_memory()`` removes *every* streaming segment, including
+    those of other jobs running on the same machine (an evaluation next to a training run, two test
+    sessions), and synchronises ranks with a barrier. So it is called only where that is appropriate: a
+    single-process run (WORLD_SIZE 1) on a machine where no live process maps any streaming segment
+    (checked through ``/proc/*/maps``). Otherwise only segments that no live process maps and that are
+    older than 30 s are unlinked, which is safe on every rank and next to other jobs. Without ``/proc``
+    nothing is removed. ``MEMTRAIN_STREAMING_CLEAN=0`` turns the clean-up off.
+
+    Returns what was done: ``"disabled"``, ``"done"`` (already ran in this process), ``"streaming"``,
+    ``"stale-only: N removed"`` or ``"skipped: ..."``.
+    """
+    global _cleaned
+    with _lock:
+        if _cleaned:
+            return "done"
+        _cleaned = True
+        if os.environ.get(CLEAN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+            return "disabled"
+        return clean_stale_shared_memory_safely()
+
+
+def clean_stale_shared_memory_safely() -> str:
+    """The clean-up of :func:`clean_stale_shared_memory_once`, every time it is called."""
+    segments = _streaming_segments()
+    if not segments:
+        return "skipped: no streaming segments"
+    mapped = _mapped_segments()
+    if mapped is None:
+        return "skipped: cannot see which processes map shared memory"
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if not mapped and world == 1:
+        import_streaming()
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        return "streaming"
+    removed = 0
+    now = time.time()
+    for seg in segments:
+        if seg.name in mapped:
+            continue
+        try:
+            if now - seg.stat().st_mtime < _MIN_STALE_AGE_S:
+                continue
+            seg.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return f"stale-only: {removed} removed"
