@@ -1,0 +1,33 @@
+# memtrain: the two set-up commands are `make quickstart` and `make test`; both create/refresh .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.memtrain-installed
+DEMO   := data/demo
+
+.PHONY: venv quickstart test clean-runs
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	# mosaicml-streaming without its deps: its torchvision requirement would replace the CPU torch
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mosaicml-streaming==0.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: venv
+	$(BIN)/memtrain data prepare-demo --out $(DEMO) --vocab-size 4096 --row-len 128
+	$(BIN)/memtrain train yaml/quickstart.yaml --resume
+	$(BIN)/memtrain train yaml/quickstart.yaml --resume \
+	    --set run.name=no-memory --set run.out_dir=runs/quickstart-no-memory --set model.no_memory=true
+	$(BIN)/memtrain eval runs/quickstart runs/quickstart-no-memory --objectives causal,copy \
+	    --json runs/quickstart/results.json
+
+test: venv
+	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing"; exit 1; fi; exit $$rc
+
+clean-runs:
+	rm -rf runs/quickstart runs/quickstart-no-memory

@@ -1,0 +1,95 @@
+"""The ``memtrain`` command line.
+
+    memtrain train CONFIG [--set a.b=c ...] [--resume]
+    memtrain eval CHECKPOINT_OR_RUN [...] [--objectives causal,copy] [--batches N] [--greedy]
+    memtrain data tokenizer | shards | prepare-demo ...
+
+Every user error ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memtrain.errors import UserError
+
+
+def _cmd_train(args) -> int:
+    from memtrain.config import load_config
+    from memtrain.engine.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    if summary.get("eval"):
+        from memtrain.eval.report import results_table
+
+        print(results_table({cfg.run.name: summary["eval"]}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from memtrain.eval.report import evaluate_checkpoints, results_table
+
+    objectives = [o for o in (args.objectives or "").split(",") if o] or None
+    results = evaluate_checkpoints(args.checkpoints, shards=args.shards, split=args.split,
+                                   batches=args.batches, batch_size=args.batch_size,
+                                   objectives=objectives, greedy=args.greedy, device=args.device)
+    print(results_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memtrain", description="Train, measure and scale memory models for language.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config", help="run config (YAML), e.g. yaml/quickstart.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in run.out_dir (starts fresh if there is none)")
+    t.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="train at most N steps in this invocation, then checkpoint and exit (continue with --resume)")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate checkpoints and print a metric table")
+    e.add_argument("checkpoints", nargs="+", help="checkpoint directories or run directories (newest checkpoint)")
+    e.add_argument("--shards", help="shard directory (default: the one the checkpoint was trained on)")
+    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--batches", type=int, default=16, help="number of batches (default 16)")
+    e.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's)")
+    e.add_argument("--objectives", help="comma-separated: causal,copy,blank_copy,reconstruction (default: all that apply)")
+    e.add_argument("--greedy", action="store_true",
+                   help="exact match by free-running greedy regeneration also for causal/copy (slower)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--json", help="also write the results as JSON to this file")
+    e.set_defaults(func=_cmd_eval)
+
+    d = sub.add_parser("data", help="tokenizers and MDS shards")
+    dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    from memtrain.data.cli import register
+
+    register(dsub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"memtrain: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("memtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

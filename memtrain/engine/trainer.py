@@ -1,0 +1,228 @@
+"""The training loop: one readable function, :func:`train`.
+
+Single process or ``torchrun`` DDP. Each optimizer step takes ``optim.grad_accum`` micro-batches of
+``data.batch_size`` rows per rank (global batch = batch_size x grad_accum x world size). The curriculum's
+stage decides, at every step, the objective weights and which module groups are frozen. Checkpoints hold
+the model, optimizer, schedule, RNG and data position, so ``--resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from memtrain.config import Config, dump_config
+from memtrain.data.loader import check_compatible, make_loader, read_shard_info
+from memtrain.engine import checkpoint as ckpt
+from memtrain.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from memtrain.engine.optim import build_optimizer, build_scheduler
+from memtrain.engine.rundir import prepare_run_dir
+from memtrain.engine.tracking import Tracker
+from memtrain.errors import UserError
+from memtrain.eval.evaluate import eval_objectives, evaluate, take_batches
+from memtrain.models import build_model
+from memtrain.objectives import compute_losses, special_tokens, stage_at
+
+
+class ModelView:
+    """Calls go through the DDP wrapper (so gradients are reduced); attributes come from the model."""
+
+    def __init__(self, wrapped: torch.nn.Module, module: torch.nn.Module):
+        self._wrapped, self._module = wrapped, module
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast when asked for (or 'auto' on a CUDA device that supports it); fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_for_run(cfg: Config, device: torch.device, vocab_size: int) -> tuple[torch.nn.Module, list[str]]:
+    """The model of ``cfg`` on ``device`` plus the groups that stay frozen for the whole run."""
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, vocab_size)
+    always_frozen: list[str] = []
+    if cfg.model.frozen_encoder is not None:
+        if cfg.model.kind != "memory" or cfg.model.no_memory:
+            raise UserError("model.frozen_encoder: only a memory model with memories can use a frozen encoder")
+        src = ckpt.resolve_checkpoint(cfg.model.frozen_encoder.checkpoint)
+        from safetensors.torch import load_file
+
+        meta = ckpt.read_meta(src)
+        model.load_encoder_state(load_file(str(src / "model.safetensors")), source_kind=meta.get("kind", "?"))
+        always_frozen.append("encoder")
+    return model.to(device), always_frozen
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train ``cfg`` to ``train.steps``; returns the final summary (also written to ``summary.json``).
+
+    ``stop_after``: run at most this many steps in this invocation, then checkpoint and return (for jobs with
+    a time limit that continue with ``resume=True``)."""
+    info = init_distributed(cfg.train.device, cfg.dist.backend)
+    try:
+        return _train(cfg, resume, info, stop_after)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None) -> dict:
+    if cfg.dist.engine != "plain":
+        raise UserError(f"dist.engine: '{cfg.dist.engine}' is not available in this build; use 'plain'")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.run.out_dir)
+    shards = read_shard_info(cfg.data.shards, cfg.data.cache_dir)
+    check_compatible(shards, row_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
+                     row_len_source=f"model.chunk_len x model.n_chunks = {cfg.model.chunk_len} x {cfg.model.n_chunks}")
+    if info.is_main:
+        prepare_run_dir(run_dir, cfg, resume)
+    barrier(info)
+
+    device = info.device
+    model, always_frozen = build_for_run(cfg, device, shards.vocab_size)
+    if cfg.train.compile:
+        model.compile()
+    special = special_tokens(cfg.objective, shards.special_ids)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    loader = make_loader(cfg.data.shards, "train", batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
+                         seed=cfg.run.seed, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
+
+    step = 0
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        ckpt.load_model_weights(model, latest.path)
+        state = ckpt.load_trainer_state(latest.path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        step = state["step"]
+
+    stages = cfg.stages()
+    eval_names = eval_objectives(cfg)
+    val_batches = None
+    autocast = autocast_for(cfg.train.precision, device)
+    tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size * cfg.model.seq_len
+    meta = {"kind": cfg.model.kind, "vocab_size": shards.vocab_size, "tokenizer_sha256": shards.tokenizer_sha256,
+            "special_ids": shards.special_ids, "n_params": sum(p.numel() for p in model.parameters()),
+            "row_len": cfg.model.seq_len}
+    tracker = Tracker(run_dir, info.is_main, cfg.train.steps, step, cfg.train.progress)
+    if info.is_main:
+        where = f"resumed from {latest.path} at step {step}" if latest else "from scratch"
+        tracker.write(f"memtrain: {cfg.model.kind} model, {meta['n_params'] / 1e6:.2f}M params, "
+                      f"{info.world_size} rank(s) on {device.type}, {where}; run dir {run_dir}")
+
+    def save(at_step: int) -> None:
+        if info.is_main:
+            state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "loader": loader.state_dict(), "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(run_dir, at_step, model, state, dump_config(cfg), meta, cfg.train.keep_ckpts)
+        barrier(info)
+
+    def run_eval(at_step: int) -> dict:
+        nonlocal val_batches
+        if val_batches is None:
+            val_batches = take_batches(cfg.data.shards, "val", cfg.data.batch_size, cfg.train.eval_batches,
+                                       cfg.data.cache_dir)
+        model.eval()
+        with autocast():
+            results = evaluate(model, val_batches, eval_names, special, device, info)
+        model.train()
+        flat = {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items()
+                if isinstance(v, (int, float))}
+        tracker.scalars(at_step, flat, kind="eval")
+        if info.is_main:
+            tracker.write(f"step {at_step}: " + "  ".join(
+                f"{n} ce {r['ce']:.3f} acc {r['accuracy']:.3f}" for n, r in results.items()))
+        return results
+
+    view = None
+    stage_index = -1
+    start_step = step
+    stop_at = min(cfg.train.steps, start_step + stop_after) if stop_after else cfg.train.steps
+    it = iter(loader)
+    model.train()
+    t_last, steps_since = time.perf_counter(), 0
+    sums: dict[str, list] = {}  # objective -> [ce_sum, tokens, correct] since the last log step
+    while step < stop_at:
+        idx, stage, _ = stage_at(stages, step)
+        if idx != stage_index:
+            stage_index = idx
+            model.freeze(sorted(set(stage.freeze) | set(always_frozen)))
+            view = ModelView(DDP(model) if info.distributed else model, model)
+            if info.is_main and len(stages) > 1:
+                tracker.write(f"stage {idx} '{stage.name}' from step {step}: objectives "
+                              f"{stage.weights.active()}, frozen {sorted(set(stage.freeze) | set(always_frozen))}")
+        weights = stage.weights.active()
+        for micro in range(cfg.optim.grad_accum):
+            ids = next(it).to(device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if info.distributed and micro < cfg.optim.grad_accum - 1:
+                sync = view._wrapped.no_sync()
+            with sync:
+                with autocast():
+                    total, parts = compute_losses(view, ids, weights, special)
+                (total / cfg.optim.grad_accum).backward()
+            for name, st in parts.items():  # detached sums; read on the host only at log steps
+                ce_sum, n_tok, n_cor = sums.setdefault(name, [0.0, 0, 0])
+                sums[name] = [ce_sum + st.ce_sum, n_tok + st.n_tokens, n_cor + st.n_correct]
+        trainable = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 \
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since += 1
+        if step % cfg.train.log_every == 0 or step == stop_at:
+            now = time.perf_counter()
+            tok_s = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+            t_last, steps_since = now, 0
+            logged = {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                      "stage": stage_index}
+            loss_total = 0.0
+            for name, (ce_sum, n_tok, n_cor) in sums.items():
+                loss = float(ce_sum) / max(n_tok, 1)
+                logged[f"loss/{name}"], logged[f"accuracy/{name}"] = loss, float(n_cor) / max(n_tok, 1)
+                loss_total += weights.get(name, 0.0) * loss
+            logged["loss/total"] = loss_total
+            sums.clear()
+            if not math.isfinite(loss_total):
+                raise UserError(f"loss became {loss_total} at step {step}; lower optim.lr or check the data")
+            tracker.scalars(step, logged)
+            tracker.postfix({"loss": f"{loss_total:.3f}", "tok/s": f"{tok_s:,.0f}"})
+        tracker.progress(1)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+            run_eval(step)
+        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step != stop_at:
+            save(step)
+
+    if step < cfg.train.steps:  # stopped early on request: checkpoint and leave the rest for --resume
+        save(step)
+        tracker.write(f"stopped after step {step} of {cfg.train.steps}; continue with --resume")
+        tracker.close()
+        return {"step": step, "eval": {}, "run_dir": str(run_dir), "complete": False}
+    results = run_eval(step)
+    if latest is None or latest.step != step:
+        save(step)
+    summary = {"step": step, "eval": results, "run_dir": str(run_dir), "complete": True}
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracker.close()
+    return summary
