@@ -73,14 +73,18 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> d
 
     ``stop_after``: run at most this many steps in this invocation, then checkpoint and return (for jobs with
     a time limit that continue with ``resume=True``)."""
+    if stop_after is not None and stop_after < 1:
+        raise UserError(f"--stop-after: expected a number of steps >= 1, got {stop_after}")
     info = init_distributed(cfg.train.device, cfg.dist.backend)
     try:
-        return _train(cfg, resume, info, stop_after)
+        with contextlib.ExitStack() as cleanup:  # closes the loader and the tracker, also on errors
+            return _train(cfg, resume, info, stop_after, cleanup)
     finally:
         shutdown(info)
 
 
-def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None) -> dict:
+def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
+           cleanup: contextlib.ExitStack) -> dict:
     if cfg.dist.engine != "plain":
         raise UserError(f"dist.engine: '{cfg.dist.engine}' is not available in this build; use 'plain'")
     if cfg.train.threads:
@@ -102,6 +106,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None) ->
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     loader = make_loader(cfg.data.shards, "train", batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
                          seed=cfg.run.seed, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
+    cleanup.callback(loader.close)
 
     step = 0
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -123,6 +128,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None) ->
             "special_ids": shards.special_ids, "n_params": sum(p.numel() for p in model.parameters()),
             "row_len": cfg.model.seq_len}
     tracker = Tracker(run_dir, info.is_main, cfg.train.steps, step, cfg.train.progress)
+    cleanup.callback(tracker.close)
     if info.is_main:
         where = f"resumed from {latest.path} at step {step}" if latest else "from scratch"
         tracker.write(f"memtrain: {cfg.model.kind} model, {meta['n_params'] / 1e6:.2f}M params, "
@@ -133,6 +139,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None) ->
             state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "loader": loader.state_dict(), "rng": ckpt.rng_state()}
             ckpt.save_checkpoint(run_dir, at_step, model, state, dump_config(cfg), meta, cfg.train.keep_ckpts)
+            tracker.flush()  # the logs then hold every step up to the checkpoint, even if killed later
         barrier(info)
 
     def run_eval(at_step: int) -> dict:
