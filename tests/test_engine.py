@@ -218,6 +218,19 @@ def test_restart_of_a_run_killed_before_its_first_checkpoint_logs_each_step_once
     assert [e.step for e in tensorboard_scalars(run, "loss/total")] == list(range(1, 7))
 
 
+def test_shards_without_a_validation_split_train_without_evaluation(tiny_data, tmp_path, capsys):
+    from memtrain.data.ingest import build_shards
+
+    shards = tmp_path / "noval"
+    build_shards([str(tiny_data.corpus)], tiny_data.tokenizer, shards, row_len=32, val_fraction=0, workers=1,
+                 progress=False)
+    run = tmp_path / "run"
+    summary = train(tiny_config(shards, run, "train.steps=4", "train.eval_every=2", "train.ckpt_every=0"))
+    assert summary["complete"] and summary["eval"] == {}
+    assert "has no validation split; training without evaluation" in capsys.readouterr().out
+    assert ckpt_steps(run) == [4] and sorted(records(run)) == [4] and records(run, "eval") == {}
+
+
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 

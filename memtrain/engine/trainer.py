@@ -93,9 +93,13 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     shards = read_shard_info(cfg.data.shards, cfg.data.cache_dir)
     check_compatible(shards, row_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
                      row_len_source=f"model.chunk_len x model.n_chunks = {cfg.model.chunk_len} x {cfg.model.n_chunks}")
-    if info.is_main:
-        prepare_run_dir(run_dir, cfg, resume)
-    barrier(info)
+    # data, then model: both are checked before the run directory is touched
+    loader = make_loader(cfg.data.shards, "train", batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
+                         seed=cfg.run.seed, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
+    cleanup.callback(loader.close)
+    # the same held-out batches at every evaluation; shards without a validation split train without one
+    val_batches = take_batches(cfg.data.shards, "val", cfg.data.batch_size, cfg.train.eval_batches,
+                               cfg.data.cache_dir) if shards.rows("val") else None
 
     device = info.device
     model, always_frozen = build_for_run(cfg, device, shards.vocab_size)
@@ -104,9 +108,9 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     special = special_tokens(cfg.objective, shards.special_ids)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    loader = make_loader(cfg.data.shards, "train", batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
-                         seed=cfg.run.seed, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
-    cleanup.callback(loader.close)
+    if info.is_main:  # everything above was checked without writing anything
+        prepare_run_dir(run_dir, cfg, resume)
+    barrier(info)
 
     step = 0
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -118,10 +122,14 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
+        done = _finished_summary(run_dir) if step >= cfg.train.steps else None
+        if done is not None:  # resuming a finished run changes nothing
+            if info.is_main:
+                print(f"memtrain: {run_dir} is complete at step {step}; nothing to do", flush=True)
+            return done
 
     stages = cfg.stages()
     eval_names = eval_objectives(cfg)
-    val_batches = None
     autocast = autocast_for(cfg.train.precision, device)
     tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size * cfg.model.seq_len
     meta = {"kind": cfg.model.kind, "vocab_size": shards.vocab_size, "tokenizer_sha256": shards.tokenizer_sha256,
@@ -133,6 +141,8 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         where = f"resumed from {latest.path} at step {step}" if latest else "from scratch"
         tracker.write(f"memtrain: {cfg.model.kind} model, {meta['n_params'] / 1e6:.2f}M params, "
                       f"{info.world_size} rank(s) on {device.type}, {where}; run dir {run_dir}")
+        if val_batches is None:
+            tracker.write(f"data.shards: {cfg.data.shards} has no validation split; training without evaluation")
 
     def save(at_step: int) -> None:
         if info.is_main:
@@ -143,10 +153,8 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         barrier(info)
 
     def run_eval(at_step: int) -> dict:
-        nonlocal val_batches
         if val_batches is None:
-            val_batches = take_batches(cfg.data.shards, "val", cfg.data.batch_size, cfg.train.eval_batches,
-                                       cfg.data.cache_dir)
+            return {}
         model.eval()
         with autocast():
             results = evaluate(model, val_batches, eval_names, special, device, info)
@@ -225,11 +233,20 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         tracker.write(f"stopped after step {step} of {cfg.train.steps}; continue with --resume")
         tracker.close()
         return {"step": step, "eval": {}, "run_dir": str(run_dir), "complete": False}
-    results = run_eval(step)
     if latest is None or latest.step != step:
-        save(step)
+        save(step)  # before the final evaluation, so nothing trained is lost if that fails
+    results = run_eval(step)
     summary = {"step": step, "eval": results, "run_dir": str(run_dir), "complete": True}
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.close()
     return summary
+
+
+def _finished_summary(run_dir: Path) -> dict | None:
+    """The summary.json of a completed run, or None if it is missing or unreadable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("complete") else None

@@ -31,15 +31,10 @@ def eval_objectives(cfg: Config) -> list[str]:
 
 def take_batches(shards: str, split: str, batch_size: int, n_batches: int, cache_dir: str | None = None,
                  ) -> list[torch.Tensor]:
-    """The first ``n_batches`` batches of a split, unshuffled (the same every time)."""
-    loader = make_loader(shards, split, batch_size=batch_size, shuffle=False, seed=0, num_workers=0,
-                         cache_dir=cache_dir)
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) >= n_batches:
-            break
-    return out
+    """The first ``n_batches`` batches ``torch.long [batch_size, row_len]`` of a split, unshuffled (the same
+    every time)."""
+    return list(make_loader(shards, split, batch_size=batch_size, shuffle=False, seed=0, num_workers=0,
+                            cache_dir=cache_dir, max_batches=n_batches))
 
 
 @torch.no_grad()
