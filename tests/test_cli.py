@@ -177,6 +177,24 @@ def test_eval_checkpoint_whose_config_has_other_shapes(trained, tmp_path, capsys
     fails(capsys, ["eval", ck, "--batches", "1"], str(ck / "model.safetensors"), "do not fit this model config")
 
 
+def test_damaged_checkpoint_files(trained, tiny_data, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(trained / "checkpoints" / "step_0000008", ck)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[:1000])
+    fails(capsys, ["eval", ck], str(ck / "model.safetensors"), "damaged")
+    # a run whose newest checkpoint has a damaged trainer state cannot resume
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "config.yaml").write_text(dump_config(tiny_config(tiny_data.shards, run, "train.steps=8",
+                                                             "train.ckpt_every=4", "train.eval_every=0")))
+    (run / "checkpoints" / "step_0000008" / "trainer.pt").write_bytes(b"not a torch file")
+    before = tree_hash(run)
+    fails(capsys, train_args(tiny_data, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0",
+                             "train.progress=false") + ["--resume"], "step_0000008/trainer.pt", "damaged")
+    assert tree_hash(run) == before
+
+
 def test_resume_from_a_checkpoint_of_another_model_config(trained, tiny_data, tmp_path, capsys):
     """The run directory's config matches, but its checkpoint has other shapes (copied in from elsewhere)."""
     run = tmp_path / "run"

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from memtrain.errors import UserError
@@ -130,12 +131,16 @@ def read_meta(ckpt: Path) -> dict:
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load ``model.safetensors`` strictly; a layout or shape mismatch is a one-line UserError."""
     path = ckpt / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the checkpoint is incomplete")
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
+    except SafetensorError as exc:
+        raise UserError(f"{path}: unreadable weights, the file is damaged or incomplete ({exc})") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "size mismatch" in ln or "shape" in ln), first[-1] if first else "")
-        raise UserError(f"{path}: weights do not fit this model config ({detail})") from None
+        raise UserError(f"{path}: weights do not fit this model config ({detail.rstrip('.')})") from None
     if missing or unexpected:
         what = (f"missing {sorted(missing)[:3]}" if missing else "") + \
                (f" unexpected {sorted(unexpected)[:3]}" if unexpected else "")
@@ -143,4 +148,17 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+    """``trainer.pt`` of a checkpoint: {"step", "optimizer", "scheduler", "loader", "rng"}; a missing or
+    damaged file is a one-line UserError."""
+    path = ckpt / "trainer.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as exc:  # torch.load raises pickle, zip and EOF errors for a damaged file
+        raise UserError(f"{path}: unreadable trainer state, the file is damaged ({type(exc).__name__})") from None
+    missing = [k for k in ("step", "optimizer", "scheduler", "loader", "rng")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{path}: not a memtrain trainer state (no {', '.join(missing)})")
+    return state
