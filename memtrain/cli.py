@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
-    if summary.get("eval"):
+    if summary.get("eval") and int(os.environ.get("RANK", "0")) == 0:  # one table, not one per torchrun rank
         from memtrain.eval.report import results_table
 
         print(results_table({cfg.run.name: summary["eval"]}))

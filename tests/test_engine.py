@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -276,3 +277,58 @@ def test_failed_save_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatch
     assert [p.name.split(".tmp-")[0] for p in leftovers] == ["step_0000002"]
     ckpt.save_checkpoint(tmp_path, 3, model, {"step": 3}, "run: {}\n", meta, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000003"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks(tiny_data, tmp_path):
+    steps, batch = 6, 4
+    run = tmp_path / "ddp"
+    config = write_yaml(tmp_path / "ddp.yaml", tiny_raw(tiny_data.shards, run, [
+        f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=3", "train.eval_every=0"]))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                           "-m", "memtrain", "train", str(config)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 rank(s)" in done.stdout
+    assert done.stdout.count("| tiny | causal |") == 1  # the result table is printed by rank 0 only
+    assert ckpt_steps(run) == [3, 6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    recs = records(run)
+    assert sorted(recs) == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss/total"]) for r in recs.values())
+    assert records(run, "eval")[steps]["eval/causal/ce"] > 0
+    # two ranks of 4 rows train exactly like one process with batches of 8 (same rows, averaged gradients),
+    # and the logged loss is the global batch's
+    single = tmp_path / "single"
+    train(tiny_config(tiny_data.shards, single, f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=3",
+                      "train.eval_every=0", f"data.batch_size={2 * batch}"))
+    one = records(single)
+    for s in range(1, steps + 1):
+        assert recs[s]["loss/total"] == pytest.approx(one[s]["loss/total"], rel=0, abs=1e-5), s
+    ddp_w, one_w = weights(run, steps), weights(single, steps)
+    assert sorted(ddp_w) == sorted(one_w)
+    # (not the mixers' per-position biases: the LayerNorm after them cancels a shift shared by all features, so
+    # their gradient is rounding noise, which Adam turns into steps of +-lr that differ with the reduction order)
+    compared = [k for k in ddp_w if not k.endswith("conv.bias")]
+    assert len(compared) > 20
+    for k in compared:
+        torch.testing.assert_close(ddp_w[k], one_w[k], rtol=0, atol=1e-4)
+    # the data position counts the global batch: batch_size x 2 ranks per step
+    for step in (3, 6):
+        state = ckpt.load_trainer_state(run / "checkpoints" / f"step_{step:07d}")
+        assert state["loader"]["streaming"]["sample_in_epoch"] == step * batch * 2
+    # tokens/s counts the global batch too: tokens_per_s x seconds between log records = 2 x 4 x 32 tokens
+    per_step = [recs[s]["tokens_per_s"] * (recs[s]["time"] - recs[s - 1]["time"]) for s in range(2, steps + 1)]
+    ratio = sorted(per_step)[len(per_step) // 2] / (batch * 2 * 32)
+    assert 0.6 < ratio < 1.6, per_step

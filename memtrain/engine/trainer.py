@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from memtrain.config import Config, dump_config
 from memtrain.data.loader import check_compatible, make_loader, read_shard_info
 from memtrain.engine import checkpoint as ckpt
-from memtrain.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from memtrain.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from memtrain.engine.optim import build_optimizer, build_scheduler
 from memtrain.engine.rundir import prepare_run_dir
 from memtrain.engine.tracking import Tracker
@@ -211,6 +211,10 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
             t_last, steps_since = now, 0
             logged = {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
                       "stage": stage_index}
+            if info.distributed:  # log the global batch's numbers, not rank 0's share
+                pooled = torch.tensor([[float(v) for v in sums[n]] for n in sums], dtype=torch.float64,
+                                      device=device)
+                sums = dict(zip(sums, all_reduce_sum(pooled, info).tolist()))
             loss_total = 0.0
             for name, (ce_sum, n_tok, n_cor) in sums.items():
                 loss = float(ce_sum) / max(n_tok, 1)
