@@ -18,11 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 quickstart: venv
-	$(BIN)/memtrain data prepare-demo --out $(DEMO) --vocab-size 4096 --row-len 128
+	$(BIN)/memtrain data prepare-demo --out $(DEMO) --vocab-size 4096 --row-len 32
 	$(BIN)/memtrain train yaml/quickstart.yaml --resume
 	$(BIN)/memtrain train yaml/quickstart.yaml --resume \
 	    --set run.name=no-memory --set run.out_dir=runs/quickstart-no-memory --set model.no_memory=true
-	$(BIN)/memtrain eval runs/quickstart runs/quickstart-no-memory --objectives causal,copy \
+	$(BIN)/memtrain eval runs/quickstart runs/quickstart-no-memory --objectives causal,copy,blank_copy \
 	    --json runs/quickstart/results.json
 
 test: venv

@@ -96,6 +96,8 @@ class ModelConfig(_Strict):
     frozen_encoder: Optional[FrozenEncoderConfig] = None
     final_norm: bool = True
     tie_embeddings: bool = False
+    #: implementation of the mixer layers: Triton kernels on CUDA (`auto`), or the pure-torch reference
+    kernels: Literal["auto", "triton", "torch"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -210,8 +212,16 @@ class TrainConfig(_Strict):
 
 
 class DistConfig(_Strict):
+    #: plain: one process or torchrun DDP; deepspeed: DeepSpeed ZeRO / pipeline engine
     engine: Literal["plain", "deepspeed"] = "plain"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    #: DeepSpeed pipeline stages (1 = no pipeline)
+    pipeline_stages: int = Field(1, ge=1)
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    activation_checkpointing: bool = False
 
 
 class Config(_Strict):
