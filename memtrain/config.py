@@ -71,8 +71,9 @@ class StackConfig(_Strict):
 
 
 class FrozenEncoderConfig(_Strict):
-    #: checkpoint directory (or file) of an autoencoder or memory model whose encoder is reused
-    checkpoint: str
+    #: run or checkpoint directory whose encoder is loaded and frozen; null keeps the freshly initialised
+    #: encoder and freezes it (the untrained control of a retention probe)
+    checkpoint: Optional[str] = None
 
 
 class ModelConfig(_Strict):

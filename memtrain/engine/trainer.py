@@ -57,13 +57,15 @@ def build_for_run(cfg: Config, device: torch.device, vocab_size: int) -> tuple[t
     model = build_model(cfg.model, vocab_size)
     always_frozen: list[str] = []
     if cfg.model.frozen_encoder is not None:
-        if cfg.model.kind != "memory" or cfg.model.no_memory:
-            raise UserError("model.frozen_encoder: only a memory model with memories can use a frozen encoder")
-        src = ckpt.resolve_checkpoint(cfg.model.frozen_encoder.checkpoint)
-        from safetensors.torch import load_file
+        if cfg.model.kind == "clm" or cfg.model.no_memory:
+            raise UserError("model.frozen_encoder: only a memory model with memories or an autoencoder has an "
+                            "encoder to freeze")
+        if cfg.model.frozen_encoder.checkpoint is not None:
+            src = ckpt.resolve_checkpoint(cfg.model.frozen_encoder.checkpoint)
+            from safetensors.torch import load_file
 
-        meta = ckpt.read_meta(src)
-        model.load_encoder_state(load_file(str(src / "model.safetensors")), source_kind=meta.get("kind", "?"))
+            meta = ckpt.read_meta(src)
+            model.load_encoder_state(load_file(str(src / "model.safetensors")), source_kind=meta.get("kind", "?"))
         always_frozen.append("encoder")
     return model.to(device), always_frozen
 
