@@ -225,6 +225,30 @@ class DistConfig(_Strict):
     activation_checkpointing: bool = False
 
 
+class SlurmConfig(_Strict):
+    """Resources and launch for `memtrain submit` / `memtrain sweep` (flags override these)."""
+
+    nodes: int = Field(1, ge=1)
+    #: GPUs per node (0 = CPU-only tasks; then `tasks_per_node` ranks per node)
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int = Field(1, ge=1)
+    cpus_per_task: int = Field(1, ge=1)
+    time: str = "01:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    #: srun: one task per rank (signals reach every rank); torchrun: one torchrun per node (c10d
+    #: rendezvous on the head node); deepspeed: the deepspeed launcher with a hostfile from the node list
+    launcher: Literal["srun", "torchrun", "deepspeed"] = "srun"
+    #: seconds before the time limit at which Slurm sends USR1: ranks checkpoint and the job requeues
+    signal_seconds: int = Field(120, ge=0)
+    requeue: bool = True
+    extra_sbatch: list[str] = []
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.tasks_per_node
+
+
 class Config(_Strict):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -234,6 +258,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     dist: DistConfig = DistConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
