@@ -230,7 +230,7 @@ def test_load_encoder_state_from_autoencoder_and_memory_model():
     with pytest.raises(UserError, match="missing"):
         mem.load_encoder_state(no_bottleneck.state_dict(), "autoencoder")
     with pytest.raises(UserError, match="no encoder"):
-        mem.load_encoder_state(ae.state_dict(), "clm")
+        mem.load_encoder_state(ae.state_dict(), "retriever")
     with pytest.raises(UserError, match="no encoder"):
         build_model(memory_cfg(no_memory=True), V).load_encoder_state(ae.state_dict(), "autoencoder")
 

@@ -70,23 +70,25 @@ def build_for_run(cfg: Config, device: torch.device, vocab_size: int) -> tuple[t
     return model.to(device), always_frozen
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None, batch_transform=None) -> dict:
     """Train ``cfg`` to ``train.steps``; returns the final summary (also written to ``summary.json``).
 
     ``stop_after``: run at most this many steps in this invocation, then checkpoint and return (for jobs with
-    a time limit that continue with ``resume=True``)."""
+    a time limit that continue with ``resume=True``). ``batch_transform``: a pure function of a batch,
+    token ids [B, T] -> [B, T], applied to every training and held-out batch (e.g. the retention probe's
+    random-token control); being pure, it keeps resumed runs exact."""
     if stop_after is not None and stop_after < 1:
         raise UserError(f"--stop-after: expected a number of steps >= 1, got {stop_after}")
     info = init_distributed(cfg.train.device, cfg.dist.backend)
     try:
         with contextlib.ExitStack() as cleanup:  # closes the loader and the tracker, also on errors
-            return _train(cfg, resume, info, stop_after, cleanup)
+            return _train(cfg, resume, info, stop_after, cleanup, batch_transform)
     finally:
         shutdown(info)
 
 
 def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
-           cleanup: contextlib.ExitStack) -> dict:
+           cleanup: contextlib.ExitStack, batch_transform=None) -> dict:
     if cfg.dist.engine != "plain":
         raise UserError(f"dist.engine: '{cfg.dist.engine}' is not available in this build; use 'plain'")
     if cfg.train.threads:
@@ -102,6 +104,8 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     # the same held-out batches at every evaluation; shards without a validation split train without one
     val_batches = take_batches(cfg.data.shards, "val", cfg.data.batch_size, cfg.train.eval_batches,
                                cfg.data.cache_dir) if shards.rows("val") else None
+    if batch_transform is not None and val_batches:
+        val_batches = [batch_transform(b) for b in val_batches]
 
     device = info.device
     model, always_frozen = build_for_run(cfg, device, shards.vocab_size)
@@ -188,7 +192,8 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
                               f"{stage.weights.active()}, frozen {sorted(set(stage.freeze) | set(always_frozen))}")
         weights = stage.weights.active()
         for micro in range(cfg.optim.grad_accum):
-            ids = next(it).to(device, non_blocking=True)
+            ids = next(it) if batch_transform is None else batch_transform(next(it))
+            ids = ids.to(device, non_blocking=True)
             sync = contextlib.nullcontext()
             if info.distributed and micro < cfg.optim.grad_accum - 1:
                 sync = view._wrapped.no_sync()

@@ -123,23 +123,24 @@ class MemtrainModel(nn.Module):
             return self.encoder(chunks)
 
     def load_encoder_state(self, state_dict: dict[str, torch.Tensor], source_kind: str) -> None:
-        """Copy the encoder (embedding, blocks, final norm, bottleneck) of an ``autoencoder`` or ``memory``
-        model's full state dict into this model's encoder. Raises UserError naming any missing, unexpected
-        or mis-shaped parameter. Does not freeze anything (call ``freeze(["encoder"])``).
+        """Copy the encoder of another model's full state dict into this model's encoder and check it fits.
+
+        ``source_kind``: ``autoencoder`` or ``memory`` (their ``encoder.*``: embedding, blocks, final norm,
+        bottleneck), or ``clm``: a causal LM's embedding, decoder stack and final norm become the encoder
+        (``wte`` -> ``wte``, ``decoder.blocks.*`` -> ``blocks.*``, ``norm`` -> ``norm``; a tied LM head
+        supplies the embedding). A causal LM's every prefix is a context it was trained on, so a mixer LM of
+        context T loads into an encoder of L <= T positions: the first L rows and columns of each
+        position-specific mixing weight, which computes exactly what the LM computes at positions 0..L-1.
+        Raises UserError naming any missing, unexpected or mis-shaped parameter. Does not freeze anything
+        (call ``freeze(["encoder"])``).
         """
-        if source_kind not in ("autoencoder", "memory"):
-            raise UserError(f"frozen encoder: a checkpoint of kind {source_kind!r} has no encoder; "
-                            "use an autoencoder or memory model checkpoint")
+        src = encoder_state_from(state_dict, source_kind)
         if getattr(self, "encoder", None) is None:
             raise UserError(f"frozen encoder: this {self.kind} model has no encoder (model.no_memory is true?)")
         prefix = "encoder."
-        src = {}
-        for key, value in state_dict.items():
-            for wrap in ("module.", "_orig_mod."):
-                key = key.removeprefix(wrap)
-            if key.startswith(prefix):
-                src[key[len(prefix):]] = value
         own = self.encoder.state_dict()
+        if source_kind == "clm":
+            src = {k: _position_prefix(k, v, own.get(k)) for k, v in src.items()}
         missing = sorted(set(own) - set(src))
         unexpected = sorted(set(src) - set(own))
         if missing or unexpected:
@@ -155,3 +156,54 @@ class MemtrainModel(nn.Module):
                     f"checkpoint but {tuple(own[key].shape)} in this model; check model.encoder, model.chunk_len "
                     "and the vocabulary")
         self.encoder.load_state_dict(src)
+
+
+#: model kinds whose checkpoints hold something that can serve as a :class:`ChunkEncoder`
+ENCODER_SOURCES = ("autoencoder", "memory", "clm")
+
+
+def encoder_state_from(state_dict: dict[str, torch.Tensor], source_kind: str) -> dict[str, torch.Tensor]:
+    """The parameters of a ``source_kind`` model's full state dict that form a :class:`ChunkEncoder`, named as
+    in ``ChunkEncoder.state_dict()`` (``wte.weight``, ``blocks.{i}.*``, ``norm.*``, ``down.*``, ``up.*``).
+
+    ``module.`` / ``_orig_mod.`` wrappers (DDP, torch.compile) are stripped. For a causal LM, whose tied LM
+    head is stored in place of its embedding, ``lm_head.weight`` stands in for ``wte.weight``. Raises
+    UserError for a kind without an encoder, or a state dict without encoder parameters.
+    """
+    if source_kind not in ENCODER_SOURCES:
+        raise UserError(f"frozen encoder: a checkpoint of kind {source_kind!r} has no encoder; "
+                        f"use a checkpoint of kind {', '.join(ENCODER_SOURCES)}")
+    clean = {}
+    for key, value in state_dict.items():
+        for wrap in ("module.", "_orig_mod."):
+            key = key.removeprefix(wrap)
+        clean[key] = value
+    src = {}
+    if source_kind == "clm":
+        renames = (("wte.", "wte."), ("decoder.blocks.", "blocks."), ("norm.", "norm."))
+        for key, value in clean.items():
+            for old, new in renames:
+                if key.startswith(old):
+                    src[new + key[len(old):]] = value
+        if "wte.weight" not in src and "lm_head.weight" in clean:
+            src["wte.weight"] = clean["lm_head.weight"]
+    else:
+        src = {k[len("encoder."):]: v for k, v in clean.items() if k.startswith("encoder.")}
+    if not src:
+        raise UserError(f"frozen encoder: the {source_kind} checkpoint holds no encoder parameters "
+                        "(a memory model trained with model.no_memory: true has none)")
+    return src
+
+
+def _position_prefix(key: str, value: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    """A mixer's position-specific mixing ``weight [.., T, T, k]`` / ``bias [.., T]`` cut to the first L
+    positions of ``own`` (shape [.., L, L, k] / [.., L]) when T > L; anything else is returned unchanged."""
+    if own is None or own.dim() != value.dim() or not key.endswith(("conv.weight", "conv.bias")):
+        return value
+    if key.endswith("conv.weight"):
+        L = own.shape[-2]
+        if value.shape[-2] > L and value.shape[-3] == value.shape[-2]:
+            return value[..., :L, :L, :]
+        return value
+    L = own.shape[-1]
+    return value[..., :L] if value.shape[-1] > L else value
