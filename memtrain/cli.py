@@ -20,7 +20,9 @@ from memtrain.errors import UserError
 def _cmd_train(args) -> int:
     from memtrain.config import load_config
     from memtrain.engine.trainer import train
+    from memtrain.launch.env import adopt_slurm_env
 
+    adopt_slurm_env()  # an srun task per rank: RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
     if summary.get("eval") and int(os.environ.get("RANK", "0")) == 0:  # one table, not one per torchrun rank
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     from memtrain.data.cli import register
 
     register(dsub)
+
+    from memtrain.launch.cli import register as register_launch
+
+    register_launch(sub)
     return p
 
 

@@ -1,0 +1,60 @@
+"""Preemption: a signal asks every rank to finish its step, checkpoint and exit; the job then requeues.
+
+Slurm sends ``USR1`` (``--signal=USR1@T``, ``scancel --signal=USR1``) or ``TERM`` (preemption, time limit,
+torchrun forwarding). The handler only records the request; the training loop asks :meth:`Preemption.
+should_stop` after every step, which agrees across ranks (an all-reduce of one flag), so all ranks stop
+after the same step even when the signal reached them at different moments. The loop then writes a complete
+checkpoint, leaves a ``PREEMPTED`` marker in the run directory and exits with code 75; the batch script sees
+the marker and requeues the job, which resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+PREEMPTED_EXIT_CODE = 75
+MARKER = "PREEMPTED"
+
+
+class Preemption:
+    """Records USR1/TERM while installed; :meth:`should_stop` is the collective decision."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.requested: str | None = None
+        self._old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def should_stop(self, distributed: bool, device: torch.device) -> bool:
+        """True on every rank when any rank has received a signal (collective when ``distributed``)."""
+        if not distributed:
+            return self.requested is not None
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.requested is None:
+            self.requested = "peer"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def write_marker(run_dir: Path, step: int, reason: str) -> None:
+    (Path(run_dir) / MARKER).write_text(json.dumps({"step": step, "signal": reason,
+                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
+def clear_marker(run_dir: Path) -> None:
+    (Path(run_dir) / MARKER).unlink(missing_ok=True)
