@@ -184,6 +184,7 @@ def test_adopt_slurm_env():
     assert adopt_slurm_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
     assert env["MASTER_PORT"] == str(20000 + 1234) and env["MASTER_ADDR"]
+    assert env["LOCAL_WORLD_SIZE"] == "4"
     assert not adopt_slurm_env({"RANK": "0", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})  # torchrun's wins
     assert not adopt_slurm_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
 

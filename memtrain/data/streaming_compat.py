@@ -94,6 +94,18 @@ def clean_stale_shared_memory_once() -> str:
         _cleaned = True
         if os.environ.get(CLEAN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
             return "disabled"
+        # Under several ranks, only each node's first rank cleans, and every rank waits for it: streaming's
+        # ranks each pick the shared-memory prefix from the segments they see, so a clean-up running on one
+        # rank while another looks would make them pick different prefixes.
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            import torch.distributed as dist
+
+            result = "skipped: not the node's first rank"
+            if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+                result = clean_stale_shared_memory_safely()
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            return result
         return clean_stale_shared_memory_safely()
 
 

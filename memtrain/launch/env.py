@@ -1,13 +1,14 @@
 """Turning a Slurm task's environment into torch.distributed's.
 
 Under ``srun`` each rank is a Slurm task: ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` become
-``RANK``/``WORLD_SIZE``/``LOCAL_RANK``. ``MASTER_ADDR``/``MASTER_PORT`` come from the batch script (the first
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, and the tasks on this node ``LOCAL_WORLD_SIZE``. ``MASTER_ADDR``/``MASTER_PORT`` come from the batch script (the first
 node of the allocation and a port derived from the job id) or are derived here the same way. Variables that
 are already set (torchrun, the deepspeed launcher) are left alone.
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 
@@ -24,6 +25,10 @@ def adopt_slurm_env(environ: dict | None = None) -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = str(ntasks)
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    # ranks on this node (mosaicml-streaming elects one leader per node from it): "2" or "2(x3)"
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(ntasks)
+    env["LOCAL_WORLD_SIZE"] = str(int(re.match(r"\d+", per_node).group()) if re.match(r"\d+", per_node) else 1)
+    env["NODE_RANK"] = env.get("SLURM_NODEID", "0")
     if "MASTER_ADDR" not in env:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
         try:
