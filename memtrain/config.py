@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,6 +76,36 @@ class FrozenEncoderConfig(_Strict):
     checkpoint: Optional[str] = None
 
 
+class HFLoraConfig(_Strict):
+    """LoRA adapters (peft) on an HF decoder (``model.hf_decoder.mode: lora``)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    #: module names to adapt; "all-linear" = every Linear of the LLM's body (not its output head)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class HFDecoderConfig(_Strict):
+    """A pretrained Hugging Face causal LM as the memory model's decoder (docs/llm_decoders.md): the encoder's
+    memories are projected to the LLM's embedding width and read as prefix slots before each chunk's tokens."""
+
+    #: local directory that transformers' AutoModelForCausalLM loads (config.json, weights, tokenizer)
+    path: str
+    #: full: every LLM weight trains; lora: only LoRA adapters train, the LLM's own weights stay as loaded;
+    #: frozen: the LLM stays as loaded and only the projector (and a trainable encoder) train
+    mode: Literal["full", "lora", "frozen"] = "full"
+    lora: HFLoraConfig = HFLoraConfig()
+    #: the LLM tokenizer's tokens per chunk (shards made with `memtrain data shards --decoder-tokenizer`);
+    #: null = model.chunk_len
+    chunk_len: Optional[int] = Field(None, ge=2)
+    #: recompute the LLM's layer activations in the backward pass (transformers' gradient checkpointing)
+    gradient_checkpointing: bool = False
+    #: dtype the LLM's weights are loaded in
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
 class ModelConfig(_Strict):
     kind: Literal["memory", "autoencoder", "clm"] = "memory"
     #: vocabulary size; null takes it from the data's tokenizer
@@ -95,6 +125,8 @@ class ModelConfig(_Strict):
     #: memory model control: every memory slot is a constant and the encoder never runs
     no_memory: bool = False
     frozen_encoder: Optional[FrozenEncoderConfig] = None
+    #: a pretrained Hugging Face causal LM as the decoder (kind: memory); null = memtrain's own decoder stack
+    hf_decoder: Optional[HFDecoderConfig] = None
     final_norm: bool = True
     tie_embeddings: bool = False
     #: implementation of the mixer layers: Triton kernels on CUDA (`auto`), or the pure-torch reference
@@ -112,11 +144,22 @@ class ModelConfig(_Strict):
             raise ValueError("encoder.d_model must be divisible by compression")
         if self.kind == "autoencoder" and self.injection == "unroll" and self.decoder.d_model % 2:
             raise ValueError("unroll injection needs an even decoder.d_model")
+        if self.hf_decoder is not None and self.kind != "memory":
+            raise ValueError("hf_decoder: an LLM decoder reads memories, so it needs kind: memory")
         return self
 
     @property
+    def decoder_chunk_len(self) -> int:
+        """Decoder tokens per chunk: hf_decoder.chunk_len (or L) with an HF decoder, else L."""
+        hf = self.hf_decoder
+        return self.chunk_len if hf is None or hf.chunk_len is None else hf.chunk_len
+
+    @property
     def seq_len(self) -> int:
-        """Tokens per data row: C * L."""
+        """Tokens per data row: C * L; with an HF decoder C * (L + L_dec), each chunk's encoder tokens then its
+        decoder tokens (the dual rows of memtrain.data.dual)."""
+        if self.hf_decoder is not None:
+            return self.n_chunks * (self.chunk_len + self.decoder_chunk_len)
         return self.chunk_len * self.n_chunks
 
 
