@@ -1,0 +1,134 @@
+"""The one switch between the Triton kernels and the pure-torch reference: ``model.kernels``.
+
+``auto``    Triton when the tensors are on CUDA and Triton imports, torch otherwise (so CPU runs use torch)
+``triton``  Triton; on CPU only under the interpreter (``TRITON_INTERPRET=1``, slow: for tests), else an error
+``torch``   the torch reference everywhere
+
+Models hold the setting as a ``kernels`` attribute on the modules that dispatch (mixer blocks, mixing layers
+and the model itself, for the output head); :func:`set_kernels` sets it on all of them. Each function below
+takes ``impl`` (one of the three) and the same tensors as its torch reference, and returns the same result
+up to rounding. Triton modules are imported on first use, so nothing here needs Triton on a CPU machine.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from memtrain.errors import UserError
+from memtrain.kernels.common import triton_importable, triton_runs_on
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """``impl`` (auto | triton | torch) for tensors on ``device`` -> "triton" or "torch".
+
+    Raises UserError for ``triton`` where Triton cannot run (no CUDA and no interpreter, or no Triton)."""
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_importable() else "torch"
+    if impl == "triton":
+        if not triton_runs_on(device):
+            why = "Triton is not installed" if not triton_importable() else f"the tensors are on {device.type}"
+            raise UserError(f"model.kernels: triton needs a CUDA device with Triton installed ({why}); use "
+                            "kernels: auto (Triton on CUDA, torch elsewhere) or torch, or set TRITON_INTERPRET=1 "
+                            "to run the Triton kernels in the (slow) CPU interpreter")
+        return "triton"
+    raise UserError(f"model.kernels: expected one of {', '.join(IMPLS)}, got {impl!r}")
+
+
+def set_kernels(model: nn.Module, impl: str) -> nn.Module:
+    """Set ``kernels = impl`` on ``model`` and on every submodule that dispatches (has a ``kernels``
+    attribute). Returns ``model``."""
+    if impl not in IMPLS:
+        raise UserError(f"model.kernels: expected one of {', '.join(IMPLS)}, got {impl!r}")
+    model.kernels = impl
+    for m in model.modules():
+        if hasattr(m, "kernels"):
+            m.kernels = impl
+    return model
+
+
+def causal_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+    """Causal token mixing plus an optional residual: ``residual + models.mixing.causal_mix(x, weight, bias)``.
+
+    One matrix: x [B, L, d], weight [L, L, k], bias [L], residual [B, L, d] -> [B, L, d];
+    H heads: x [B, H, L, d_h], weight [H, L, L, k], bias [H, L], residual like x -> [B, H, L, d_h].
+    """
+    if resolve(impl, x.device) == "triton":
+        from memtrain.kernels import mix
+
+        return mix.causal_mix(x, weight, bias, residual)
+    from memtrain.models.mixing import causal_mix as reference
+
+    y = reference(x, weight, bias)
+    return y if residual is None else residual + y
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               impl: str = "auto") -> torch.Tensor:
+    """LayerNorm over the last axis: x [..., d], weight/bias [d] -> [..., d]. The Triton version returns the
+    matmul compute dtype (bf16 under autocast) instead of torch's fp32."""
+    if resolve(impl, x.device) == "triton":
+        from memtrain.kernels import layernorm
+
+        return layernorm.layer_norm(x, weight, bias, eps)
+    from memtrain.kernels.reference import layer_norm_reference
+
+    return layer_norm_reference(x, weight, bias, eps)
+
+
+def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        residual: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+    """residual + Linear(w2, b2)(GELU(Linear(w1, b1)(x))): x [..., d] -> [..., d] (exact-erf GELU)."""
+    if resolve(impl, x.device) == "triton":
+        from memtrain.kernels import ffn as triton_ffn
+
+        return triton_ffn.ffn(x, w1, b1, w2, b2, residual)
+    from memtrain.kernels.reference import ffn_reference
+
+    return ffn_reference(x, w1, b1, w2, b2, residual)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+           residual: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+    """residual + Linear(w, b)(x): x [..., k], w [n, k] -> [..., n]."""
+    if resolve(impl, x.device) == "triton":
+        from memtrain.kernels import ffn as triton_ffn
+
+        return triton_ffn.linear(x, w, b, residual)
+    from memtrain.kernels.reference import linear_reference
+
+    return linear_reference(x, w, b, residual)
+
+
+def fused_head(model: object, device: torch.device) -> bool:
+    """Whether the output head of ``model`` uses the chunked linear + cross-entropy: when the model's
+    ``kernels`` setting resolves to Triton here (so CPU training keeps the plain head unless asked) and the
+    model has the usual ``norm`` + bias-free ``lm_head``."""
+    impl = getattr(model, "kernels", None) or getattr(getattr(model, "cfg", None), "kernels", "torch")
+    head = getattr(model, "lm_head", None)
+    if impl == "torch" or head is None or getattr(head, "bias", None) is not None or not hasattr(model, "norm"):
+        return False
+    return resolve(impl, device) == "triton"
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str = "auto"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean CE of ``h @ weight^T`` against labels, argmax per row): h [N, d], weight [V, d], labels [N].
+    The fast version never materialises the [N, V] logits (see ``kernels/linear_ce.py``)."""
+    if resolve(impl, h.device) == "triton":
+        from memtrain.kernels import linear_ce
+
+        return linear_ce.linear_cross_entropy(h, weight, labels)
+    from memtrain.kernels.reference import linear_cross_entropy_reference
+
+    return linear_cross_entropy_reference(h, weight, labels)
+
+
+__all__ = ["IMPLS", "resolve", "set_kernels", "causal_mix", "layer_norm", "ffn", "linear", "fused_head",
+           "linear_cross_entropy"]
