@@ -228,6 +228,9 @@ class DataConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(0, ge=0)
     shuffle: bool = True
+    #: memory-shard directory made by `memtrain precompute` from these shards with the model's frozen encoder:
+    #: training reads the stored memories with every batch and skips the encoder (docs/precompute.md)
+    memories: Optional[str] = None
 
 
 class OptimConfig(_Strict):
