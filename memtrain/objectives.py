@@ -44,10 +44,12 @@ does not.
 Precomputed memories
 --------------------
 ``compute_losses(..., memories=m)`` passes encoder outputs computed elsewhere (e.g. a frozen encoder run
-once over the data). Those memories encode the chunks of ``ids``. They are valid only for objectives whose
+once over the data). A tensor encodes the chunks of ``ids``. It is valid only for objectives whose
 model inputs *are* ``ids``: causal and reconstruction. Copy and blank copy change the inputs the encoder
 must see (the copied half with its delimiters, or filler), so memories of ``ids`` would be wrong there;
-passing memories with a copy objective raises ``ValueError``.
+passing a tensor with a copy objective raises ``ValueError``. A mapping ``{objective: memories}`` gives
+each objective the memories of its own task inputs (``memtrain precompute`` stores them; see
+:mod:`memtrain.data.memories`); an active objective missing from it raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -274,7 +276,8 @@ def supervised_loss(model: Any, hidden: torch.Tensor, labels: torch.Tensor) -> O
 
 
 def compute_losses(model: Any, ids: torch.Tensor, weights: Mapping[str, float] | Any, special: SpecialTokens,
-                   memories: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, ObjectiveStats]]:
+                   memories: Optional[torch.Tensor | Mapping[str, torch.Tensor]] = None,
+                   ) -> tuple[torch.Tensor, dict[str, ObjectiveStats]]:
     """Weighted sum of the active objectives' losses on one batch.
 
     Args:
@@ -283,8 +286,9 @@ def compute_losses(model: Any, ids: torch.Tensor, weights: Mapping[str, float] |
         ids: ``[B, T]`` token rows (never modified).
         weights: objective name -> weight (``ObjectiveWeights`` is accepted too); weights <= 0 are skipped.
         special: see :func:`special_tokens`.
-        memories: precomputed encoder outputs for the chunks of ``ids``; only for causal / reconstruction
-            (``ValueError`` with a copy objective, whose encoder must see the task inputs).
+        memories: precomputed encoder outputs ``[B, C-1, e]``: a tensor for the chunks of ``ids`` (only for
+            causal / reconstruction: ``ValueError`` with a copy objective, whose encoder must see the task
+            inputs), or a mapping objective -> memories of that objective's task inputs.
 
     Returns:
         ``(total, parts)``: ``total`` = Σ w·loss (0-dim, attached), ``parts[name]`` an :class:`ObjectiveStats`
@@ -295,7 +299,13 @@ def compute_losses(model: Any, ids: torch.Tensor, weights: Mapping[str, float] |
     active = {k: float(w) for k, w in weights.items() if w > 0}
     if not active:
         raise ValueError("no objective has a weight > 0")
-    if memories is not None:
+    per_objective = isinstance(memories, Mapping)
+    if per_objective:
+        absent = [k for k in active if k not in memories]
+        if absent:
+            raise ValueError(f"no precomputed memories for the {', '.join(absent)} objective "
+                             f"(memories are given for {', '.join(memories) or 'none'})")
+    elif memories is not None:
         copies = sorted(set(active) & set(COPY_TASKS))
         if copies:
             raise ValueError(f"precomputed memories encode the rows of ids, but the {', '.join(copies)} "
@@ -307,7 +317,7 @@ def compute_losses(model: Any, ids: torch.Tensor, weights: Mapping[str, float] |
     parts: dict[str, ObjectiveStats] = {}
     for name, w in active.items():
         inputs, targets = make_task(name, ids, special, n_chunks)
-        hidden = model(inputs, memories=memories)
+        hidden = model(inputs, memories=memories[name] if per_objective else memories)
         stats = supervised_loss(model, hidden, model.align_labels(targets))
         stats.weight = w
         parts[name] = stats

@@ -272,7 +272,12 @@ def check_compatible(info: ShardInfo, row_len: Optional[int] = None, tokenizer_s
 
 
 def collate_rows(samples: list[dict[str, Any]]) -> torch.Tensor:
-    """Stack MDS samples ``{"input_ids": uint16/int32 [row_len]}`` into a ``torch.long [B, row_len]``."""
+    """Stack MDS samples ``{"input_ids": uint16/int32 [row_len]}`` into a ``torch.long [B, row_len]`` (samples of
+    dual shards, which also hold the decoder's tokens, into dual rows: :func:`memtrain.data.dual.collate_dual`)."""
+    if "dec_input_ids" in samples[0]:
+        from memtrain.data.dual import collate_dual
+
+        return collate_dual(samples)
     return torch.from_numpy(np.stack([s["input_ids"] for s in samples]).astype(np.int64))
 
 
@@ -324,7 +329,7 @@ class ShardLoader:
 
     def __init__(self, info: ShardInfo, split: str, batch_size: int, shuffle: bool, seed: int,
                  num_workers: int = 0, epoch_size: Optional[int] = None, drop_last: bool = True,
-                 max_batches: Optional[int] = None) -> None:
+                 max_batches: Optional[int] = None, memories: Any = None) -> None:
         if batch_size < 1:
             raise UserError(f"data.batch_size: expected >= 1, got {batch_size}")
         if max_batches is not None and max_batches < 1:
@@ -351,10 +356,15 @@ class ShardLoader:
         else:
             remote = info.remote
             local, key = _claim_local(info.local_dir, split)
+        dataset_cls, collate, extra = streaming.StreamingDataset, collate_rows, {}
+        if memories is not None:  # precomputed memories ride along with each token sample
+            from memtrain.data.memories import JoinedDataset
+
+            dataset_cls, collate, extra = JoinedDataset, memories.collate, {"memories": memories}
         try:
-            self.dataset = streaming.StreamingDataset(
+            self.dataset = dataset_cls(
                 remote=remote, local=local, split=split, batch_size=self.batch_size, shuffle=self.shuffle,
-                shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes())
+                shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes(), **extra)
         except UserError:
             raise
         except FileNotFoundError as err:
@@ -382,7 +392,7 @@ class ShardLoader:
             raise UserError(f"{info.path}: split '{split}' has {per_rank} rows per rank, fewer than one batch of "
                             f"{self.batch_size}; use a smaller data.batch_size or more data")
         self.dataloader = streaming.StreamingDataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=int(num_workers), collate_fn=collate_rows,
+            self.dataset, batch_size=self.batch_size, num_workers=int(num_workers), collate_fn=collate,
             drop_last=self.drop_last, persistent_workers=False)
 
     @property
@@ -477,7 +487,8 @@ class ShardLoader:
 
 def make_loader(shards: str | Path, split: str, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
                 cache_dir: str | Path | None = None, epoch_size: Optional[int] = None, drop_last: bool = True,
-                max_batches: Optional[int] = None, info: Optional[ShardInfo] = None) -> ShardLoader:
+                max_batches: Optional[int] = None, info: Optional[ShardInfo] = None,
+                memories: Any = None) -> ShardLoader:
     """A :class:`ShardLoader` over ``split`` ("train" or "val") of the shard directory/URL ``shards``.
 
     Iterating yields ``torch.long [batch_size, row_len]`` batches forever (or ``max_batches`` of them).
@@ -485,8 +496,10 @@ def make_loader(shards: str | Path, split: str, batch_size: int, shuffle: bool, 
     the stored order. ``num_workers``: DataLoader worker processes (0 is fastest on 2 cores).
     ``epoch_size``: rows per epoch (default: all). ``drop_last``: drop each rank's last partial batch.
     Under torch.distributed each rank gets its own part of every epoch (streaming reads RANK/WORLD_SIZE).
-    For a validation set use ``shuffle=False, max_batches=N``.
+    For a validation set use ``shuffle=False, max_batches=N``. ``memories``: a
+    :class:`memtrain.data.memories.MemoryShards` of the same split: batches are then
+    :class:`~memtrain.data.memories.MemoryBatch` (token rows with their precomputed memories).
     """
     info = info or read_shard_info(shards, cache_dir)
     return ShardLoader(info, split, batch_size, shuffle, seed, num_workers=num_workers, epoch_size=epoch_size,
-                       drop_last=drop_last, max_batches=max_batches)
+                       drop_last=drop_last, max_batches=max_batches, memories=memories)

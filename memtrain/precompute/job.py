@@ -1,0 +1,570 @@
+"""``memtrain precompute``: run a frozen encoder over MDS token shards and write MDS memory shards.
+
+Units of work. A unit is one token shard of one split: its memories are written by streaming's
+``MDSWriter`` (uncompressed, one memory shard per unit, so memory shards hold the same samples as token
+shards) into ``<split>/.unit_NNNNN.tmp-<pid>`` together with ``memtrain_unit.json`` (samples, size and
+sha256 of the shard), and renamed to ``<split>/unit_NNNNN`` when complete. A unit folder therefore exists
+only complete; a killed job leaves at most temporary folders, which the next run of that unit removes.
+
+Parallel. The units of all requested splits, in order (train's, then val's), are dealt round-robin to
+``world`` slices; slice ``rank`` computes its own (``--rank/--world``, a Slurm array's task id and count,
+or torchrun's RANK/WORLD_SIZE). Every slice first writes or checks ``memtrain_memories.plan.json`` (the
+job's settings, created atomically by whichever slice comes first), so slices of one job cannot disagree
+on the encoder, dtype or tasks.
+
+Merge. When a slice has finished its units and finds every unit of the job complete, it merges: per split,
+streaming's ``merge_index`` joins the units' ``index.json`` into ``<split>/index.json``, and then the
+manifest ``memtrain_memories.json`` is written (atomically, last). Merging is idempotent, so two slices
+finishing together do no harm; ``memtrain precompute --merge MEM_DIR`` does it by hand.
+
+Deterministic. Batches never cross a unit, samples are written in shard order, and no file holds a
+timestamp: on the same device, thread count and batch size, a resumed job writes the same bytes as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from memtrain.data.streaming_compat import import_streaming
+from memtrain.data.tokenizer import file_sha256
+from memtrain.errors import UserError
+from memtrain.precompute import manifest as mf
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs: the encoder and the token shards
+
+
+@dataclass
+class FrozenEncoder:
+    """A checkpoint's encoder, frozen, in eval mode: ``encoder(ids [N, L]) -> memories [N, e]``.
+
+    ``info`` is the manifest's ``encoder`` section; ``model_cfg`` the checkpoint's model config.
+    """
+
+    encoder: torch.nn.Module
+    model_cfg: object
+    vocab_size: int
+    tokenizer_sha256: Optional[str]
+    info: dict
+
+
+def load_frozen_encoder(checkpoint: str | Path) -> FrozenEncoder:
+    """Load the encoder of an autoencoder or memory-model checkpoint (or run directory: its newest
+    checkpoint). Raises UserError for a missing or damaged checkpoint, or a kind without an encoder."""
+    from memtrain.config import load_config
+    from memtrain.engine.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+    from memtrain.models import build_model
+
+    src = resolve_checkpoint(checkpoint)
+    meta = read_meta(src)
+    kind = meta.get("kind")
+    if kind not in ("autoencoder", "memory"):
+        raise UserError(f"{src}: a checkpoint of kind {kind!r}; precompute needs the encoder of an autoencoder "
+                        "or a memory model")
+    cfg = load_config(src / "config.yaml")
+    if cfg.model.kind != kind:
+        raise UserError(f"{src}: meta.json says kind {kind!r} but config.yaml model.kind is {cfg.model.kind!r}")
+    if kind == "memory" and cfg.model.no_memory:
+        raise UserError(f"{src}: a memory model trained with model.no_memory: true has no encoder")
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int):
+        raise UserError(f"{src / 'meta.json'}: no vocab_size; not a memtrain checkpoint")
+    model = build_model(cfg.model, vocab)
+    load_model_weights(model, src)
+    encoder = model.encoder.eval().requires_grad_(False)
+    info = {
+        "checkpoint": str(checkpoint),
+        "step": meta.get("step"),
+        "source_kind": kind,
+        "safetensors_sha256": file_sha256(src / "model.safetensors"),
+        "weights_sha256": mf.encoder_fingerprint(encoder),
+        "config": mf.encoder_config(cfg.model),
+        "d_memory": cfg.model.encoder.d_model,
+    }
+    return FrozenEncoder(encoder, cfg.model, vocab, meta.get("tokenizer_sha256"), info)
+
+
+def _token_index(shards_dir: Path, split: str) -> tuple[dict, str]:
+    """A token split's parsed ``index.json`` and the file's sha256."""
+    path = shards_dir / split / "index.json"
+    if not path.is_file():
+        raise UserError(f"{shards_dir}: {split}/index.json is missing; the shard directory is incomplete")
+    obj = mf.read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("shards"), list) or not obj["shards"]:
+        raise UserError(f"{path}: not a streaming index with shards")
+    for shard in obj["shards"]:
+        if shard.get("format") != "mds" or "input_ids" not in shard.get("column_names", []):
+            raise UserError(f"{path}: shards are not memtrain token shards (MDS with an input_ids column)")
+    return obj, file_sha256(path)
+
+
+def read_token_shard(shards_dir: Path, split: str, shard: dict, scratch: Path) -> np.ndarray:
+    """The rows of one token shard, ``[samples, row_len]`` (the shard's integer dtype), in stored order.
+
+    Read with streaming's MDS reader: from the uncompressed ``.mds`` file when streaming already decompressed
+    it next to the ``.zstd`` (and it has the indexed size), else decompressed into ``scratch`` first.
+    """
+    import_streaming()
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    raw = shard["raw_data"]
+    raw_path = shards_dir / split / raw["basename"]
+    dirname = shards_dir
+    if not (raw_path.is_file() and raw_path.stat().st_size == raw["bytes"]):
+        zipped = shard.get("zip_data")
+        if not zipped:
+            raise UserError(f"{raw_path}: token shard missing or truncated (expected {raw['bytes']} bytes)")
+        zip_path = shards_dir / split / zipped["basename"]
+        try:
+            data = decompress(shard["compression"], zip_path.read_bytes())
+        except FileNotFoundError:
+            raise UserError(f"{zip_path}: token shard missing") from None
+        except Exception as err:  # zstd raises its own error type for damaged data
+            raise UserError(f"{zip_path}: token shard damaged, cannot decompress ({err})") from None
+        if len(data) != raw["bytes"]:
+            raise UserError(f"{zip_path}: token shard damaged ({len(data)} bytes decompressed, index says "
+                            f"{raw['bytes']})")
+        target = scratch / split / raw["basename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        dirname = scratch
+    reader = reader_from_json(str(dirname), split, shard)
+    return np.stack([reader.get_item(i)["input_ids"] for i in range(shard["samples"])])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_rows(encoder: torch.nn.Module, ids: torch.Tensor, n_chunks: int, copy_tasks: Sequence[str],
+                special, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, torch.Tensor]:
+    """Memories of one batch, every chunk of every task in one encoder call.
+
+    Args:
+        ids: ``[B, C*L]`` token rows (int64, on the encoder's device).
+        copy_tasks: copy objectives whose copied-half memories to add (built by
+            :func:`memtrain.objectives.make_task`, never re-derived here).
+
+    Returns:
+        column -> fp32 memories: ``mem`` ``[B, C-1, e]`` (chunks 0..C-2 of ``ids``), and per copy task with a
+        non-empty column ``[B, C/2-1, e]`` (chunks C/2..C-2 of that task's inputs).
+    """
+    from memtrain.objectives import make_task
+
+    B, T = ids.shape
+    C = n_chunks
+    L = T // C
+    parts = [ids.view(B, C, L)[:, : C - 1]]
+    names = [(mf.PLAIN_COLUMN, C - 1)]
+    for task in copy_tasks:
+        chunks = mf.task_chunks(task, C)
+        inputs, _ = make_task(task, ids, special, C)
+        if not torch.equal(inputs[:, : (C // 2) * L], ids[:, : (C // 2) * L]):
+            raise RuntimeError(f"the {task} task changed the first half of a row; its memories of chunks "
+                               f"0..{C // 2 - 1} would not be the plain ones")
+        if chunks:
+            parts.append(inputs.view(B, C, L)[:, chunks[0] : chunks[-1] + 1])
+            names.append((task, len(chunks)))
+    x = torch.cat(parts, dim=1)  # [B, K, L]
+    K = x.shape[1]
+    with torch.inference_mode(), autocast():
+        m = encoder(x.reshape(B * K, L)).float().view(B, K, -1)  # [B, K, e]
+    out, k0 = {}, 0
+    for name, k in names:
+        out[name] = m[:, k0 : k0 + k]
+        k0 += k
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job
+
+
+def resolve_slice(rank: Optional[int], world: Optional[int], env: Optional[dict] = None) -> tuple[int, int]:
+    """This process's slice ``(rank, world)``: the flags if given, else a Slurm array's
+    ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, else torchrun's
+    ``RANK`` of ``WORLD_SIZE``, else 0 of 1."""
+    env = os.environ if env is None else env
+    if rank is None and world is None:
+        if env.get("SLURM_ARRAY_TASK_COUNT"):
+            rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            world = int(env["SLURM_ARRAY_TASK_COUNT"])
+        elif env.get("WORLD_SIZE"):
+            rank, world = int(env.get("RANK", 0)), int(env["WORLD_SIZE"])
+        else:
+            rank, world = 0, 1
+    elif rank is None or world is None:
+        raise UserError("--rank and --world go together (slice RANK of WORLD)")
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"--rank {rank} --world {world}: expected 0 <= rank < world")
+    return rank, world
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _compute_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+@dataclass
+class _Job:
+    out: Path
+    tokens: Path
+    plan: dict
+    encoder: FrozenEncoder
+    special: object
+    copy_tasks: list[str]
+    units: list[tuple[str, int, dict, int]] = field(default_factory=list)  # (split, index, shard, first sample)
+
+
+def _make_plan(enc: FrozenEncoder, tokens: Path, info, token_splits: dict, dtype: str, precision: str,
+               tasks: list[str], special, n_chunks: int) -> dict:
+    plan = {
+        "format_version": mf.FORMAT_VERSION,
+        "encoder": enc.info,
+        "model": enc.model_cfg.model_dump(mode="json"),
+        "tokenizer_sha256": info.tokenizer_sha256,
+        "vocab_size": info.vocab_size,
+        "chunk_len": enc.model_cfg.chunk_len,
+        "n_chunks": n_chunks,
+        "row_len": info.row_len,
+        "dtype": dtype,
+        "compute_precision": precision,
+        "tasks": {t: {"column": (mf.PLAIN_COLUMN if t == "causal" else (t if mf.task_chunks(t, n_chunks) else None)),
+                      "chunks": mf.task_chunks(t, n_chunks)} for t in tasks},
+        "special_tokens": None if special is None else {
+            "pad_id": special.pad_id, "delimiter_id": special.delimiter_id,
+            "n_delimiters": special.n_delimiters, "filler_id": special.filler_id},
+        "tokens": {"path": str(tokens), "splits": token_splits},
+    }
+    mf.validate_plan(plan, "precompute plan")
+    return plan
+
+
+def _settings(plan: dict) -> dict:
+    """The settings of a plan that slices and runs of one job must share: not the paths its inputs were given
+    by (they may be named differently), nor the checkpoint's full model config (informative; its fields vary
+    with the memtrain version, while the encoder's config and weights hash are compared)."""
+    p = json.loads(json.dumps(plan))
+    p.pop("model", None)
+    p["encoder"].pop("checkpoint", None)
+    p["tokens"].pop("path", None)
+    return p
+
+
+def _claim_plan(out: Path, plan: dict) -> None:
+    """Create ``out/memtrain_memories.plan.json``, or check that the existing one (an earlier run or another
+    slice of this job) has the same settings."""
+    path = out / mf.PLAN_FILE
+    if not path.exists():
+        tmp = out / f".{mf.PLAN_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(mf.canonical_json(plan))
+        try:
+            os.link(tmp, path)  # atomic and exclusive: the first slice to get here writes the plan
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    old = mf.read_json(path)
+    mf.validate_plan(old, str(path))
+    a, b = _settings(old), _settings(plan)
+    where = mf.first_difference(a, b)
+    if where:
+        raise UserError(f"{out}: this memory directory was started with {where} = "
+                        f"{json.dumps(mf.lookup(old, where))}, this job has {json.dumps(mf.lookup(plan, where))}; "
+                        "use another --out, or the same settings to resume it")
+
+
+def prepare_job(checkpoint: str | Path, shards: str | Path, out: str | Path, splits: Optional[Sequence[str]] = None,
+                dtype: str = "bf16", tasks: Optional[Sequence[str]] = None, precision: str = "fp32",
+                delimiter_id: Optional[int] = None, n_delimiters: Optional[int] = None,
+                filler_id: Optional[int] = None) -> _Job:
+    """Check every input, write or check the plan, and list all units of the job (nothing computed yet)."""
+    from memtrain.config import ObjectiveConfig
+    from memtrain.data.loader import read_shard_info
+    from memtrain.objectives import check_task, special_tokens
+
+    if dtype not in mf.STORAGE:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(mf.STORAGE)}")
+    tokens = Path(shards)
+    if "://" in str(shards):
+        raise UserError(f"--shards {shards}: precompute reads a local (or shared-filesystem) token shard directory")
+    info = read_shard_info(tokens)
+    enc = load_frozen_encoder(checkpoint)
+    L = enc.model_cfg.chunk_len
+    if info.row_len % L or info.row_len // L < 2:
+        raise UserError(f"--shards {tokens}: rows of {info.row_len} tokens are not 2 or more chunks of the encoder's "
+                        f"chunk_len {L}")
+    C = info.row_len // L
+    if enc.tokenizer_sha256 is not None and enc.tokenizer_sha256 != info.tokenizer_sha256:
+        raise UserError(f"--shards {tokens}: made with tokenizer {info.tokenizer_sha256[:12]}…, but the encoder "
+                        f"checkpoint was trained with tokenizer {enc.tokenizer_sha256[:12]}…")
+    if enc.vocab_size != info.vocab_size:
+        raise UserError(f"--shards {tokens}: vocabulary of {info.vocab_size} ids, the encoder's is {enc.vocab_size}")
+    tasks = list(tasks) if tasks else (list(mf.TASKS) if C % 2 == 0 else ["causal"])
+    unknown = [t for t in tasks if t not in mf.TASKS]
+    if unknown:
+        raise UserError(f"--tasks {','.join(unknown)}: unknown; choose from {','.join(mf.TASKS)}")
+    tasks = [t for t in mf.TASKS if t in tasks or t == "causal"]  # fixed order; plain memories always
+    copy_tasks = [t for t in tasks if t != "causal"]
+    special = None
+    if copy_tasks:
+        obj = ObjectiveConfig(delimiter_id=delimiter_id, filler_id=filler_id,
+                              **({} if n_delimiters is None else {"n_delimiters": n_delimiters}))
+        special = special_tokens(obj, info.special_ids)
+        for t in copy_tasks:
+            check_task(t, info.row_len, special, C)
+    splits = list(splits) if splits else [s for s in ("train", "val") if info.rows(s)]
+    token_splits, indexes = {}, {}
+    for s in splits:
+        if not info.rows(s):
+            have = ", ".join(k for k in info.splits if info.rows(k)) or "none"
+            raise UserError(f"--split {s}: {tokens} has no rows in that split (splits with rows: {have})")
+        index, sha = _token_index(tokens, s)
+        indexes[s] = index
+        token_splits[s] = {"index_sha256": sha, "samples": sum(x["samples"] for x in index["shards"]),
+                           "shards": len(index["shards"])}
+    plan = _make_plan(enc, tokens, info, token_splits, dtype, precision, tasks, special, C)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / mf.PLAN_FILE).exists():
+        raise UserError(f"--out {out}: exists, is not empty and is not a memory-shard directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_plan(out, plan)
+    job = _Job(out=out, tokens=tokens, plan=plan, encoder=enc, special=special, copy_tasks=copy_tasks)
+    for s in splits:
+        first = 0
+        for i, shard in enumerate(indexes[s]["shards"]):
+            job.units.append((s, i, shard, first))
+            first += shard["samples"]
+    return job
+
+
+def _unit_done(unit_dir: Path) -> bool:
+    """A renamed unit folder is complete by construction; its shard must still have the recorded size."""
+    try:
+        rec = json.loads((unit_dir / mf.UNIT_FILE).read_text())
+        return (unit_dir / rec["shard"]).stat().st_size == rec["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _columns(plan: dict) -> dict[str, str]:
+    np_dtype = mf.STORAGE[plan["dtype"]][0]
+    e = plan["encoder"]["d_memory"]
+    cols = {"idx": "int"}
+    for task in plan["tasks"].values():
+        if task["column"]:
+            cols[task["column"]] = f"ndarray:{np_dtype}:{len(task['chunks']) * e}"
+    return cols
+
+
+def _write_unit(job: _Job, split: str, index: int, shard: dict, first: int, batch_size: int,
+                device: torch.device, autocast, on_batch: Callable[[int], None]) -> None:
+    """Compute and write one unit; it appears under its final name only when complete."""
+    streaming = import_streaming()
+    split_dir = job.out / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    name = mf.unit_name(index)
+    for stale in split_dir.glob(f".{name}.*"):  # leftovers of a killed run of this unit
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = split_dir / f".{name}.tmp-{os.getpid()}"
+    scratch = split_dir / f".{name}.scratch-{os.getpid()}"
+    plan = job.plan
+    C = plan["n_chunks"]
+    try:
+        rows = read_token_shard(job.tokens, split, shard, scratch)
+        if rows.shape[1] != plan["row_len"]:
+            raise UserError(f"{job.tokens}/{split}/{shard['raw_data']['basename']}: rows of {rows.shape[1]} "
+                            f"tokens, memtrain_shards.json says {plan['row_len']}")
+        writer = streaming.MDSWriter(out=str(tmp), columns=_columns(plan), compression=None, size_limit=None,
+                                     progress_bar=False)
+        for b0 in range(0, len(rows), batch_size):
+            ids = torch.from_numpy(rows[b0 : b0 + batch_size].astype(np.int64)).to(device)
+            cols = encode_rows(job.encoder.encoder, ids, C, job.copy_tasks, job.special, autocast)
+            stored = {k: mf.to_storage(v, plan["dtype"]) for k, v in cols.items()}
+            for j in range(ids.shape[0]):
+                writer.write({"idx": first + b0 + j, **{k: v[j] for k, v in stored.items()}})
+            on_batch(ids.shape[0])
+        writer.finish()
+        index_obj = json.loads((tmp / "index.json").read_text())
+        (mem_shard,) = index_obj["shards"]
+        shard_file = tmp / mem_shard["raw_data"]["basename"]
+        if shard_file.stat().st_size >= 2 ** 32:
+            raise UserError(f"{split}/{name}: a memory shard of {shard_file.stat().st_size} bytes exceeds MDS's "
+                            "4 GiB limit; make token shards with a smaller shard size")
+        record = {"unit": name, "token_shard": shard["raw_data"]["basename"], "first_sample": first,
+                  "samples": int(len(rows)), "shard": mem_shard["raw_data"]["basename"],
+                  "bytes": shard_file.stat().st_size, "sha256": file_sha256(shard_file)}
+        mf.write_json_atomic(tmp / mf.UNIT_FILE, record)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, split_dir / name)
+        except OSError:  # another process finished the same unit meanwhile (identical content)
+            if not _unit_done(split_dir / name):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_precompute(checkpoint: str | Path, shards: str | Path, out: str | Path,
+                   splits: Optional[Sequence[str]] = None, dtype: str = "bf16", batch_size: int = 64,
+                   tasks: Optional[Sequence[str]] = None, rank: Optional[int] = None, world: Optional[int] = None,
+                   device: str = "auto", precision: str = "auto", delimiter_id: Optional[int] = None,
+                   n_delimiters: Optional[int] = None, filler_id: Optional[int] = None, threads: Optional[int] = None,
+                   progress: bool = True, merge: bool = True) -> dict:
+    """Compute this slice's units of a precompute job, then merge if the whole job is complete.
+
+    Args:
+        checkpoint: an autoencoder or memory-model checkpoint (or run directory) whose encoder is used.
+        shards: the token shard directory (``memtrain data shards``); ``splits`` default: all with rows.
+        out: the memory-shard directory (created; an existing one of the same job is resumed).
+        dtype: storage dtype ``bf16`` | ``fp16`` | ``fp32``. ``precision``: encoder compute, ``auto`` = bf16
+            autocast on CUDA, fp32 elsewhere.
+        tasks: objectives to store memories for (``causal`` always; ``copy``, ``blank_copy``); default all
+            that the chunk count allows. ``delimiter_id`` / ``n_delimiters`` / ``filler_id``: as
+            ``objective.*`` of the run that will train (defaults: the tokenizer's <sep>, 1, <blank>).
+        rank / world: this slice (see :func:`resolve_slice`).
+
+    Returns:
+        a summary: ``units`` (this slice's), ``computed``, ``skipped`` (already complete), ``memories``,
+        ``seconds``, ``memories_per_s``, ``merged`` (whether the manifest was written), ``out``.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size: expected >= 1, got {batch_size}")
+    if threads:
+        torch.set_num_threads(threads)
+    rank, world = resolve_slice(rank, world)
+    dev = _pick_device(device)
+    prec = _compute_precision(precision, dev)
+    job = prepare_job(checkpoint, shards, out, splits, dtype, tasks, prec, delimiter_id, n_delimiters, filler_id)
+    job.encoder.encoder.to(dev)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if prec == "bf16" else contextlib.nullcontext
+    mine = job.units[rank::world]
+    todo = [u for u in mine if not _unit_done(job.out / u[0] / mf.unit_name(u[1]))]
+    per_row = sum(len(t["chunks"]) for t in job.plan["tasks"].values())
+    total = sum(u[2]["samples"] for u in todo) * per_row
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"precompute {rank}/{world}", unit=" mem", unit_scale=True, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    t_report, done = t0, 0
+    try:
+        for k, (split, index, shard, first) in enumerate(todo):
+            _write_unit(job, split, index, shard, first, batch_size, dev, autocast,
+                        on_batch=lambda n: bar.update(n * per_row))
+            bar.set_postfix_str(f"{split}/{mf.unit_name(index)}", refresh=False)
+            done += shard["samples"] * per_row
+            now = time.perf_counter()
+            if not progress and (now - t_report >= 60 or k == len(todo) - 1):  # batch logs: a line a minute
+                t_report = now
+                print(f"precompute {rank}/{world}: {k + 1}/{len(todo)} units, {done:,} memories, "
+                      f"{done / max(now - t0, 1e-9):,.0f} memories/s", file=sys.stderr, flush=True)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    merged = merge_memories(job.out, require_complete=False) if merge else False
+    return {"out": str(job.out), "rank": rank, "world": world, "units": len(mine), "computed": len(todo),
+            "skipped": len(mine) - len(todo), "memories": total, "seconds": seconds,
+            "memories_per_s": total / seconds if seconds > 0 else 0.0, "merged": bool(merged),
+            "device": str(dev), "precision": prec}
+
+
+def missing_units(out: Path, plan: dict) -> list[str]:
+    """``split/unit_NNNNN`` of every unit of the job that is not complete."""
+    missing = []
+    for split, s in plan["tokens"]["splits"].items():
+        for i in range(s["shards"]):
+            if not _unit_done(out / split / mf.unit_name(i)):
+                missing.append(f"{split}/{mf.unit_name(i)}")
+    return missing
+
+
+def merge_memories(out: str | Path, require_complete: bool = True) -> bool:
+    """Join the units of every split into ``<split>/index.json`` (streaming's ``merge_index``) and write the
+    manifest. Returns False (or, with ``require_complete``, raises UserError) while units are missing."""
+    import_streaming()
+    from streaming.base.util import merge_index
+
+    out = Path(out)
+    plan = mf.read_json(out / mf.PLAN_FILE) if (out / mf.PLAN_FILE).is_file() else None
+    if plan is None:
+        raise UserError(f"{out}: no {mf.PLAN_FILE}; not a memory-shard directory being made by `memtrain precompute`")
+    mf.validate_plan(plan, str(out / mf.PLAN_FILE))
+    missing = missing_units(out, plan)
+    if missing:
+        if require_complete:
+            raise UserError(f"{out}: {len(missing)} unit(s) not done yet ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}); run the remaining slices first")
+        return False
+    manifest = dict(plan, splits={})
+    for split, s in plan["tokens"]["splits"].items():
+        split_dir = out / split
+        units = [split_dir / mf.unit_name(i) for i in range(s["shards"])]
+        records = [mf.read_json(u / mf.UNIT_FILE) for u in units]
+        staging = Path(tempfile.mkdtemp(prefix=".merge-", dir=split_dir))
+        try:
+            logging.disable(logging.WARNING)  # merge_index announces its temporary folder on the root logger
+            try:
+                merge_index([str(u / "index.json") for u in units], str(staging))
+            finally:
+                logging.disable(logging.NOTSET)
+            os.replace(staging / "index.json", split_dir / "index.json")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        manifest["splits"][split] = {"index_sha256": file_sha256(split_dir / "index.json"),
+                                     "samples": sum(r["samples"] for r in records), "units": records}
+    manifest["checksum"] = mf.checksum(manifest)
+    mf.write_json_atomic(out / mf.MANIFEST_FILE, manifest)
+    return True
+
+
+def verify_memories(out: str | Path) -> dict:
+    """Re-hash every memory shard against the manifest; returns ``{split: samples}``. UserError on the first
+    shard that is missing, truncated or changed."""
+    out = Path(out)
+    manifest = mf.read_manifest(out)
+    counts = {}
+    for split, s in manifest["splits"].items():
+        for rec in s["units"]:
+            path = out / split / rec["unit"] / rec["shard"]
+            if not path.is_file():
+                raise UserError(f"{path}: memory shard missing")
+            size = path.stat().st_size
+            if size != rec["bytes"]:
+                raise UserError(f"{path}: memory shard truncated or changed ({size} bytes, manifest says {rec['bytes']})")
+            if file_sha256(path) != rec["sha256"]:
+                raise UserError(f"{path}: memory shard changed (sha256 differs from the manifest's)")
+        counts[split] = s["samples"]
+    return counts
