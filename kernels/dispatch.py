@@ -108,11 +108,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
 
 def fused_head(model: object, device: torch.device) -> bool:
     """Whether the output head of ``model`` uses the chunked linear + cross-entropy: when the model's
-    ``kernels`` setting resolves to Triton here (so CPU training keeps the plain head unless asked) and the
-    model has the usual ``norm`` + bias-free ``lm_head``."""
+    ``kernels`` setting resolves to Triton here (so CPU training keeps the plain head unless asked) and its
+    ``logits`` is the standard ``lm_head(norm(h))`` with a bias-free ``lm_head`` (a model class with its own
+    head keeps the plain path)."""
+    from memtrain.models.base import MemtrainModel
+
     impl = getattr(model, "kernels", None) or getattr(getattr(model, "cfg", None), "kernels", "torch")
+    if impl == "torch" or getattr(getattr(model, "logits", None), "__func__", None) is not MemtrainModel.logits:
+        return False
     head = getattr(model, "lm_head", None)
-    if impl == "torch" or head is None or getattr(head, "bias", None) is not None or not hasattr(model, "norm"):
+    if not isinstance(head, nn.Linear) or head.bias is not None:
         return False
     return resolve(impl, device) == "triton"
 

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from memtrain.config import OBJECTIVES, ObjectiveConfig, StageConfig
 from memtrain.errors import UserError
+from memtrain.kernels import dispatch
 
 IGNORE_INDEX = -100
 COPY_TASKS = ("copy", "blank_copy")
@@ -248,6 +249,11 @@ def supervised_loss(model: Any, hidden: torch.Tensor, labels: torch.Tensor) -> O
     The ``N`` supervised rows of ``hidden`` are gathered first (``[N, d]``) and only they are projected to
     ``[N, V]`` logits; cross-entropy is computed in fp32. With no supervised token the loss is a zero that
     stays connected to the graph (so every parameter still receives a, zero, gradient).
+
+    When the model's ``kernels`` setting resolves to Triton (``auto`` on CUDA, see
+    :func:`memtrain.kernels.dispatch.fused_head`), the head and the loss run as one chunked linear +
+    cross-entropy that never holds the ``[N, V]`` logits (same loss, gradients and predictions); elsewhere,
+    e.g. on CPU by default, the plain path below.
     """
     B, T = labels.shape
     if hidden.shape[:2] != (B, T):
@@ -256,14 +262,15 @@ def supervised_loss(model: Any, hidden: torch.Tensor, labels: torch.Tensor) -> O
     idx = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # the one host sync: N is data-dependent
     n = idx.numel()
     rows = hidden.reshape(B * T, hidden.shape[-1]).index_select(0, idx)
-    logits = model.logits(rows).float()
     y = flat_labels.index_select(0, idx)
-    if n:
-        loss = F.cross_entropy(logits, y)
+    if n and dispatch.fused_head(model, hidden.device):
+        loss, predicted = dispatch.linear_cross_entropy(model.norm(rows), model.lm_head.weight, y, impl="triton")
     else:
-        loss = logits.sum() * 0.0 + hidden.float().sum() * 0.0
+        logits = model.logits(rows).float()
+        loss = F.cross_entropy(logits, y) if n else logits.sum() * 0.0 + hidden.float().sum() * 0.0
+        predicted = logits.detach().argmax(-1)
     with torch.no_grad():
-        wrong_tok = logits.argmax(-1) != y
+        wrong_tok = predicted != y
         n_correct = (~wrong_tok).sum()
         wrong = torch.zeros(B * T, dtype=torch.bool, device=labels.device)
         wrong.index_copy_(0, idx, wrong_tok)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from memtrain.config import ModelConfig
+from memtrain.kernels.dispatch import set_kernels
 from memtrain.models.autoencoder import Autoencoder
 from memtrain.models.base import ChunkEncoder, MemtrainModel
 from memtrain.models.clm import CausalLM
@@ -19,8 +20,9 @@ MODEL_CLASSES: dict[str, type[MemtrainModel]] = {
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> MemtrainModel:
-    """The model for ``cfg.kind`` ("memory" | "autoencoder" | "clm") over a vocabulary of ``vocab_size``."""
-    return MODEL_CLASSES[cfg.kind](cfg, vocab_size)
+    """The model for ``cfg.kind`` ("memory" | "autoencoder" | "clm") over a vocabulary of ``vocab_size``, its
+    mixer layers and head set to ``cfg.kernels`` (see :mod:`memtrain.kernels.dispatch`)."""
+    return set_kernels(MODEL_CLASSES[cfg.kind](cfg, vocab_size), cfg.kernels)
 
 
 __all__ = ["build_model", "MemtrainModel", "MemoryModel", "Autoencoder", "CausalLM", "ChunkEncoder",

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memtrain.kernels import dispatch
 from memtrain.models.mixing import CausalMix
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -21,6 +22,10 @@ class MixerBlock(nn.Module):
 
     FFN = Linear(d, m*d) -> exact GELU -> Linear(m*d, d); LayerNorms with bias; PyTorch default init
     (as the reference). ``seq_len`` is fixed: the mixing weights are position-specific.
+
+    ``kernels`` (auto | triton | torch, see :mod:`memtrain.kernels.dispatch`): on the Triton path the block
+    runs four fused kernels per sublayer pair: LayerNorm, mixing + bias + residual, LayerNorm, FFN (GELU and
+    residual fused into its matmuls). The submodules are then not called, only their parameters read.
     """
 
     def __init__(self, d_model: int, seq_len: int, kernel: int = 1, n_heads: int = 0,
@@ -31,11 +36,17 @@ class MixerBlock(nn.Module):
         self.patch_layernorm = nn.LayerNorm(d_model, eps=norm_eps)
         self.patch_ff = nn.Sequential(
             nn.Linear(d_model, ffn_mult * d_model), nn.GELU(), nn.Linear(ffn_mult * d_model, d_model))
+        self.kernels = "auto"
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         """x [B, L, d] -> [B, L, d]."""
-        x = x + self.conv(self.seq_layernorm(x))
-        return x + self.patch_ff(self.patch_layernorm(x))
+        if dispatch.resolve(self.kernels, x.device) == "torch":
+            x = x + self.conv(self.seq_layernorm(x))
+            return x + self.patch_ff(self.patch_layernorm(x))
+        ln1, ln2, fc1, fc2 = self.seq_layernorm, self.patch_layernorm, self.patch_ff[0], self.patch_ff[2]
+        x = self.conv(dispatch.layer_norm(x, ln1.weight, ln1.bias, ln1.eps, impl="triton"), residual=x)
+        h = dispatch.layer_norm(x, ln2.weight, ln2.bias, ln2.eps, impl="triton")
+        return dispatch.ffn(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=x, impl="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ features, and with k taps it also reaches k neighbouring features (PyTorch 'same
 Causality is functional: every forward uses ``tril`` of the weight (per tap), so the upper triangle is never
 read, gets exactly zero gradient and is never written. Shapes: B batch, L positions (fixed at construction),
 d features, H heads, d_h = d / H, k taps.
+
+:func:`causal_mix` here is the pure-torch reference. :class:`CausalMix` runs it or the fused Triton kernels
+(``kernels/mix.py``) through :mod:`memtrain.kernels.dispatch`, as its ``kernels`` attribute says
+(``model.kernels``: auto | triton | torch).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from memtrain.kernels import dispatch
 
 
 def causal_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -58,6 +64,7 @@ class CausalMix(nn.Module):
     per-head mixing ``weight`` [H, L, L, k] and ``bias`` [H, L], then ``out_proj`` = Linear(d, d)
     (the correct multi-head form of reference §1.4, first row).
     Mixing parameters start as U(+-1/sqrt(L*k)) like the reference Conv1d, with the upper triangle zeroed.
+    ``kernels`` (auto | triton | torch) picks the implementation (see :mod:`memtrain.kernels.dispatch`).
     """
 
     def __init__(self, d_model: int, seq_len: int, kernel: int = 1, n_heads: int = 0):
@@ -71,6 +78,7 @@ class CausalMix(nn.Module):
         if n_heads:
             self.proj = nn.Linear(d_model, d_model)
             self.out_proj = nn.Linear(d_model, d_model)
+        self.kernels = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,16 +89,20 @@ class CausalMix(nn.Module):
             self.weight.copy_(causal_weight(self.weight))
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, L, d] -> [B, L, d]; output position t depends on input positions 0..t only."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, d] -> [B, L, d] (plus ``residual`` [B, L, d] when given, fused into the last kernel on the
+        Triton path); output position t depends on input positions 0..t only."""
         if x.shape[-2] != self.seq_len:
             raise ValueError(f"mixer built for {self.seq_len} positions got {x.shape[-2]}")
         if self.n_heads == 0:
-            return causal_mix(x, self.weight, self.bias)
+            return dispatch.causal_mix(x, self.weight, self.bias, residual, impl=self.kernels)
         B, L, d = x.shape
         heads = self.proj(x).view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)  # [B, H, L, d_h]
-        y = causal_mix(heads, self.weight, self.bias).transpose(1, 2).reshape(B, L, d)
-        return self.out_proj(y)
+        y = dispatch.causal_mix(heads, self.weight, self.bias, impl=self.kernels).transpose(1, 2).reshape(B, L, d)
+        if dispatch.resolve(self.kernels, x.device) == "torch":
+            y = self.out_proj(y)
+            return y if residual is None else residual + y
+        return dispatch.linear(y, self.out_proj.weight, self.out_proj.bias, residual, impl="triton")
 
     def extra_repr(self) -> str:
         return f"seq_len={self.seq_len}, kernel={self.kernel}, n_heads={self.n_heads}"
