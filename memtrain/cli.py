@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memtrain.launch.cli import register as register_launch
 
     register_launch(sub)
+    from memtrain.bench import register as register_bench
+
+    register_bench(sub)
     from memtrain.precompute.cli import register as register_precompute
 
     register_precompute(sub)

@@ -1,0 +1,408 @@
+"""``memtrain bench``: training throughput of one config on this device, Triton kernels against plain torch.
+
+    memtrain bench yaml/paper/mixer_autoencoder_d1024_c512.yaml --steps 10 --json runs/bench/ae.json
+    memtrain bench paper/memory_mixer_e512_d512 --variants torch,triton      # names resolve under yaml/
+
+Each *variant* trains the same model (same seed, same random token rows, the config's first-stage objectives,
+AdamW step included) for ``--warmup`` untimed and ``--steps`` timed steps:
+
+``torch``            ``model.kernels: torch``, eager (the plain-torch path: the baseline of every ratio)
+``torch+compile``    the same under ``torch.compile``
+``triton``           ``model.kernels: triton`` (fused kernels; chunked linear + CE head)
+``triton+compile``   the same, with torch.compile around the kernels
+
+It prints tokens/s, the model's FLOPs per token (analytic: every matmul, plus the causal token mixing and
+attention counted on the lower triangle only, s <= t; x3 for forward + backward, x1 for a frozen encoder),
+MFU against this device's matmul rate *measured in the same run* (an n x n x n matmul in the run's precision,
+random operands, median of timed repeats), peak memory, and each variant's ratio to ``torch``.
+``--json`` writes everything, with device, versions, commit, date and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("torch", "torch+compile", "triton", "triton+compile")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs
+
+def stack_flops(stack: Any, rows: int, length: int) -> float:
+    """Forward FLOPs of ``stack`` (a StackConfig) over ``rows`` sequences of ``length`` positions.
+
+    Mixer block: FFN 4·m·d²·T, causal mixing k·T(T+1)·d (lower triangle: T(T+1)/2 (t, s) pairs, 2 FLOPs each,
+    per feature and tap), multi-head in/out projections 4·d²·T. Transformer block: q, k, v, o 8·d²·T, causal
+    attention 2·T(T+1)·d (scores and values on the lower triangle), SwiGLU 6·m·d²·T.
+    """
+    d, m, T = stack.d_model, stack.ffn_mult, length
+    if stack.arch == "mixer":
+        per = 4 * m * d * d * T + stack.kernel * T * (T + 1) * d + (4 * d * d * T if stack.n_heads else 0)
+    else:
+        per = 8 * d * d * T + 2 * T * (T + 1) * d + 6 * m * d * d * T
+    return float(stack.n_layers * per * rows)
+
+
+def model_flops(cfg: Any, vocab: int, batch: int, scored: dict[str, int], frozen_encoder: bool = False
+                ) -> dict[str, float]:
+    """Analytic training FLOPs of one step of ``cfg`` (a ModelConfig) on ``batch`` rows.
+
+    ``scored``: objective -> number of scored positions in the batch (the head runs on those only); each
+    objective is one forward pass of the whole model. Returns {"encoder", "decoder", "head", "other",
+    "total"} for forward + backward (x3; the encoder x1 when frozen), and "per_token" = total / (batch·T).
+    """
+    e, d, L, C = cfg.encoder.d_model, cfg.decoder.d_model, cfg.chunk_len, cfg.n_chunks
+    enc = dec = other = 0.0
+    if cfg.kind == "autoencoder":
+        enc = stack_flops(cfg.encoder, batch, L)
+        dec = stack_flops(cfg.decoder, batch, L)
+        other = batch * (2 * e * d * (e != d) + (d * d * L if cfg.injection == "unroll" else 0))
+        memories = batch
+    elif cfg.kind == "memory":
+        memories = 0 if cfg.no_memory else batch * (C - 1)
+        enc = stack_flops(cfg.encoder, memories, L) if memories else 0.0
+        dec = stack_flops(cfg.decoder, batch * C, C + L)
+        other = memories * 2 * e * d * (e != d)
+    else:
+        memories = 0
+        dec = stack_flops(cfg.decoder, batch, C * L)
+    if memories and cfg.compression > 1:
+        other += memories * 4 * e * (e // cfg.compression)
+    passes = len(scored)
+    head = sum(2.0 * d * vocab * n for n in scored.values())
+    enc_factor = 1 if frozen_encoder else 3
+    out = {"encoder": passes * enc * enc_factor, "decoder": passes * dec * 3, "head": head * 3,
+           "other": passes * other * 3}
+    out["total"] = sum(out.values())
+    out["per_token"] = out["total"] / (batch * cfg.seq_len)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device and timing
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
+    """Measured matmul rate in TFLOP/s: median over ``reps`` timed n x n x n products of random operands
+    (three input pairs rotated, so repeats do not just hit the cache), after warm-up."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    pairs = [(torch.randn(n, n, device=dev, generator=gen).to(dtype), torch.randn(n, n, device=dev, generator=gen)
+              .to(dtype)) for _ in range(3)]
+    out = torch.empty(n, n, device=dev, dtype=dtype)
+    for a, b in pairs:
+        torch.matmul(a, b, out=out)
+    times = []
+    for i in range(reps):
+        a, b = pairs[i % 3]
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a, b, out=out)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def peak_memory_gib(dev: torch.device) -> Optional[float]:
+    if dev.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 3)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One variant
+
+def resolve_config(name: str) -> Path:
+    """A YAML path, or a name under yaml/ (``paper/mixer_autoencoder_d1024_c512``)."""
+    from memtrain.errors import UserError
+
+    for cand in (Path(name), REPO / "yaml" / name, REPO / "yaml" / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"bench: no config {name!r} (give a YAML file, or a name under {REPO / 'yaml'})")
+
+
+def autocast_for(precision: str, dev: torch.device):
+    import contextlib
+
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def run_variant(cfg: Any, variant: str, ids: torch.Tensor, vocab: int, steps: int, warmup: int,
+                precision: str, dev: torch.device, profile_rows: int = 0) -> dict:
+    """Train ``steps`` timed steps of ``variant``; returns its timings, memory and losses."""
+    from memtrain.engine.optim import build_optimizer
+    from memtrain.kernels.dispatch import set_kernels
+    from memtrain.models import build_model
+    from memtrain.objectives import SpecialTokens, compute_losses
+
+    impl, compiled = variant.split("+")[0], variant.endswith("+compile")
+    torch.manual_seed(cfg.run.seed)
+    model = set_kernels(build_model(cfg.model, vocab), impl).to(dev)
+    if cfg.model.frozen_encoder is not None:
+        model.freeze(["encoder"])
+    opt = build_optimizer(model, cfg.optim, dev)
+    runner = torch.compile(model) if compiled else model
+    view = _View(runner, model)
+    weights = cfg.stages()[0].weights.active()
+    special = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=cfg.objective.n_delimiters, filler_id=5)
+    autocast = autocast_for(precision, dev)
+    losses: list[float] = []
+
+    def step() -> torch.Tensor:
+        with autocast():
+            total, _ = compute_losses(view, ids, weights, special)
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total.detach()
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        losses.append(float(step()))
+    sync(dev)
+    warmup_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        done.append(step())
+    sync(dev)
+    dt = (time.perf_counter() - t0) / steps
+    losses += [float(x) for x in done]
+    row = {"variant": variant, "ms_per_step": round(dt * 1e3, 3), "tokens_per_s": round(ids.numel() / dt, 1),
+           "warmup_s": round(warmup_s, 2), "peak_mem_GiB": peak_memory_gib(dev),
+           "loss_first": round(losses[0], 5), "loss_last": round(losses[-1], 5)}
+    if dev.type != "cuda":
+        row["max_rss_growth_MiB"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
+    if profile_rows:
+        row["profile"] = profile_steps(step, dev, profile_rows)
+    return row
+
+
+class _View:
+    """Calls go to the (maybe compiled) runner; attributes come from the model (as the engine's ModelView)."""
+
+    def __init__(self, runner: Any, model: torch.nn.Module):
+        self._runner, self._model = runner, model
+
+    def __call__(self, *args, **kwargs):
+        return self._runner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def profile_steps(step, dev: torch.device, rows: int) -> list[dict]:
+    """The ``rows`` kernels (or CPU ops) with the most self time over two profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        sync(dev)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"name": e.key[:90], "calls": e.count // 2, "ms_per_step": round(getattr(e, key) / 2e3, 3),
+             "share": round(getattr(e, key) / total, 4)} for e in events[:rows]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+def default_variants(dev: torch.device) -> list[str]:
+    from memtrain.kernels.common import interpreting, triton_importable
+
+    if dev.type == "cuda":
+        return list(VARIANTS) if triton_importable() else ["torch", "torch+compile"]
+    return ["torch", "triton"] if interpreting() and triton_importable() else ["torch"]
+
+
+def scored_positions(cfg: Any, ids: torch.Tensor, vocab: int) -> tuple[dict[str, int], int]:
+    """(objective -> scored positions of the batch, i.e. the rows the head is applied to, counted from the
+    real task tensors; the model's parameter count)."""
+    from memtrain.models import build_model
+    from memtrain.objectives import SpecialTokens, make_task, task_chunks
+
+    with torch.device("meta"):
+        model = build_model(cfg.model.model_copy(update={"kernels": "torch"}), vocab)
+    special = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=cfg.objective.n_delimiters, filler_id=5)
+    out = {}
+    for name in cfg.stages()[0].weights.active():
+        _, targets = make_task(name, ids.cpu(), special, task_chunks(model))
+        out[name] = int((model.align_labels(targets) != -100).sum())
+    return out, sum(p.numel() for p in model.parameters())
+
+
+def bench(config: str, overrides: list[str], variants: list[str] | None, steps: int, warmup: int,
+          batch_size: int | None, precision: str | None, vocab: int, device: str, peak_size: int | None,
+          profile_rows: int = 0) -> dict:
+    """Run the benchmark; returns the JSON-ready result (see the module docstring)."""
+    from memtrain.config import load_config
+    from memtrain.engine.distributed import pick_device
+    from memtrain.errors import UserError
+
+    path = resolve_config(config)
+    cfg = load_config(path, overrides)
+    dev = pick_device(device)
+    variants = variants or default_variants(dev)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"bench: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    prec = precision or cfg.train.precision
+    if prec == "auto":
+        prec = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    batch = batch_size or cfg.data.batch_size
+    vocab = cfg.model.vocab_size or vocab
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, vocab, (batch, cfg.model.seq_len), generator=gen).to(dev)
+
+    scored, n_params = scored_positions(cfg, ids, vocab)
+    flops = model_flops(cfg.model, vocab, batch, scored, frozen_encoder=cfg.model.frozen_encoder is not None)
+    peak_dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+    n = peak_size or (8192 if dev.type == "cuda" else 1024)
+    peak = matmul_peak(dev, peak_dtype, n)
+
+    rows = []
+    for v in variants:
+        rows.append(run_variant(cfg, v, ids, vocab, steps, warmup, prec, dev, profile_rows))
+        if v.endswith("+compile"):
+            torch._dynamo.reset()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    base = {r["variant"]: r["tokens_per_s"] for r in rows}
+    for r in rows:
+        r["model_TFLOPs"] = float(f"{flops['per_token'] * r['tokens_per_s'] / 1e12:.4g}")
+        r["mfu"] = float(f"{flops['per_token'] * r['tokens_per_s'] / (peak * 1e12):.4g}")
+        if "torch" in base:
+            r["ratio_vs_torch"] = round(r["tokens_per_s"] / base["torch"], 3)
+        if "torch+compile" in base:
+            r["ratio_vs_torch_compile"] = round(r["tokens_per_s"] / base["torch+compile"], 3)
+    commit = current_commit()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(dev), "torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "config": str(path), "overrides": overrides, "kind": cfg.model.kind, "precision": prec,
+            "batch_size": batch, "seq_len": cfg.model.seq_len, "vocab": vocab, "steps": steps, "warmup": warmup,
+            "scored_positions": scored, "params_M": round(n_params / 1e6, 2),
+            "flops_per_token": round(flops["per_token"]), "flops_split": {k: v for k, v in flops.items()
+                                                                        if k not in ("total", "per_token")},
+            "matmul_peak_TFLOPs": float(f"{peak:.4g}"), "matmul_peak": f"{n}^3 {str(peak_dtype).split('.')[-1]}",
+            "results": rows}
+
+
+def current_commit() -> str:
+    """``MEMTRAIN_COMMIT`` if set (a copied tree without .git, e.g. on a lent GPU machine), else git's HEAD."""
+    if os.environ.get("MEMTRAIN_COMMIT"):
+        return os.environ["MEMTRAIN_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def format_table(result: dict) -> str:
+    head = (f"# {result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}, "
+            f"{result['date']}\n# {result['config']} ({result['kind']}, {result['params_M']}M params), batch {result['batch_size']} x "
+            f"{result['seq_len']}, {result['precision']}, {result['flops_per_token'] / 1e9:.3f} GFLOP/token, "
+            f"matmul peak {result['matmul_peak_TFLOPs']} TFLOP/s ({result['matmul_peak']})\n")
+    lines = ["| variant | ms/step | tokens/s | MFU | peak GiB | ratio vs torch | loss first -> last |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        lines.append(f"| {r['variant']} | {r['ms_per_step']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+                     f"{r['peak_mem_GiB'] if r['peak_mem_GiB'] is not None else '-'} | "
+                     f"{r.get('ratio_vs_torch', '-')} | {r['loss_first']} -> {r['loss_last']} |")
+    return head + "\n".join(lines)
+
+
+def _cmd_bench(args) -> int:
+    variants = [v for v in (args.variants or "").split(",") if v] or None
+    result = bench(args.config, args.set, variants, args.steps, args.warmup, args.batch_size, args.precision,
+                   args.vocab, args.device, args.peak_size, args.profile)
+    print(format_table(result))
+    for r in result["results"]:
+        for p in r.get("profile", []):
+            print(f"  {r['variant']}: {p['ms_per_step']:9.3f} ms {p['share']:6.1%} x{p['calls']:<4} {p['name']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``memtrain bench`` to the CLI's subcommands."""
+    b = sub.add_parser("bench", help="training throughput of a config: Triton kernels vs plain torch, MFU")
+    b.add_argument("config", help="run config (YAML path, or a name under yaml/, e.g. paper/memory_mixer_e512_d512)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    b.add_argument("--variants", help=f"comma-separated, from {','.join(VARIANTS)} "
+                                      "(default: all four on CUDA; torch, plus triton under TRITON_INTERPRET=1, on CPU)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    b.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the config's)")
+    b.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: the config's")
+    b.add_argument("--vocab", type=int, default=8000, help="vocabulary when the config leaves it to the data")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--peak-size", type=int, default=None, help="n of the n^3 matmul peak (8192 CUDA, 1024 CPU)")
+    b.add_argument("--profile", type=int, default=0, metavar="N", help="also list the N costliest kernels per variant")
+    b.add_argument("--json", help="write the full result here")
+    b.set_defaults(func=_cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m memtrain.bench CONFIG ...``: the same as ``memtrain bench`` without the rest of the CLI
+    (whose other subcommands import the data stack; the GPU machine may not have it)."""
+    from memtrain.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="python -m memtrain.bench")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"memtrain bench: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GPU check for the fused kernels: CUDA kernel tests (bf16 + fp32, random ragged shapes, the 50-step
+# triton-vs-torch training match), per-operator benchmarks, and the training benchmarks of the mixer
+# autoencoder and the memory model. Results go under $OUT (default runs/gpu_check):
+#   env.txt  kernels_test.log  bench_ops.{txt,json}  bench_ae.{txt,json}  bench_memory.{txt,json}  bench.json
+# Budget: about 8 minutes on one H100 (each stage has its own time limit; a stage that fails or times out is
+# reported and the others still run; the exit code is non-zero if any stage failed).
+#   device tool:  MEMTRAIN_COMMIT=<short hash> bash tools/gpu_check.sh   (carry .whl: see docs/performance.md)
+#   GPU_CHECK_QUICK=1 bash tools/gpu_check.sh  (fewer benchmark variants, about 5 minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+status=0
+fail() { echo "gpu_check: FAILED: $1" | tee -a "$OUT/summary.txt"; status=1; }
+
+# The image's Python may lack pydantic (memtrain.config): install it from carried wheels (.whl/, no network).
+if ! "$PY" -c "import pydantic, yaml" 2>/dev/null; then
+  "$PY" -m pip install --no-index --no-deps --quiet .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
+    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl || fail "pydantic from .whl/"
+fi
+
+{
+  date -u '+%Y-%m-%d %H:%M UTC'
+  echo "commit ${MEMTRAIN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} > "$OUT/env.txt" 2>&1 || fail "environment"
+cat "$OUT/env.txt"
+
+echo "== kernel tests on CUDA" | tee "$OUT/summary.txt"
+timeout 300 "$PY" -m pytest -q --noconftest -p no:cacheprovider -rs tests/test_kernels.py tests/test_kernels_models.py \
+  > "$OUT/kernels_test.log" 2>&1 || fail "kernel tests (see kernels_test.log)"
+tail -3 "$OUT/kernels_test.log" | tee -a "$OUT/summary.txt"
+
+echo "== operator benchmarks" | tee -a "$OUT/summary.txt"
+timeout 180 "$PY" -m memtrain.kernels.bench_ops --json "$OUT/bench_ops.json" > "$OUT/bench_ops.txt" 2>&1 \
+  || fail "operator benchmarks (see bench_ops.txt)"
+grep '^|' "$OUT/bench_ops.txt" | tee -a "$OUT/summary.txt" || true
+
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then VARIANTS=torch,torch+compile,triton; else VARIANTS=torch,torch+compile,triton,triton+compile; fi
+bench() {  # name config limit
+  echo "== training benchmark: $2" | tee -a "$OUT/summary.txt"
+  timeout "$3" "$PY" -m memtrain.bench "$2" --variants "$VARIANTS" --steps 10 --warmup 3 --profile 12 \
+    --json "$OUT/bench_$1.json" > "$OUT/bench_$1.txt" 2>&1 || fail "benchmark $1 (see bench_$1.txt)"
+  grep -E '^(#|\|)' "$OUT/bench_$1.txt" | tee -a "$OUT/summary.txt" || true
+}
+bench ae paper/mixer_autoencoder_d1024_c512 240
+bench memory paper/memory_mixer_e512_d512 240
+
+"$PY" - "$OUT" <<'PY' || fail "bench.json"
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+parts = {name: json.loads((out / f"bench_{name}.json").read_text())
+         for name in ("ae", "memory", "ops") if (out / f"bench_{name}.json").exists()}
+(out / "bench.json").write_text(json.dumps(parts, indent=2))
+PY
+
+if [ -f tools/gpu_check_deepspeed.sh ]; then
+  echo "== tools/gpu_check_deepspeed.sh" | tee -a "$OUT/summary.txt"
+  OUT="$OUT/deepspeed" bash tools/gpu_check_deepspeed.sh > "$OUT/deepspeed.log" 2>&1 || fail "gpu_check_deepspeed.sh (see deepspeed.log)"
+fi
+
+echo "== gpu_check: $([ $status = 0 ] && echo ALL GREEN || echo FAILURES)" | tee -a "$OUT/summary.txt"
+exit $status
