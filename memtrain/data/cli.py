@@ -56,6 +56,17 @@ def cmd_shards(args) -> int:
     """``memtrain data shards``: tokenize and pack a corpus into train/val MDS shards; prints a summary."""
     from memtrain.data.ingest import build_shards, format_summary
 
+    if args.decoder_tokenizer:  # two token streams of the same text spans (memtrain.data.dual)
+        from memtrain.data.dual import build_dual_shards, format_dual_summary
+
+        if args.row_len is not None or args.chunk_len is None or args.chunks is None:
+            raise UserError("--decoder-tokenizer: give --chunk-len L and --chunks C (spans are cut per chunk), "
+                            "not --row-len")
+        print(format_dual_summary(build_dual_shards(
+            args.input, args.tokenizer, args.decoder_tokenizer, args.out, chunk_len=args.chunk_len,
+            n_chunks=args.chunks, decoder_chunk_len=args.decoder_chunk_len, val_fraction=args.val_fraction,
+            shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)))
+        return 0
     summary = build_shards(args.input, args.tokenizer, args.out, row_len=_row_len(args),
                            val_fraction=args.val_fraction, workers=args.workers, shard_size=args.shard_size,
                            seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
@@ -168,6 +179,11 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="salt of the train/val split hash (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--decoder-tokenizer", metavar="DIR", default=None,
+                   help="also tokenize with this Hugging Face tokenizer (an LLM decoder's directory): chunks are cut "
+                        "on text spans that fit both tokenizers (docs/llm_decoders.md)")
+    s.add_argument("--decoder-chunk-len", type=int, default=None, metavar="N",
+                   help="with --decoder-tokenizer: decoder tokens per chunk (default: --chunk-len)")
     s.set_defaults(func=cmd_shards)
 
     d = subparsers.add_parser("prepare-demo", help="tokenizer + shards of the bundled demo corpus",

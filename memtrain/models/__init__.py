@@ -19,11 +19,21 @@ MODEL_CLASSES: dict[str, type[MemtrainModel]] = {
 }
 
 
+def model_class(cfg: ModelConfig) -> type[MemtrainModel]:
+    """The class that builds ``cfg``: :class:`~memtrain.models.hf_memory.HFMemoryModel` when
+    ``model.hf_decoder`` is set (a pretrained Hugging Face LLM as the decoder), else by ``cfg.kind``."""
+    if cfg.hf_decoder is not None:
+        from memtrain.models.hf_memory import HFMemoryModel
+
+        return HFMemoryModel
+    return MODEL_CLASSES[cfg.kind]
+
+
 def build_model(cfg: ModelConfig, vocab_size: int) -> MemtrainModel:
     """The model for ``cfg.kind`` ("memory" | "autoencoder" | "clm") over a vocabulary of ``vocab_size``, its
     mixer layers and head set to ``cfg.kernels`` (see :mod:`memtrain.kernels.dispatch`)."""
-    return set_kernels(MODEL_CLASSES[cfg.kind](cfg, vocab_size), cfg.kernels)
+    return set_kernels(model_class(cfg)(cfg, vocab_size), cfg.kernels)
 
 
 __all__ = ["build_model", "MemtrainModel", "MemoryModel", "Autoencoder", "CausalLM", "ChunkEncoder",
-           "CausalMix", "causal_mix", "MODEL_CLASSES"]
+           "CausalMix", "causal_mix", "MODEL_CLASSES", "model_class"]
