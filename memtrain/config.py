@@ -259,16 +259,46 @@ class TrainConfig(_Strict):
 
 
 class DistConfig(_Strict):
+    """The distributed engine (docs/distributed.md). Invalid combinations are refused here, before any
+    process group starts."""
+
     #: plain: one process or torchrun DDP; deepspeed: DeepSpeed ZeRO / pipeline engine
     engine: Literal["plain", "deepspeed"] = "plain"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    #: DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned
     zero_stage: int = Field(0, ge=0, le=3)
+    #: ZeRO-Offload: keep the optimizer states (stage >= 1) / the parameters (stage 3) in CPU memory
     offload_optimizer: bool = False
     offload_param: bool = False
-    #: DeepSpeed pipeline stages (1 = no pipeline)
+    #: DeepSpeed pipeline stages (1 = no pipeline); must divide the number of ranks
     pipeline_stages: int = Field(1, ge=1)
+    #: parameters: balance trainable parameters per stage; uniform: the same number of pipeline layers
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    #: recompute each block's activations in the backward pass instead of storing them
     activation_checkpointing: bool = False
+    #: rows per micro-batch (one forward/backward; the pipeline's unit): every loaded batch of
+    #: data.batch_size rows runs as data.batch_size / micro_batch_size micro-batches; null = data.batch_size
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistConfig":
+        if self.engine == "plain":
+            for name, value, default in (("zero_stage", self.zero_stage, 0), ("pipeline_stages", self.pipeline_stages, 1),
+                                         ("offload_optimizer", self.offload_optimizer, False),
+                                         ("offload_param", self.offload_param, False)):
+                if value != default:
+                    raise ValueError(f"{name}: {value} needs engine: deepspeed (the plain engine is one process "
+                                     "or torchrun DDP)")
+        if self.pipeline_stages > 1 and self.zero_stage >= 2:
+            raise ValueError(f"ZeRO-{self.zero_stage} partitions gradients, which DeepSpeed's pipeline cannot do; "
+                             "use zero_stage 0 or 1 with pipeline_stages > 1")
+        if self.pipeline_stages > 1 and (self.offload_optimizer or self.offload_param):
+            raise ValueError("offload is not supported with pipeline_stages > 1; use ZeRO-2/3 without a pipeline")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage: 3 (only ZeRO-3 partitions the parameters)")
+        return self
 
 
 class SlurmConfig(_Strict):
@@ -318,6 +348,7 @@ class Config(_Strict):
                 _check_objectives_fit(self.model.kind, s.weights, where=f"curriculum stage {s.name!r}")
         else:
             _check_objectives_fit(self.model.kind, self.objective.weights, where="objective.weights")
+        _check_dist(self)
         return self
 
     def stages(self) -> list[StageConfig]:
@@ -325,6 +356,45 @@ class Config(_Strict):
         if self.curriculum:
             return list(self.curriculum)
         return [StageConfig(name="main", steps=self.train.steps, weights=self.objective.weights)]
+
+
+def pipeline_units(model: ModelConfig) -> int:
+    """How many pipeline layers of this model train (memtrain.engine.pipeline builds one layer per block plus
+    an embedding, a memory assembly or injection, and a head layer; a frozen layer shares the stage of the
+    next one that trains), i.e. the most pipeline stages the model can fill."""
+    n = model.decoder.n_layers + 1  # decoder blocks + head (final norm, lm_head)
+    if model.kind == "clm":
+        return n + 1  # + token embedding
+    if model.kind == "memory":
+        n += 1  # memory assembly (decoder embedding)
+        if not model.no_memory and model.frozen_encoder is None:
+            n += model.encoder.n_layers + 1  # encoder blocks + its embedding
+        return n
+    inject = model.encoder.d_model != model.decoder.d_model or model.injection == "unroll"  # trainable inject
+    if model.frozen_encoder is None:
+        inject = inject or model.final_norm or model.compression > 1
+        n += model.encoder.n_layers + 1
+    return n + int(inject)
+
+
+def _check_dist(cfg: "Config") -> None:
+    """Cross-section rules of ``dist`` (it needs the model and the batch size)."""
+    d = cfg.dist
+    mbs = d.micro_batch_size
+    if mbs is not None and cfg.data.batch_size % mbs:
+        raise ValueError(f"dist.micro_batch_size {mbs} does not divide data.batch_size {cfg.data.batch_size}; "
+                         "every loaded batch must split into whole micro-batches")
+    if d.pipeline_stages > 1:
+        if cfg.model.hf_decoder is not None:
+            raise ValueError("model.hf_decoder: a Hugging Face decoder is not split into pipeline stages; use "
+                             "dist.pipeline_stages: 1 (with ZeRO to spread its memory)")
+        if cfg.model.tie_embeddings:
+            raise ValueError("model.tie_embeddings ties weights that a pipeline places on different stages; set "
+                             "tie_embeddings: false or dist.pipeline_stages: 1")
+        units = pipeline_units(cfg.model)
+        if d.pipeline_stages > units:
+            raise ValueError(f"dist.pipeline_stages {d.pipeline_stages} is more than the {units} pipeline layers "
+                             "of this model that train; every stage needs one, so use fewer stages")
 
 
 def _check_objectives_fit(kind: str, weights: ObjectiveWeights, where: str) -> None:

@@ -73,15 +73,29 @@ def latest_checkpoint(run_dir: str | Path) -> CheckpointRef | None:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict,
                     config_yaml: str, meta: dict, keep: int) -> Path:
     """Write a complete checkpoint atomically and keep only the newest ``keep``. Returns its path."""
+    tmp = staging_dir(run_dir, step)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    return commit_checkpoint(run_dir, tmp, step, config_yaml, meta, keep)
+
+
+def staging_dir(run_dir: str | Path, step: int, suffix: str | None = None) -> Path:
+    """A fresh ``checkpoints/step_XXXXXXX.tmp-<suffix>`` folder to write checkpoint ``step`` into (leftovers
+    of interrupted saves are removed first). ``suffix`` defaults to this process id."""
     ck = Path(run_dir) / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     for stale in ck.glob(f"{_PREFIX}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = ck / f"{_PREFIX}{step:07d}"
-    tmp = ck / f"{final.name}.tmp-{os.getpid()}"
+    tmp = ck / f"{_PREFIX}{step:07d}.tmp-{suffix or os.getpid()}"
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer.pt")
+    return tmp
+
+
+def commit_checkpoint(run_dir: str | Path, tmp: Path, step: int, config_yaml: str, meta: dict, keep: int) -> Path:
+    """Add ``config.yaml`` and ``meta.json`` to the staged ``tmp``, sync it to disk, rename it into place and
+    keep only the newest ``keep`` checkpoints. Returns the checkpoint's path."""
+    ck = Path(run_dir) / "checkpoints"
+    final = ck / f"{_PREFIX}{step:07d}"
     (tmp / "config.yaml").write_text(config_yaml)
     meta = dict(meta, step=step, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -89,22 +103,27 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
     if final.exists():  # same step saved again (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ck)
+    _fsync_dir(ck, files=False)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir() if path.is_dir() else []:
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_dir(path: Path, files: bool = True) -> None:
+    """fsync every file below ``path`` (when ``files``) and the folders themselves."""
+    folders = [path]
+    if files:
+        for root, dirs, names in os.walk(path):
+            folders += [Path(root) / d for d in dirs]
+            for name in names:
+                with open(Path(root) / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

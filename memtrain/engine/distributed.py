@@ -1,12 +1,17 @@
-"""Process-group set-up for single-process and ``torchrun`` (DDP) runs.
+"""Process-group set-up for single-process, ``torchrun`` (DDP) and DeepSpeed runs.
 
-The engine reads the standard torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). Without
-them the run is a single process and no process group is created.
+The engine reads the standard launcher variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), which
+``torchrun`` and the ``deepspeed`` launcher both set. Without them a plain run is a single process and no
+process group is created; a DeepSpeed run then sets them for one rank in-process (DeepSpeed always wants a
+process group, and would otherwise look for MPI).
 """
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import dataclass
+import socket
+import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,10 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    #: environment variables this process set for itself (removed again by :func:`shutdown`)
+    own_env: list[str] = field(default_factory=list)
+    #: a process group was created (also for one DeepSpeed rank); :func:`shutdown` destroys it
+    own_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -38,8 +47,12 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_request: str = "auto", backend: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun; otherwise describe a single process."""
+def init_distributed(device_request: str = "auto", backend: str = "auto", engine: str = "plain") -> DistInfo:
+    """Join the process group when launched by torchrun; otherwise describe a single process.
+
+    ``engine="deepspeed"``: initialise DeepSpeed's communication instead (see :func:`init_deepspeed`)."""
+    if engine == "deepspeed":
+        return init_deepspeed(device_request, backend)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -50,7 +63,7 @@ def init_distributed(device_request: str = "auto", backend: str = "auto") -> Dis
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_group=world > 1)
 
 
 def barrier(info: DistInfo) -> None:
@@ -65,5 +78,60 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized() and info.own_group:
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        else:
+            dist.destroy_process_group()
+    for name in info.own_env:
+        os.environ.pop(name, None)
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_deepspeed(device: torch.device):
+    """``import deepspeed`` with its accelerator matching ``device`` and without the shared-memory
+    all-reduce extension (DeepSpeed builds ``deepspeed_shm_comm`` at every ``init_distributed``, 35-40 s the
+    first time and two 66 MB /dev/shm files per run; gloo does the work without it)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise UserError(f"dist.engine: deepspeed cannot be imported ({exc}); install it "
+                        "(pip install deepspeed==0.19.8) or use dist.engine: plain") from None
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import logging
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def init_deepspeed(device_request: str = "auto", backend: str = "auto") -> DistInfo:
+    """DeepSpeed's process group, from the launcher's variables, or for one in-process rank when there are
+    none (RANK=0, WORLD_SIZE=1 and a free MASTER_PORT are set here and removed at :func:`shutdown`)."""
+    own = []
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+            if name not in os.environ:
+                os.environ[name] = value
+                own.append(name)
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_request, local_rank)
+    deepspeed = import_deepspeed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own,
+                    own_group=True)

@@ -1,54 +1,35 @@
-"""The training loop: one readable function, :func:`train`.
+"""The training loop: one readable function, :func:`train`, for every engine.
 
-Single process or ``torchrun`` DDP. Each optimizer step takes ``optim.grad_accum`` micro-batches of
-``data.batch_size`` rows per rank (global batch = batch_size x grad_accum x world size). The curriculum's
-stage decides, at every step, the objective weights and which module groups are frozen. Checkpoints hold
-the model, optimizer, schedule, RNG and data position, so ``--resume`` continues exactly.
+The loop reads the data, follows the curriculum, logs, evaluates and checkpoints; an *engine*
+(:mod:`memtrain.engine.engines`: single process or ``torchrun`` DDP; :mod:`memtrain.engine.ds_engine`:
+DeepSpeed ZeRO 0-3 or pipeline) turns each step's batches into an optimizer step. Each step takes
+``optim.grad_accum`` loaded batches of ``data.batch_size`` rows per rank (global batch = batch_size x
+grad_accum x world size), run as micro-batches of ``dist.micro_batch_size`` rows. The curriculum's stage
+decides, at every step, the objective weights and which module groups are frozen. Checkpoints hold the model,
+optimizer, schedule, RNG and data position, so ``--resume`` continues exactly.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from memtrain.config import Config, dump_config
 from memtrain.data.loader import check_compatible, make_loader, read_shard_info
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from memtrain.engine.optim import build_optimizer, build_scheduler
+from memtrain.engine.engines import ModelView, autocast_for, build_engine  # noqa: F401 (re-exported)
 from memtrain.engine.rundir import prepare_run_dir
 from memtrain.engine.tracking import Tracker
 from memtrain.errors import UserError
 from memtrain.eval.evaluate import eval_objectives, evaluate, take_batches
 from memtrain.models import build_model
-from memtrain.objectives import compute_losses, special_tokens, stage_at
-
-
-class ModelView:
-    """Calls go through the DDP wrapper (so gradients are reduced); attributes come from the model."""
-
-    def __init__(self, wrapped: torch.nn.Module, module: torch.nn.Module):
-        self._wrapped, self._module = wrapped, module
-
-    def __call__(self, *args, **kwargs):
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast when asked for (or 'auto' on a CUDA device that supports it); fp32 otherwise."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+from memtrain.objectives import special_tokens, stage_at
 
 
 def build_for_run(cfg: Config, device: torch.device, vocab_size: int) -> tuple[torch.nn.Module, list[str]]:
@@ -79,7 +60,11 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, batc
     random-token control); being pure, it keeps resumed runs exact."""
     if stop_after is not None and stop_after < 1:
         raise UserError(f"--stop-after: expected a number of steps >= 1, got {stop_after}")
-    info = init_distributed(cfg.train.device, cfg.dist.backend)
+    if cfg.dist.engine == "deepspeed":  # ranks vs pipeline stages, before any process group starts
+        from memtrain.engine.ds_config import layout
+
+        layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.engine)
     try:
         with contextlib.ExitStack() as cleanup:  # closes the loader and the tracker, also on errors
             return _train(cfg, resume, info, stop_after, cleanup, batch_transform)
@@ -89,8 +74,6 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, batc
 
 def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
            cleanup: contextlib.ExitStack, batch_transform=None) -> dict:
-    if cfg.dist.engine != "plain":
-        raise UserError(f"dist.engine: '{cfg.dist.engine}' is not available in this build; use 'plain'")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run.out_dir)
@@ -109,11 +92,11 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
 
     device = info.device
     model, always_frozen = build_for_run(cfg, device, shards.vocab_size)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     if cfg.train.compile:
         model.compile()
     special = special_tokens(cfg.objective, shards.special_ids)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    engine = build_engine(cfg, model, info, always_frozen, shards.vocab_size)
     if info.is_main:  # everything above was checked without writing anything
         prepare_run_dir(run_dir, cfg, resume)
     barrier(info)
@@ -121,10 +104,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     step = 0
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
-        ckpt.load_model_weights(model, latest.path)
-        state = ckpt.load_trainer_state(latest.path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = engine.load(latest.path)
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         step = state["step"]
@@ -136,35 +116,33 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
 
     stages = cfg.stages()
     eval_names = eval_objectives(cfg)
-    autocast = autocast_for(cfg.train.precision, device)
+    autocast = engine.autocast
     tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size * cfg.model.seq_len
     meta = {"kind": cfg.model.kind, "vocab_size": shards.vocab_size, "tokenizer_sha256": shards.tokenizer_sha256,
-            "special_ids": shards.special_ids, "n_params": sum(p.numel() for p in model.parameters()),
+            "special_ids": shards.special_ids, "n_params": n_params,
             "row_len": cfg.model.seq_len}
     tracker = Tracker(run_dir, info.is_main, cfg.train.steps, step, cfg.train.progress)
     cleanup.callback(tracker.close)
     if info.is_main:
         where = f"resumed from {latest.path} at step {step}" if latest else "from scratch"
         tracker.write(f"memtrain: {cfg.model.kind} model, {meta['n_params'] / 1e6:.2f}M params, "
-                      f"{info.world_size} rank(s) on {device.type}, {where}; run dir {run_dir}")
+                      f"{info.world_size} rank(s) on {device.type} ({engine.describe()}), {where}; run dir {run_dir}")
         if val_batches is None:
             tracker.write(f"data.shards: {cfg.data.shards} has no validation split; training without evaluation")
 
     def save(at_step: int) -> None:
-        if info.is_main:
-            state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "loader": loader.state_dict(), "rng": ckpt.rng_state()}
-            ckpt.save_checkpoint(run_dir, at_step, model, state, dump_config(cfg), meta, cfg.train.keep_ckpts)
-            tracker.flush()  # the logs then hold every step up to the checkpoint, even if killed later
-        barrier(info)
+        state = {"step": at_step, "loader": loader.state_dict(), "rng": ckpt.rng_state()}
+        engine.save(run_dir, at_step, state, dump_config(cfg), meta, cfg.train.keep_ckpts)
+        tracker.flush()  # the logs then hold every step up to the checkpoint, even if killed later
 
     def run_eval(at_step: int) -> dict:
         if val_batches is None:
             return {}
-        model.eval()
+        evaluated = engine.eval_model()
+        evaluated.eval()
         with autocast():
-            results = evaluate(model, val_batches, eval_names, special, device, info)
-        model.train()
+            results = evaluate(evaluated, val_batches, eval_names, special, device, info)
+        evaluated.train()
         flat = {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items()
                 if isinstance(v, (int, float))}
         tracker.scalars(at_step, flat, kind="eval")
@@ -173,7 +151,6 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
                 f"{n} ce {r['ce']:.3f} acc {r['accuracy']:.3f}" for n, r in results.items()))
         return results
 
-    view = None
     stage_index = -1
     start_step = step
     stop_at = min(cfg.train.steps, start_step + stop_after) if stop_after else cfg.train.steps
@@ -185,39 +162,28 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         idx, stage, _ = stage_at(stages, step)
         if idx != stage_index:
             stage_index = idx
-            model.freeze(sorted(set(stage.freeze) | set(always_frozen)))
-            view = ModelView(DDP(model) if info.distributed else model, model)
+            engine.start_stage(sorted(set(stage.freeze) | set(always_frozen)))
             if info.is_main and len(stages) > 1:
                 tracker.write(f"stage {idx} '{stage.name}' from step {step}: objectives "
                               f"{stage.weights.active()}, frozen {sorted(set(stage.freeze) | set(always_frozen))}")
         weights = stage.weights.active()
-        for micro in range(cfg.optim.grad_accum):
+        batches = []
+        for _ in range(cfg.optim.grad_accum):
             ids = next(it) if batch_transform is None else batch_transform(next(it))
-            ids = ids.to(device, non_blocking=True)
-            sync = contextlib.nullcontext()
-            if info.distributed and micro < cfg.optim.grad_accum - 1:
-                sync = view._wrapped.no_sync()
-            with sync:
-                with autocast():
-                    total, parts = compute_losses(view, ids, weights, special)
-                (total / cfg.optim.grad_accum).backward()
-            for name, st in parts.items():  # detached sums; read on the host only at log steps
-                ce_sum, n_tok, n_cor = sums.setdefault(name, [0.0, 0, 0])
-                sums[name] = [ce_sum + st.ce_sum, n_tok + st.n_tokens, n_cor + st.n_correct]
-        trainable = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 \
-            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            batches.append(ids.to(device, non_blocking=True))
+        result = engine.train_step(batches, weights, special)
+        for name, (ce_sum, n_tok, n_cor) in result.sums.items():  # detached; read on the host at log steps
+            acc = sums.setdefault(name, [0.0, 0, 0])
+            sums[name] = [acc[0] + ce_sum, acc[1] + n_tok, acc[2] + n_cor]
         step += 1
         steps_since += 1
         if step % cfg.train.log_every == 0 or step == stop_at:
             now = time.perf_counter()
             tok_s = tokens_per_step * steps_since / max(now - t_last, 1e-9)
             t_last, steps_since = now, 0
-            logged = {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                      "stage": stage_index}
+            logged = {"lr": engine.lr(), "tokens_per_s": tok_s, "stage": stage_index}
+            if result.grad_norm is not None:
+                logged["grad_norm"] = float(result.grad_norm)
             if info.distributed:  # log the global batch's numbers, not rank 0's share
                 pooled = torch.tensor([[float(v) for v in sums[n]] for n in sums], dtype=torch.float64,
                                       device=device)

@@ -50,18 +50,26 @@ class MemoryModel(MemtrainModel):
         after the bottleneck and before decoder_proj. Runs without autograd when the encoder is frozen."""
         if self.encoder is None:
             raise TypeError("this memory model has no encoder (model.no_memory is true)")
+        return self._run_encoder(self.encoder_chunks(input_ids)).view(input_ids.shape[0], self.cfg.n_chunks - 1, -1)
+
+    def encoder_chunks(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, C*L] (or [B, (C-1)*L]) -> the chunks that get a memory, folded into the batch:
+        [B*(C-1), L] (chunk c of row b at index b*(C-1) + c)."""
         C, L = self.cfg.n_chunks, self.cfg.chunk_len
         if input_ids.dim() != 2 or input_ids.shape[1] not in (C * L, (C - 1) * L):
             raise ValueError(f"memory model expects input_ids [B, {C * L}], got {list(input_ids.shape)}")
-        B = input_ids.shape[0]
-        chunks = input_ids[:, : (C - 1) * L].reshape(B * (C - 1), L)
-        return self._run_encoder(chunks).view(B, C - 1, -1)
+        return input_ids[:, : (C - 1) * L].reshape(input_ids.shape[0] * (C - 1), L)
 
     def forward(self, input_ids: torch.Tensor, memories: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, C*L] -> hidden [B, C*L, d].
 
         ``memories`` [B, C-1, e] (encoder outputs, e.g. precomputed) skips the encoder.
         """
+        return self.decoder_output(self.decoder(self.decoder_input(input_ids, memories)))
+
+    def decoder_input(self, input_ids: torch.Tensor, memories: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, C*L] (+ memories [B, C-1, e], else encoded here) -> the decoder's input with the
+        chunks folded into the batch: [B*C, C+L, d], row b*C + c = [slots of chunk c, tokens of chunk c]."""
         C, L = self.cfg.n_chunks, self.cfg.chunk_len
         self._check_ids(input_ids, C * L)
         B = input_ids.shape[0]
@@ -80,9 +88,13 @@ class MemoryModel(MemtrainModel):
             visible = torch.ones(C, C, dtype=torch.bool, device=m.device).tril(-1)  # [c, j]: j < c
             slots = torch.where(visible[None, :, :, None], m[:, None, :, :], 0.0)  # [B, C, C, d]
             slots = slots.to(tokens.dtype)
-        x = torch.cat([slots, tokens], dim=2).view(B * C, C + L, -1)  # [B*C, C+L, d]
-        h = self.decoder(x)[:, C - 1 : C + L - 1]  # [B*C, L, d]: output j predicts token j
-        return h.reshape(B, C * L, -1)
+        return torch.cat([slots, tokens], dim=2).view(B * C, C + L, -1)  # [B*C, C+L, d]
+
+    def decoder_output(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoder output [B*C, C+L, d] -> hidden [B, C*L, d] aligned with the row's tokens (decoder
+        position C-1+j of chunk c predicts token j of chunk c)."""
+        C, L = self.cfg.n_chunks, self.cfg.chunk_len
+        return h[:, C - 1 : C + L - 1].reshape(h.shape[0] // C, C * L, -1)
 
     def _group_modules(self) -> dict[str, list[nn.Module]]:
         encoder = [] if self.encoder is None else [self.encoder]

@@ -54,11 +54,16 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = make_norm(cfg) if final_norm else nn.Identity()
 
+    def rope_for(self, x: torch.Tensor):
+        """The rotary (cos, sin), each [T, d_h], that the blocks of a transformer stack take for x [B, T, d];
+        None for a mixer stack. (A pipeline stage runs blocks one at a time with it.)"""
+        if self.arch != "transformer":
+            return None
+        return rotary_cos_sin(x.shape[1], self.head_dim, self.rope_theta, x.device, x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]."""
-        rope = None
-        if self.arch == "transformer":
-            rope = rotary_cos_sin(x.shape[1], self.head_dim, self.rope_theta, x.device, x.dtype)
+        rope = self.rope_for(x)
         for block in self.blocks:
             x = block(x, rope)
         return self.norm(x)

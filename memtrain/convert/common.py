@@ -1,0 +1,86 @@
+"""What the converters share: reading a memtrain checkpoint's config, and writing an output folder safely."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+
+from memtrain.config import Config, config_from_dict, dump_config
+from memtrain.errors import UserError
+
+
+def read_config(ckpt: Path) -> Config:
+    """The run config saved beside a checkpoint (``config.yaml``)."""
+    try:
+        raw = yaml.safe_load((ckpt / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{ckpt / 'config.yaml'}: unreadable run config ({exc})") from None
+    return config_from_dict(raw or {}, source=str(ckpt / "config.yaml"))
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a new or empty folder (nothing is overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out: {out} exists and is not an empty folder; choose a new one")
+
+
+@contextlib.contextmanager
+def output_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into; renamed to ``out`` when the block succeeds, removed if
+    it fails (so a failed conversion leaves nothing behind)."""
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def write_memtrain_checkpoint(folder: Path, model: torch.nn.Module, cfg: Config, meta: dict) -> None:
+    """``model.safetensors`` (tied weights once), ``config.yaml`` and ``meta.json`` into ``folder``."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "model.safetensors"))
+    (folder / "config.yaml").write_text(dump_config(cfg))
+    meta = dict(meta, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta.setdefault("n_params", sum(p.numel() for p in model.parameters()))
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; a missing, unexpected or mis-shaped tensor is a one-line UserError.
+    Tied parameters may be given under either name."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unexpected = sorted(set(state) - set(params))
+    if unexpected:
+        raise UserError(f"{source}: unexpected parameters {unexpected[:3]} for this model config")
+    done = set()
+    for name, p in params.items():
+        if id(p) in done:
+            continue
+        if name not in state:
+            aliases = [n for n, q in params.items() if q is p and n in state]
+            if not aliases:
+                raise UserError(f"{source}: parameter {name} {tuple(p.shape)} is missing")
+            name = aliases[0]
+        value = state[name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise UserError(f"{source}: parameter {name} has shape {tuple(value.shape)}, the model config "
+                            f"needs {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+        done.add(id(p))
