@@ -1,0 +1,292 @@
+"""Conversions: the paper's reference checkpoints -> memtrain (checked against a direct computation of the
+reference maths on the documented state-dict layouts, with garbage in the saved upper triangles), and a
+memtrain transformer causal LM -> Hugging Face LlamaForCausalLM (same logits after from_pretrained).
+
+The reference state dicts are built here from the names and shapes of reference-checkpoints.md; the reference
+forward below is written from reference-implementation.md sections 1.1-1.5, 3.1 and 4.1 (sequence positions
+as the channels of a 'same'-padded Conv1d whose weight is masked lower-triangular per tap, pre-norm blocks,
+last-position memories, unrolled or repeated, zero pad slots, no final norm)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from memtrain.cli import main
+from memtrain.config import config_from_dict, dump_config
+from memtrain.convert.hf import hf_name
+from memtrain.engine import checkpoint as ckpt
+from memtrain.eval.report import load_checkpoint_model
+from memtrain.models import build_model
+
+V = 40
+#: PyTorch notes that 'same' padding with an even kernel copies the input: the reference's own op
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference layouts and maths
+
+
+def mixer_block_state(prefix: str, d: int, L: int, k: int, heads: int, gen: torch.Generator) -> dict:
+    """One reference MixerBlock's tensors; mixing weights have a non-zero upper triangle, as saved."""
+    def r(*shape, scale=0.3):
+        return torch.randn(*shape, generator=gen) * scale
+
+    s = {f"{prefix}.seq_layernorm.weight": 1 + r(d, scale=0.1), f"{prefix}.seq_layernorm.bias": r(d, scale=0.1),
+         f"{prefix}.patch_layernorm.weight": 1 + r(d, scale=0.1), f"{prefix}.patch_layernorm.bias": r(d, scale=0.1),
+         f"{prefix}.patch_ff.0.weight": r(4 * d, d), f"{prefix}.patch_ff.0.bias": r(4 * d),
+         f"{prefix}.patch_ff.2.weight": r(d, 4 * d, scale=0.1), f"{prefix}.patch_ff.2.bias": r(d)}
+    if heads == 0:
+        s[f"{prefix}.conv.weight"] = r(L, L, k)
+        s[f"{prefix}.conv.bias"] = r(L)
+    else:
+        for h in range(heads):
+            s[f"{prefix}.conv.proj_head.{h}.weight"] = r(d // heads, d)
+            s[f"{prefix}.conv.proj_head.{h}.bias"] = r(d // heads)
+            s[f"{prefix}.conv.convs.{h}.weight"] = r(L, L, k)
+            s[f"{prefix}.conv.convs.{h}.bias"] = r(L)
+        s[f"{prefix}.conv.out_proj.weight"] = r(d, d)
+        s[f"{prefix}.conv.out_proj.bias"] = r(d)
+    return s
+
+
+def ref_tril(w: torch.Tensor) -> torch.Tensor:
+    """The reference's mask: tril over (out_pos, in_pos) of every tap ('f d p -> p f d', tril, back)."""
+    return torch.stack([torch.tril(w[:, :, j]) for j in range(w.shape[2])], dim=2)
+
+
+def ref_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """nn.Conv1d(L, L, k, padding='same') over x [B, L, f] with the masked weight."""
+    return F.conv1d(x, ref_tril(w), b, padding="same")
+
+
+def ref_block(s: dict, prefix: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+    d = x.shape[-1]
+    y = F.layer_norm(x, (d,), s[f"{prefix}.seq_layernorm.weight"], s[f"{prefix}.seq_layernorm.bias"], 1e-5)
+    if heads == 0:
+        y = ref_conv(y, s[f"{prefix}.conv.weight"], s[f"{prefix}.conv.bias"])
+    else:
+        outs = [ref_conv(F.linear(y, s[f"{prefix}.conv.proj_head.{h}.weight"], s[f"{prefix}.conv.proj_head.{h}.bias"]),
+                         s[f"{prefix}.conv.convs.{h}.weight"], s[f"{prefix}.conv.convs.{h}.bias"])
+                for h in range(heads)]
+        y = F.linear(torch.cat(outs, -1), s[f"{prefix}.conv.out_proj.weight"], s[f"{prefix}.conv.out_proj.bias"])
+    x = x + y
+    z = F.layer_norm(x, (d,), s[f"{prefix}.patch_layernorm.weight"], s[f"{prefix}.patch_layernorm.bias"], 1e-5)
+    z = F.linear(F.gelu(F.linear(z, s[f"{prefix}.patch_ff.0.weight"], s[f"{prefix}.patch_ff.0.bias"])),
+                 s[f"{prefix}.patch_ff.2.weight"], s[f"{prefix}.patch_ff.2.bias"])
+    return x + z
+
+
+def ref_stack(s: dict, name: str, x: torch.Tensor, depth: int, heads: int) -> torch.Tensor:
+    for i in range(depth):
+        x = ref_block(s, f"{name}.{i}", x, heads)
+    return x
+
+
+def autoencoding_mixer(d, L, k, heads, depth, gen) -> dict:
+    s = {"wte.weight": torch.randn(V, d, generator=gen), "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
+         "projection.weight": torch.randn(d, d // 2, generator=gen) * 0.2,
+         "projection.bias": torch.randn(d, generator=gen) * 0.1}
+    for i in range(depth):
+        s.update(mixer_block_state(f"encoderblocks.{i}", d, L, k, heads, gen))
+        s.update(mixer_block_state(f"decoderblocks.{i}", d, L, k, heads, gen))
+    return s
+
+
+def ref_autoencoder(s: dict, ids: torch.Tensor, depth: int, heads: int, unroll: bool) -> torch.Tensor:
+    """AutoencodingMixer.forward: logits [B, L, V] (reference-implementation.md section 3.1)."""
+    L = ids.shape[1]
+    x = ref_stack(s, "encoderblocks", s["wte.weight"][ids], depth, heads)
+    e = x[:, -1, :]  # [B, d]
+    d = e.shape[-1]
+    if unroll:  # cyclic windows e[(t mod d) : (t mod d) + d/2], then Linear(d/2, d)
+        windows = torch.stack([torch.cat([e, e], dim=1)[:, t % d: t % d + d // 2] for t in range(L)], dim=1)
+        x = F.linear(windows, s["projection.weight"], s["projection.bias"])
+    else:
+        x = e.unsqueeze(1).repeat(1, L, 1)
+    x = ref_stack(s, "decoderblocks", x, depth, heads)
+    return F.linear(x, s["lm_head.weight"])
+
+
+def convert(tmp_path, state: dict, arch: str, *flags: str):
+    src = tmp_path / f"{arch}.safetensors"
+    save_file(state, str(src))
+    out = tmp_path / f"{arch}-memtrain"
+    assert main(["convert", "reference", str(src), "--arch", arch, "--out", str(out), *flags]) == 0
+    model, cfg, meta = load_checkpoint_model(out, torch.device("cpu"))
+    return model, cfg, load_file(str(out / "model.safetensors"))
+
+
+def assert_causal_mixing(converted: dict) -> None:
+    """Every mixing weight of the converted file is zero above the diagonal, for every tap and head."""
+    mixing = [k for k in converted if k.endswith("conv.weight")]
+    assert mixing
+    for key in mixing:
+        w = converted[key]
+        L = w.shape[-2]
+        upper = torch.ones(L, L, dtype=torch.bool).triu(1)
+        assert torch.all(w.movedim(-1, -3)[..., upper] == 0), key
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads, k, injection", [(0, 1, "unroll"), (2, 4, "repeat"), (2, 3, "unroll")])
+def test_autoencoding_mixer_converts_and_reconstructs_like_the_reference(tmp_path, heads, k, injection):
+    gen = torch.Generator().manual_seed(heads * 10 + k)
+    d, L, depth = 16, 8, 2
+    state = autoencoding_mixer(d, L, k, heads, depth, gen)
+    model, cfg, converted = convert(tmp_path, state, "autoencoding-mixer", "--injection", injection)
+    assert cfg.model.kind == "autoencoder" and cfg.model.final_norm is False
+    assert (cfg.model.chunk_len, cfg.model.encoder.kernel, cfg.model.encoder.n_heads) == (L, k, heads)
+    assert_causal_mixing(converted)
+    assert ("projection.weight" in converted) == (injection == "unroll")  # unused in a repeat model: dropped
+    ids = torch.randint(0, V, (3, L), generator=gen)
+    with torch.no_grad():
+        expect = ref_autoencoder(state, ids, depth, heads, unroll=injection == "unroll")
+        got = model.logits(model(ids))
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_language_mixer_converts_to_a_clm_with_the_same_next_token_logits(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    d, L, depth = 16, 12, 3
+    state = {"wte.weight": torch.randn(V, d, generator=gen), "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2}
+    for i in range(depth):
+        state.update(mixer_block_state(f"mixerblocks.{i}", d, L, 1, 0, gen))
+    model, cfg, converted = convert(tmp_path, state, "language-mixer")
+    assert cfg.model.kind == "clm" and cfg.model.seq_len == L and cfg.model.decoder.n_layers == depth
+    assert_causal_mixing(converted)
+    ids = torch.randint(0, V, (2, L), generator=gen)
+    with torch.no_grad():
+        expect = F.linear(ref_stack(state, "mixerblocks", state["wte.weight"][ids], depth, 0), state["lm_head.weight"])
+        got = model.logits(model(ids))
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    # the garbage upper triangle really was in the file, and it would change the logits if it were used
+    assert state["mixerblocks.0.conv.weight"][:, :, 0].triu(1).abs().sum() > 0
+    with torch.no_grad():
+        leaky = dict(converted, **{f"decoder.blocks.{i}.conv.weight": state[f"mixerblocks.{i}.conv.weight"]
+                                   for i in range(depth)})
+        unmasked = F.conv1d(F.layer_norm(state["wte.weight"][ids], (d,), state["mixerblocks.0.seq_layernorm.weight"],
+                                         state["mixerblocks.0.seq_layernorm.bias"]),
+                            leaky["decoder.blocks.0.conv.weight"], state["mixerblocks.0.conv.bias"])
+        masked = ref_conv(F.layer_norm(state["wte.weight"][ids], (d,), state["mixerblocks.0.seq_layernorm.weight"],
+                                       state["mixerblocks.0.seq_layernorm.bias"]),
+                          state["mixerblocks.0.conv.weight"], state["mixerblocks.0.conv.bias"])
+    assert not torch.allclose(unmasked, masked)
+
+
+def test_variable_memory_mixer_converts_with_its_chunked_memories(tmp_path):
+    """VariableMemoryMixer (encoder 16 wide with k=4 taps and 2 heads, decoder 24 wide, 3 chunks of 6): the
+    reference runs chunk by chunk; memtrain folds chunks into the batch; the decoder outputs agree."""
+    gen = torch.Generator().manual_seed(3)
+    e, d, L, C, depth = 16, 24, 6, 3, 2
+    state = {"wte.weight": torch.randn(V, e, generator=gen), "decoder_wte.weight": torch.randn(V, d, generator=gen),
+             "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
+             "decoder_proj.weight": torch.randn(d, e, generator=gen) * 0.3,
+             "decoder_proj.bias": torch.randn(d, generator=gen) * 0.1}
+    for i in range(depth):
+        state.update(mixer_block_state(f"encoderblocks.{i}", e, L, 4, 2, gen))
+        state.update(mixer_block_state(f"decoderblocks.{i}", d, L + C, 1, 0, gen))
+    model, cfg, converted = convert(tmp_path, state, "variable-memory-mixer")
+    assert cfg.model.kind == "memory" and (cfg.model.chunk_len, cfg.model.n_chunks) == (L, C)
+    assert_causal_mixing(converted)
+    ids = torch.randint(0, V, (2, C * L), generator=gen)
+    with torch.no_grad():
+        memories = []  # reference section 4.1: one memory per chunk 0..C-2, last position, then decoder_proj
+        for c in range(C - 1):
+            h = ref_stack(state, "encoderblocks", state["wte.weight"][ids[:, c * L:(c + 1) * L]], depth, 2)
+            memories.append(F.linear(h[:, -1], state["decoder_proj.weight"], state["decoder_proj.bias"]))
+        got = model.logits(model(ids))  # [B, C*L, V]; position c*L + j predicts token j of chunk c
+        for c in range(C):
+            slots = [memories[j] if j < c else torch.zeros(2, d) for j in range(C)]  # zero pad slots
+            x = torch.cat([torch.stack(slots, 1), state["decoder_wte.weight"][ids[:, c * L:(c + 1) * L]]], dim=1)
+            logits = F.linear(ref_stack(state, "decoderblocks", x, depth, 0), state["lm_head.weight"])
+            # reference: decoder position C + j (j < L-1) predicts token j + 1 of the chunk
+            torch.testing.assert_close(got[:, c * L + 1:(c + 1) * L], logits[:, C:C + L - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_reference_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(1)
+    state = autoencoding_mixer(16, 8, 1, 0, 1, gen)
+    src = tmp_path / "ae.safetensors"
+    save_file(state, str(src))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    (tmp_path / "broken.safetensors").write_bytes(b"\0" * 64)
+    cases = [
+        (["convert", "reference", src, "--arch", "language-mixer", "--out", tmp_path / "o"], "no mixerblocks.* blocks"),
+        (["convert", "reference", src, "--arch", "variable-memory-mixer", "--out", tmp_path / "o"], "n_chunks"),
+        (["convert", "reference", tmp_path / "nope.safetensors", "--arch", "language-mixer", "--out", tmp_path / "o"],
+         "not found"),
+        (["convert", "reference", tmp_path / "broken.safetensors", "--arch", "language-mixer", "--out",
+          tmp_path / "o"], "not a readable safetensors file"),
+        (["convert", "reference", src, "--arch", "autoencoding-mixer", "--out", tmp_path / "full"], "not an empty"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("memtrain: error: ") and needle in err[0], (needle, err)
+    assert not (tmp_path / "o").exists() and [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
+    assert not list(tmp_path.glob(".o.tmp-*"))
+    state["encoderblocks.0.conv.weight"] = torch.zeros(8, 7, 1)  # not [L, L, k]
+    save_file(state, str(src))
+    capsys.readouterr()
+    assert main(["convert", "reference", str(src), "--arch", "autoencoding-mixer", "--out", str(tmp_path / "o")]) == 2
+    assert "expected [L, L, k]" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# memtrain -> Hugging Face
+
+
+def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5):
+    raw = {"model": {"kind": "clm", "chunk_len": 8, "n_chunks": 2, "tie_embeddings": tie,
+                     "decoder": {"arch": "transformer", "d_model": 32, "n_layers": 2, "n_heads": 4,
+                                 "norm_eps": eps, "rope_theta": 500.0}},
+           "objective": {"weights": {"causal": 1.0}}}
+    cfg = config_from_dict(raw)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, V)
+    with torch.no_grad():  # move the norms off their all-ones start so the norm weights are really tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    meta = {"kind": "clm", "vocab_size": V, "tokenizer_sha256": None, "row_len": 16,
+            "special_ids": {"pad": 0, "eos": 3, "bos": 2}}
+    ck = ckpt.save_checkpoint(tmp_path / "run", 5, model, {"step": 5}, dump_config(cfg), meta, keep=1)
+    return model, ck
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_clm_transformer_converts_to_llama_with_the_same_logits(tmp_path, tie):
+    from transformers import LlamaForCausalLM
+
+    model, ck = clm_checkpoint(tmp_path, tie=tie, eps=1e-6)
+    out = tmp_path / "hf"
+    assert main(["convert", "hf", str(tmp_path / "run"), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["rms_norm_eps"] == 1e-6 and config["rope_theta"] == 500.0  # from the run config
+    assert config["tie_word_embeddings"] is tie and config["max_position_embeddings"] == 16
+    hf = LlamaForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(0, V, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.logits(model(ids)), rtol=1e-5, atol=1e-5)
+    assert hf_name("decoder.blocks.1.self_attn.q_proj.weight") == "model.layers.1.self_attn.q_proj.weight"
+
+
+def test_hf_conversion_refuses_models_without_a_llama_form(tmp_path, capsys):
+    raw = {"model": {"kind": "memory", "chunk_len": 4, "n_chunks": 2}, "objective": {"weights": {"causal": 1.0}}}
+    cfg = config_from_dict(raw)
+    ckpt.save_checkpoint(tmp_path / "run", 1, build_model(cfg.model, V), {"step": 1}, dump_config(cfg),
+                         {"kind": "memory", "vocab_size": V}, keep=1)
+    capsys.readouterr()
+    assert main(["convert", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only a causal LM (model.kind: clm) with a transformer decoder" in err[0]
+    assert not (tmp_path / "hf").exists()
