@@ -25,6 +25,10 @@ def _cmd_train(args) -> int:
     adopt_slurm_env()  # an srun task per rank: RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    if summary.get("preempted"):
+        from memtrain.launch.preempt import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE
     if summary.get("eval") and int(os.environ.get("RANK", "0")) == 0:  # one table, not one per torchrun rank
         from memtrain.eval.report import results_table
 

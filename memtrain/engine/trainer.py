@@ -27,6 +27,7 @@ from memtrain.engine.engines import ModelView, autocast_for, build_engine  # noq
 from memtrain.engine.rundir import prepare_run_dir
 from memtrain.engine.tracking import Tracker
 from memtrain.errors import UserError
+from memtrain.launch.preempt import Preemption, clear_marker, write_marker
 from memtrain.eval.evaluate import eval_objectives, evaluate, take_batches
 from memtrain.models import build_model
 from memtrain.objectives import special_tokens, stage_at
@@ -156,6 +157,10 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     stop_at = min(cfg.train.steps, start_step + stop_after) if stop_after else cfg.train.steps
     it = iter(loader)
     model.train()
+    preemption = Preemption()  # USR1/TERM: finish the step, checkpoint, exit for a requeue
+    cleanup.callback(preemption.restore)
+    if info.is_main:
+        clear_marker(run_dir)
     t_last, steps_since = time.perf_counter(), 0
     sums: dict[str, list] = {}  # objective -> [ce_sum, tokens, correct] since the last log step
     while step < stop_at:
@@ -204,6 +209,14 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
             run_eval(step)
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step != stop_at:
             save(step)
+        if step < cfg.train.steps and preemption.should_stop(info.distributed, device):
+            save(step)
+            if info.is_main:
+                write_marker(run_dir, step, preemption.requested or "?")
+                tracker.write(f"preempted ({preemption.requested}) after step {step}; checkpoint written, "
+                              "continue with --resume")
+            tracker.close()
+            return {"step": step, "eval": {}, "run_dir": str(run_dir), "complete": False, "preempted": True}
 
     if step < cfg.train.steps:  # stopped early on request: checkpoint and leave the rest for --resume
         save(step)

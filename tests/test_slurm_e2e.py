@@ -1,0 +1,115 @@
+"""A real one-node Slurm cluster: `memtrain submit` with 2 tasks, preempted by USR1, requeued, finished.
+
+The cluster (munge, slurmctld, slurmd) is started under a temporary directory by tools/local_slurm.py and
+stopped by its PID files. The preempted-and-requeued run must end with the same weights as a run of the
+same config that was never interrupted.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import tiny_raw, write_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import local_slurm  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _ensure_slurm_installed() -> None:
+    if not local_slurm.missing_binaries():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.fail(f"Slurm is not installed and cannot be installed here; run: {local_slurm.install_hint()}")
+    subprocess.run(["bash", "-c", local_slurm.install_hint()], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _ensure_slurm_installed()
+    root = tmp_path_factory.mktemp("slurm")
+    env = local_slurm.start(root)
+    yield dict(os.environ, **env)
+    local_slurm.stop(root)
+
+
+def _submit(env, cfg_path: Path, workdir: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "memtrain", "submit", str(cfg_path), "--tasks-per-node", "2",
+                          "--time", "00:10:00", "--workdir", str(workdir)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[2].rstrip(":")
+
+
+def _job_state(env, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    for tok in out.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+def _wait_done(env, job: str, timeout: float, logs: Path) -> None:
+    """Wait for a terminal state; anything but COMPLETED fails with the job's logs."""
+    _wait(lambda: _job_state(env, job) in TERMINAL, timeout, f"job {job} to finish")
+    state = _job_state(env, job)
+    if state != "COMPLETED":
+        text = "\n".join(f"== {p}\n" + p.read_text()[-3000:] for p in sorted(logs.glob("*/logs/*.out")))
+        raise AssertionError(f"job {job} ended {state}:\n{text}")
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_submit_preempt_requeue_finish(cluster, tiny_data, tmp_path):
+    steps = 600
+    overrides = [f"train.steps={steps}", "train.ckpt_every=50", "train.eval_every=0", "train.log_every=50",
+                 "slurm.signal_seconds=0", "optim.warmup_steps=10"]
+    runs = {}
+    for name in ("straight", "preempted"):
+        raw = tiny_raw(tiny_data.shards, tmp_path / "runs" / name, overrides + [f"run.name={name}"])
+        runs[name] = write_yaml(tmp_path / f"{name}.yaml", raw)
+
+    job_a = _submit(cluster, runs["straight"], tmp_path)
+    _wait_done(cluster, job_a, 300, tmp_path / "slurm-jobs")
+
+    job_b = _submit(cluster, runs["preempted"], tmp_path)
+    run_b = tmp_path / "runs" / "preempted"
+    _wait(lambda: any((run_b / "checkpoints").glob("step_*/meta.json")), 180, "the first checkpoint of job B")
+    subprocess.run(["scancel", "--signal=USR1", job_b], env=cluster, check=True)
+    _wait(lambda: (run_b / "PREEMPTED").exists() or _job_state(cluster, job_b) in ("PENDING", "REQUEUED"),
+          120, "job B to checkpoint on USR1")
+    _wait_done(cluster, job_b, 300, tmp_path / "slurm-jobs")
+
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm-jobs").glob("preempted-*/logs/*.out"))
+    assert "preempted (SIGUSR1) after step" in logs and "requeueing job" in logs
+    assert "restart 1" in logs  # the requeued run of the same job
+    assert len(list((tmp_path / "slurm-jobs").glob("preempted-*/logs/*rank1.out"))) == 1  # one log per rank
+    summary = json.loads((run_b / "summary.json").read_text())
+    assert summary["complete"] and summary["step"] == steps
+    assert not (run_b / "PREEMPTED").exists()
+    records = [json.loads(line) for line in (run_b / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if r["kind"] == "train"]
+    assert logged == list(range(50, steps + 1, 50))  # every logged step once, across the requeue
+
+    a = load_file(str(tmp_path / "runs" / "straight" / "checkpoints" / f"step_{steps:07d}" / "model.safetensors"))
+    b = load_file(str(run_b / "checkpoints" / f"step_{steps:07d}" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
