@@ -37,13 +37,19 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from memtrain.eval.report import evaluate_checkpoints, results_table
+    from memtrain.eval.report import evaluate_checkpoints, per_chunk_table, results_table, write_eval_report
 
     objectives = [o for o in (args.objectives or "").split(",") if o] or None
+    memories = [m for m in (args.memories or "").split(",") if m] or None
     results = evaluate_checkpoints(args.checkpoints, shards=args.shards, split=args.split,
                                    batches=args.batches, batch_size=args.batch_size,
-                                   objectives=objectives, greedy=args.greedy, device=args.device)
+                                   objectives=objectives, greedy=args.greedy, device=args.device,
+                                   per_chunk=args.per_chunk, memories=memories)
     print(results_table(results))
+    if args.per_chunk:
+        print("\ntoken accuracy (CE) by chunk position:\n" + per_chunk_table(results))
+    if args.out:
+        write_eval_report(args.out, results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -74,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--greedy", action="store_true",
                    help="exact match by free-running greedy regeneration also for causal/copy (slower)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--per-chunk", action="store_true",
+                   help="also report loss and accuracy per chunk position (chunk c of a memory model reads c memories)")
+    e.add_argument("--memories", help="comma-separated: normal,zero,shuffle: evaluate with the encoder's memories, "
+                                      "all-zero memories, or memories of other rows of the batch (default normal)")
+    e.add_argument("--out", help="write report.json, report.md and plots into this directory")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.set_defaults(func=_cmd_eval)
 

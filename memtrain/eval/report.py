@@ -1,17 +1,19 @@
 """Loading trained checkpoints for evaluation, and the metric table printed by ``memtrain eval``."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
 import yaml
 
-from memtrain.config import config_from_dict
+from memtrain.config import Config, config_from_dict
 from memtrain.data.loader import check_compatible, read_shard_info
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.distributed import pick_device
 from memtrain.errors import UserError
-from memtrain.eval.evaluate import evaluate, take_batches
+from memtrain.eval.evaluate import MEMORY_MODES, evaluate, take_batches
 from memtrain.models import build_model
 from memtrain.objectives import special_tokens
 
@@ -19,15 +21,20 @@ OBJECTIVES_FOR = {"memory": ["causal", "copy", "blank_copy"], "clm": ["causal", 
                   "autoencoder": ["reconstruction"]}
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device):
-    """(model in eval mode, run config, checkpoint meta) from a checkpoint or run directory."""
+def read_checkpoint(path: str | Path) -> tuple[Path, Config, dict]:
+    """(checkpoint directory, its run config, its meta.json) from a checkpoint or run directory."""
     ck = ckpt.resolve_checkpoint(path)
     try:
         raw = yaml.safe_load((ck / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{ck / 'config.yaml'}: unreadable run config ({exc})") from None
     cfg = config_from_dict(raw or {}, source=str(ck / "config.yaml"))
-    meta = ckpt.read_meta(ck)
+    return ck, cfg, ckpt.read_meta(ck)
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device):
+    """(model in eval mode, run config, checkpoint meta) from a checkpoint or run directory."""
+    ck, cfg, meta = read_checkpoint(path)
     model = build_model(cfg.model, int(meta["vocab_size"]))
     ckpt.load_model_weights(model, ck)
     return model.to(device).eval(), cfg, meta
@@ -35,8 +42,14 @@ def load_checkpoint_model(path: str | Path, device: torch.device):
 
 def evaluate_checkpoints(paths: list[str], shards: str | None = None, split: str = "val", batches: int = 16,
                          batch_size: int | None = None, objectives: list[str] | None = None,
-                         greedy: bool = False, device: str = "auto") -> dict[str, dict]:
-    """{label: {objective: metrics}} for each checkpoint, on the same held-out batches."""
+                         greedy: bool = False, device: str = "auto", per_chunk: bool = False,
+                         memories: list[str] | None = None) -> dict[str, dict]:
+    """{label: {result key: metrics}} for each checkpoint, on the same held-out batches (see
+    :func:`memtrain.eval.evaluate.evaluate` for ``per_chunk`` and the ``memories`` modes)."""
+    memories = list(memories or ["normal"])
+    unknown = [m for m in memories if m not in MEMORY_MODES]
+    if unknown:
+        raise UserError(f"--memories: unknown mode {unknown[0]!r}; choose from {', '.join(MEMORY_MODES)}")
     dev = pick_device(device)
     out: dict[str, dict] = {}
     for path in paths:
@@ -51,12 +64,18 @@ def evaluate_checkpoints(paths: list[str], shards: str | None = None, split: str
         if bad:
             raise UserError(f"--objectives: {', '.join(bad)} does not apply to a {cfg.model.kind} model "
                             f"(choose from {', '.join(OBJECTIVES_FOR[cfg.model.kind])})")
+        if memories != ["normal"] and (cfg.model.kind == "clm" or cfg.model.no_memory):
+            raise UserError(f"--memories {','.join(memories)}: {path} is a "
+                            f"{'causal LM' if cfg.model.kind == 'clm' else 'memory model without memories'}; "
+                            "only models with an encoder have memories to zero or shuffle")
         rows = take_batches(shard_dir, split, batch_size or cfg.data.batch_size, batches, cfg.data.cache_dir)
         if not rows:
             raise UserError(f"{shard_dir}: split '{split}' holds no complete batch")
+        if "shuffle" in memories and rows[0].shape[0] < 2:
+            raise UserError("--memories shuffle: batches of one row cannot swap memories; use --batch-size 2 or more")
         label = cfg.run.name if cfg.run.name not in out else f"{cfg.run.name} ({path})"
         out[label] = evaluate(model, rows, names, special_tokens(cfg.objective, info.special_ids), dev,
-                              greedy=greedy)
+                              greedy=greedy, per_chunk=per_chunk, memories=memories)
     return out
 
 
@@ -67,7 +86,72 @@ def results_table(results: dict[str, dict]) -> str:
     lines = [head, "|" + "---|" * 8]
     for model, per_obj in results.items():
         for name, r in per_obj.items():
-            em = f"{r['exact_match']:.3f}" + ("" if r.get("exact_match_mode") == "greedy" else " (tf)")
-            lines.append(f"| {model} | {name} | {r['ce']:.3f} | {r['accuracy']:.3f} | {r['I_e']:.3f} | "
-                         f"{r['I_e_paper']:.3f} | {r['bits_per_token']:.2f} | {em} |")
+            em = num(r["exact_match"]) + ("" if r.get("exact_match_mode") == "greedy" else " (tf)")
+            lines.append(f"| {model} | {name} | {num(r['ce'])} | {num(r['accuracy'])} | {num(r['I_e'])} | "
+                         f"{num(r['I_e_paper'])} | {num(r['bits_per_token'], 2)} | {em} |")
     return "\n".join(lines)
+
+
+def per_chunk_table(results: dict[str, dict]) -> str:
+    """A markdown table of token accuracy (CE) per chunk position, one row per (model, objective); empty if no
+    result has ``per_chunk``."""
+    rows = [(m, k, r["per_chunk"]) for m, per in results.items() for k, r in per.items() if r.get("per_chunk")]
+    if not rows:
+        return ""
+    n = max(len(chunks) for _, _, chunks in rows)
+    lines = ["| model | objective | " + " | ".join(f"chunk {c}" for c in range(n)) + " |", "|" + "---|" * (n + 2)]
+    for model, key, chunks in rows:
+        cells = [f"{num(c['accuracy'])} ({num(c['ce'], 2)})" for c in chunks] + [""] * (n - len(chunks))
+        lines.append(f"| {model} | {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_eval_report(out_dir: str | Path, results: dict[str, dict]) -> Path:
+    """``memtrain eval --out``: report.json, report.md (the tables), accuracy.png (token accuracy of every
+    (model, objective)), per_chunk.png (accuracy by chunk position, when measured)."""
+    from memtrain.eval.plots import bar_chart, line_chart
+
+    out = Path(out_dir)
+    labels = [f"{m}: {k}" for m, per in results.items() for k in per]
+    values = [r["accuracy"] for per in results.values() for r in per.values()]
+    bar_chart(out / "accuracy.png", labels, values, ylabel="token accuracy", title="held-out token accuracy")
+    md = ["# Evaluation", "", results_table(results), ""]
+    chunk_md = per_chunk_table(results)
+    if chunk_md:
+        series = {f"{m}: {k}": ([c["chunk"] for c in r["per_chunk"]], [c["accuracy"] for c in r["per_chunk"]])
+                  for m, per in results.items() for k, r in per.items() if r.get("per_chunk")}
+        line_chart(out / "per_chunk.png", series, xlabel="chunk position (= memories read by a memory model)",
+                   ylabel="token accuracy", title="accuracy by chunk position")
+        md += ["Token accuracy (CE) by chunk position:", "", chunk_md, "", "![per chunk](per_chunk.png)"]
+    md += ["![accuracy](accuracy.png)"]
+    return write_report(out, {"results": results}, "\n".join(md))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report files
+
+def _json_safe(value):
+    """NaN and infinities -> None (JSON has no NaN), recursively through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(out_dir: str | Path, payload: dict, markdown: str) -> Path:
+    """Write ``report.json`` (``payload``; NaN as null) and ``report.md`` (``markdown``) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    (out / "report.md").write_text(markdown.rstrip() + "\n")
+    return out
+
+
+def num(value, digits: int = 3) -> str:
+    """A number for a markdown table: fixed digits, '–' for None or NaN."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"

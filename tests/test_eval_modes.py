@@ -1,0 +1,78 @@
+"""`memtrain eval --per-chunk --memories normal,zero,shuffle --out`: per-chunk metrics, altered memories, reports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from memtrain.cli import main
+from memtrain.engine.trainer import train
+from memtrain.eval.evaluate import altered_memories
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_modes")
+    memory = root / "memory"
+    train(tiny_config(tiny_data.shards, memory, "train.steps=20", "train.eval_every=0", "train.ckpt_every=0",
+                      "objective.weights={causal: 1, blank_copy: 1}", "optim.lr=1e-2"))
+    clm = root / "clm"
+    train(tiny_config(tiny_data.shards, clm, "run.name=clm", "model.kind=clm", "objective.weights={causal: 1}",
+                      "train.steps=2", "train.eval_every=0", "train.ckpt_every=0"))
+    return {"memory": memory, "clm": clm}
+
+
+def test_altered_memories():
+    m = torch.randn(5, 3, 4)
+    assert torch.equal(altered_memories(m, "normal"), m)
+    assert torch.equal(altered_memories(m, "zero"), torch.zeros_like(m))
+    s = altered_memories(m, "shuffle")
+    assert torch.equal(s[1:], m[:-1]) and torch.equal(s[0], m[-1])  # every row gets another row's memories
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        altered_memories(m[:1], "shuffle")
+
+
+def test_per_chunk_and_memory_modes(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", str(runs["memory"]), "--objectives", "causal,blank_copy", "--per-chunk", "--memories",
+                 "normal,zero,shuffle", "--batches", "2", "--batch-size", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny | blank_copy (memories shuffle) |" in printed and "by chunk position" in printed
+    results = json.loads((out / "report.json").read_text())["results"]["tiny"]
+    assert list(results) == ["causal", "causal (memories zero)", "causal (memories shuffle)", "blank_copy",
+                             "blank_copy (memories zero)", "blank_copy (memories shuffle)"]
+    for key, r in results.items():
+        assert [c["chunk"] for c in r["per_chunk"]] == [0, 1, 2, 3]
+        assert sum(c["tokens"] for c in r["per_chunk"]) == r["tokens"]
+        pooled = sum(c["ce"] * c["tokens"] for c in r["per_chunk"] if c["tokens"]) / r["tokens"]
+        assert pooled == pytest.approx(r["ce"], rel=1e-5)
+    # chunk 0 reads no memory: identical whatever the memories are; later chunks do read them
+    causal = [results[k]["per_chunk"] for k in ("causal", "causal (memories zero)", "causal (memories shuffle)")]
+    assert causal[0][0]["ce"] == causal[1][0]["ce"] == causal[2][0]["ce"]
+    assert causal[0][3]["ce"] != causal[1][3]["ce"] and causal[0][3]["ce"] != causal[2][3]["ce"]
+    # blank copy scores only the second half: its first two chunks have no tokens
+    blank = results["blank_copy"]["per_chunk"]
+    assert blank[0]["tokens"] == blank[1]["tokens"] == 0 and blank[0]["ce"] is None  # NaN is null in JSON
+    assert results["blank_copy (memories zero)"]["memories"] == "zero"
+    assert results["blank_copy"]["exact_match_mode"] == "greedy"
+    assert results["causal (memories shuffle)"]["exact_match_mode"] == "teacher_forced"
+    md = (out / "report.md").read_text()
+    assert "| tiny | causal | " in md and "chunk 3" in md
+    for png in ("accuracy.png", "per_chunk.png"):
+        assert (out / png).stat().st_size > 5000
+
+
+def test_memory_modes_need_an_encoder(runs, capsys):
+    def fails(argv, needle):
+        capsys.readouterr()
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], lines
+
+    fails(["eval", str(runs["clm"]), "--memories", "zero"], "is a causal LM; only models with an encoder")
+    fails(["eval", str(runs["memory"]), "--memories", "normal,swap"], "--memories: unknown mode 'swap'")
+    fails(["eval", str(runs["memory"]), "--memories", "shuffle", "--batch-size", "1", "--batches", "1"],
+          "batches of one row cannot swap memories")
