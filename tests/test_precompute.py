@@ -372,8 +372,103 @@ def test_compute_losses_with_per_objective_memories(tokens, encoder_run, mem_fp3
     total_m, parts_m = compute_losses(model, ids, weights, special, memories=memories)
     assert total_m.item() == pytest.approx(total.item(), abs=1e-5)
     for name in weights:
-        assert float(parts_m[name].loss) == pytest.approx(float(parts[name].loss), abs=1e-5)
+        assert parts_m[name].loss.item() == pytest.approx(parts[name].loss.item(), abs=1e-5)
     with pytest.raises(ValueError, match="no precomputed memories for the blank_copy objective"):
         compute_losses(model, ids, weights, special, memories={"causal": memories["causal"], "copy": memories["copy"]})
     with pytest.raises(ValueError, match="feeds the encoder different inputs"):
         compute_losses(model, ids, weights, special, memories=memories["causal"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training from precomputed memories
+
+
+def train_records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
+    """metrics.jsonl records of one kind by step (a later record of a step replaces an earlier one)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == kind:
+            out[r["step"]] = r
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from memtrain.engine.checkpoint import latest_checkpoint
+
+    return load_file(str(latest_checkpoint(run_dir).path / "model.safetensors"))
+
+
+def test_training_from_memories_equals_the_encoder_in_the_loop(tokens, encoder_run, mem_fp32, tmp_path):
+    """Same config, steps and data order: the decoder's losses and weights from precomputed fp32 memories are
+    those of training with the frozen encoder in the loop (bf16 memories: within bf16 rounding)."""
+    common = ["train.steps=8", "train.log_every=1", "train.eval_every=4", "train.ckpt_every=0",
+              "objective.weights={causal: 1.0, copy: 0.5, blank_copy: 0.5}"]
+    train(run_cfg(tokens, tmp_path / "loop", encoder_run, None, *common))
+    train(run_cfg(tokens, tmp_path / "mem", encoder_run, mem_fp32, *common))
+    loop, mem = train_records(tmp_path / "loop"), train_records(tmp_path / "mem")
+    assert sorted(loop) == sorted(mem) == list(range(1, 9))
+    for s in range(1, 9):
+        for key in ("loss/total", "loss/causal", "loss/copy", "loss/blank_copy"):
+            assert mem[s][key] == pytest.approx(loop[s][key], abs=2e-5), (s, key)
+    assert loop[8]["loss/total"] < loop[1]["loss/total"]  # it trains
+    eval_loop, eval_mem = train_records(tmp_path / "loop", "eval"), train_records(tmp_path / "mem", "eval")
+    assert eval_mem[4]["eval/copy/ce"] == pytest.approx(eval_loop[4]["eval/copy/ce"], abs=2e-5)
+    wl, wm = final_weights(tmp_path / "loop"), final_weights(tmp_path / "mem")
+    assert sorted(wl) == sorted(wm)
+    for k in wl:
+        if k.startswith("encoder."):
+            assert torch.equal(wl[k], wm[k]), k  # frozen in both
+        else:
+            torch.testing.assert_close(wm[k], wl[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    bf16 = tmp_path / "bf16"
+    pj.run_precompute(encoder_run, tokens, bf16, splits=["train"], dtype="bf16", batch_size=64, threads=1,
+                      progress=False)
+    train(run_cfg(tokens, tmp_path / "mem-bf16", encoder_run, bf16, *common, "train.steps=4", "train.eval_every=0"))
+    low = train_records(tmp_path / "mem-bf16")
+    for s in range(1, 5):
+        assert low[s]["loss/total"] == pytest.approx(loop[s]["loss/total"], rel=5e-3), s
+
+
+CURRICULUM = ("curriculum=[{name: blank_copy, steps: 4, weights: {blank_copy: 1.0}}, "
+              "{name: copy, steps: 4, weights: {copy: 1.0}}, "
+              "{name: causal_copy, steps: 4, weights: {causal: 1.0, copy: 0.5}}]")
+
+
+def test_frozen_encoder_curriculum_from_memories_resumes_mid_stage(tokens, encoder_run, mem_fp32, tmp_path,
+                                                                  monkeypatch):
+    """Blank copy -> copy -> causal + copy in one run from one config, trained from precomputed memories; a
+    run that crashes in the middle of the copy stage and is resumed continues with the same losses as the
+    uninterrupted run, which are those of the encoder in the loop."""
+    import memtrain.engine.engines as engines
+
+    args = [CURRICULUM, "train.steps=12", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=3"]
+    train(run_cfg(tokens, tmp_path / "whole", encoder_run, mem_fp32, *args))
+    train(run_cfg(tokens, tmp_path / "loop", encoder_run, None, *args))
+    crashed = run_cfg(tokens, tmp_path / "crashed", encoder_run, mem_fp32, *args)
+    real, calls = engines.compute_losses, {"n": 0}
+
+    def crash_in_step_7(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:  # one loss computation per step (no accumulation): step 7, in stage 'copy'
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engines, "compute_losses", crash_in_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed)
+    monkeypatch.setattr(engines, "compute_losses", real)
+    train(crashed, resume=True)  # from the checkpoint of step 6
+
+    whole, loop, resumed = (train_records(tmp_path / n) for n in ("whole", "loop", "crashed"))
+    assert [whole[s]["stage"] for s in range(1, 13)] == [0] * 4 + [1] * 4 + [2] * 4
+    assert set(k for k in whole[2] if k.startswith("loss/")) == {"loss/blank_copy", "loss/total"}
+    assert set(k for k in whole[6] if k.startswith("loss/")) == {"loss/copy", "loss/total"}
+    assert set(k for k in whole[10] if k.startswith("loss/")) == {"loss/causal", "loss/copy", "loss/total"}
+    for s in range(1, 13):
+        for key in [k for k in whole[s] if k.startswith("loss/")]:
+            assert resumed[s][key] == pytest.approx(whole[s][key], rel=0, abs=1e-6), (s, key)
+            assert loop[s][key] == pytest.approx(whole[s][key], abs=2e-5), (s, key)

@@ -33,6 +33,7 @@ from memtrain.engine.ds_config import deepspeed_config, layout, wants_bf16
 from memtrain.engine.engines import ModelView, StepResult, add_stats, checkpoint_blocks, split_micro_batches
 from memtrain.engine.optim import make_adamw, staged_param_groups, staged_scheduler, unmasked_lr
 from memtrain.errors import UserError
+from memtrain.data.memory_batch import unpack
 from memtrain.objectives import compute_losses
 
 #: DeepSpeed's checkpoint tag inside ``<checkpoint>/ds``
@@ -98,8 +99,9 @@ class DeepSpeedEngine:
         micro = split_micro_batches(batches, self.cfg.dist.micro_batch_size)
         assert len(micro) == self.layout.micro_batches, (len(micro), self.layout)
         sums: dict[str, list] = {}
-        for ids in micro:
-            total, parts = compute_losses(self.view, ids, weights, special)
+        for batch in micro:
+            ids, memories = unpack(batch)  # memories: precomputed (data.memories), else None
+            total, parts = compute_losses(self.view, ids, weights, special, memories=memories)
             self.ds.backward(total)  # DeepSpeed divides by the micro-batch count itself
             self.ds.step()  # steps (clip, AdamW, schedule) at the last micro-batch only
             add_stats(sums, parts)

@@ -26,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from memtrain.config import Config
+from memtrain.data.memory_batch import unpack
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.distributed import DistInfo, barrier
 from memtrain.engine.optim import build_optimizer, build_scheduler
@@ -119,13 +120,14 @@ class PlainEngine:
     def train_step(self, batches: list[torch.Tensor], weights: dict[str, float], special: SpecialTokens) -> StepResult:
         micro = split_micro_batches(batches, self.cfg.dist.micro_batch_size)
         sums: dict[str, list] = {}
-        for i, ids in enumerate(micro):
+        for i, batch in enumerate(micro):
+            ids, memories = unpack(batch)  # memories: precomputed (data.memories), else None
             sync = contextlib.nullcontext()
             if self.info.distributed and i < len(micro) - 1:
                 sync = self._view._wrapped.no_sync()
             with sync:
                 with self.autocast():
-                    total, parts = compute_losses(self._view, ids, weights, special)
+                    total, parts = compute_losses(self._view, ids, weights, special, memories=memories)
                 (total / len(micro)).backward()
             add_stats(sums, parts)
         trainable = [p for p in self.model.parameters() if p.grad is not None]

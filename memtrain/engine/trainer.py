@@ -82,8 +82,16 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     check_compatible(shards, row_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
                      row_len_source=f"model.chunk_len x model.n_chunks = {cfg.model.chunk_len} x {cfg.model.n_chunks}")
     # data, then model: both are checked before the run directory is touched
+    memories = None
+    if cfg.data.memories:  # precomputed memories ride along with the batches; the frozen encoder is skipped
+        from memtrain.data.memories import open_memories
+
+        if batch_transform is not None:
+            raise UserError("data.memories: a batch transform changes the tokens the stored memories encode")
+        memories = open_memories(cfg, shards)
     loader = make_loader(cfg.data.shards, "train", batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle,
-                         seed=cfg.run.seed, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir)
+                         seed=cfg.run.seed, num_workers=cfg.data.num_workers, cache_dir=cfg.data.cache_dir,
+                         memories=memories)
     cleanup.callback(loader.close)
     # the same held-out batches at every evaluation; shards without a validation split train without one
     val_batches = take_batches(cfg.data.shards, "val", cfg.data.batch_size, cfg.train.eval_batches,
@@ -93,6 +101,8 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
 
     device = info.device
     model, always_frozen = build_for_run(cfg, device, shards.vocab_size)
+    if memories is not None:
+        memories.check_encoder(model)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     if cfg.train.compile:
         model.compile()
