@@ -204,17 +204,26 @@ def main(argv: list[str] | None = None) -> int:
     B, L, d = (2, 24, 32) if args.tiny else (32, 512, 1024)
     vocabs = (50, 300) if args.tiny else (8000, 128256)
     n_ce = 64 if args.tiny else 16384
-    rows = []
     ops = args.ops.split(",")
+    jobs = []
     if "mix" in ops:
-        rows.append(bench_mix(B, L, d, gen, dev, autocast, reps, warmup))
+        jobs.append(("mix", lambda: bench_mix(B, L, d, gen, dev, autocast, reps, warmup)))
     if "layernorm" in ops:
-        rows.append(bench_layernorm(B * L, d, gen, dev, autocast, reps, warmup))
+        jobs.append(("layernorm", lambda: bench_layernorm(B * L, d, gen, dev, autocast, reps, warmup)))
     if "ffn" in ops:
-        rows.append(bench_ffn(B * L, d, gen, dev, autocast, reps, warmup))
+        jobs.append(("ffn", lambda: bench_ffn(B * L, d, gen, dev, autocast, reps, warmup)))
     if "linear_ce" in ops:
         for V in vocabs:
-            rows.append(bench_linear_ce(n_ce if V < 100000 else n_ce // 2, d, V, gen, dev, autocast, reps, warmup))
+            n = n_ce if V < 100000 else n_ce // 2
+            jobs.append(("linear_ce", lambda n=n, V=V: bench_linear_ce(n, d, V, gen, dev, autocast, reps, warmup)))
+    rows = []
+    for name, job in jobs:
+        try:
+            rows.append(job())
+        except Exception as err:  # noqa: BLE001  (one failing operator must not hide the others' numbers)
+            rows.append({"op": name, "shape": "-", "ms": {}, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     from memtrain.bench import current_commit
 
@@ -227,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ms = r["ms"]
+        if "error" in r:
+            print(f"| {r['op']} | failed: {r['error'][:200]} | | | | | |")
+            continue
         print(f"| {r['op']} | {r['shape']} | {ms.get('torch', '-')} | {ms.get('torch+compile', '-')} | "
               f"{ms.get('triton', '-')} | {r.get('speedup_vs_torch', '-')} | {r.get('speedup_vs_torch+compile', '-')} |")
     if args.json:

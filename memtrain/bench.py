@@ -300,13 +300,20 @@ def bench(config: str, overrides: list[str], variants: list[str] | None, steps: 
 
     rows = []
     for v in variants:
-        rows.append(run_variant(cfg, v, ids, vocab, steps, warmup, prec, dev, profile_rows))
+        try:
+            rows.append(run_variant(cfg, v, ids, vocab, steps, warmup, prec, dev, profile_rows))
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001  (a variant that fails, e.g. out of memory, is reported)
+            rows.append({"variant": v, "error": f"{type(err).__name__}: {str(err)[:500]}"})
         if v.endswith("+compile"):
             torch._dynamo.reset()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    base = {r["variant"]: r["tokens_per_s"] for r in rows}
+    base = {r["variant"]: r["tokens_per_s"] for r in rows if "error" not in r}
     for r in rows:
+        if "error" in r:
+            continue
         r["model_TFLOPs"] = float(f"{flops['per_token'] * r['tokens_per_s'] / 1e12:.4g}")
         r["mfu"] = float(f"{flops['per_token'] * r['tokens_per_s'] / (peak * 1e12):.4g}")
         if "torch" in base:
@@ -350,6 +357,9 @@ def format_table(result: dict) -> str:
     lines = ["| variant | ms/step | tokens/s | MFU | peak GiB | ratio vs torch | loss first -> last |",
              "|---|---|---|---|---|---|---|"]
     for r in result["results"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:200]} | | | | | |")
+            continue
         lines.append(f"| {r['variant']} | {r['ms_per_step']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                      f"{r['peak_mem_GiB'] if r['peak_mem_GiB'] is not None else '-'} | "
                      f"{r.get('ratio_vs_torch', '-')} | {r['loss_first']} -> {r['loss_last']} |")

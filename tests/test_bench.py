@@ -74,6 +74,25 @@ def test_bench_cli_runs_torch_and_triton_on_this_device(tmp_path, capsys):
     assert "| torch |" in printed and "| triton |" in printed and "GFLOP/token" in printed
 
 
+def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
+    import memtrain.bench as bench_mod
+
+    real = bench_mod.run_variant
+
+    def run(cfg, variant, *args, **kwargs):
+        if variant == "triton":
+            raise RuntimeError("out of memory (simulated)")
+        return real(cfg, variant, *args, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "run_variant", run)
+    result = bench_mod.bench("tiny", [], ["triton", "torch"], steps=1, warmup=0, batch_size=1, precision=None,
+                             vocab=64, device="cpu", peak_size=64)
+    failed, ok = result["results"]
+    assert failed == {"variant": "triton", "error": "RuntimeError: out of memory (simulated)"}
+    assert ok["variant"] == "torch" and ok["ratio_vs_torch"] == 1.0 and ok["tokens_per_s"] > 0
+    assert "| triton | failed: RuntimeError: out of memory (simulated)" in bench_mod.format_table(result)
+
+
 def test_bench_reports_an_unknown_config_as_a_user_error(capsys):
     assert cli_main(["bench", "no/such/config"]) == 2
     assert "bench: no config 'no/such/config'" in capsys.readouterr().err

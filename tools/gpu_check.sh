@@ -21,7 +21,8 @@ fail() { echo "gpu_check: FAILED: $1" | tee -a "$OUT/summary.txt"; status=1; }
 # The image's Python may lack pydantic (memtrain.config): install it from carried wheels (.whl/, no network).
 if ! "$PY" -c "import pydantic, yaml" 2>/dev/null; then
   "$PY" -m pip install --no-index --no-deps --quiet .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
-    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl || fail "pydantic from .whl/"
+    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl \
+    || fail "pydantic from .whl/"
 fi
 
 {
