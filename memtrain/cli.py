@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memtrain.precompute.cli import register as register_precompute
 
     register_precompute(sub)
+    from memtrain.convert.cli import register as register_convert
+
+    register_convert(sub)
     from memtrain.inference import register as register_inference  # encode, generate, export-decoder, capability
 
     register_inference(sub)
