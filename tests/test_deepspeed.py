@@ -44,7 +44,12 @@ KILL_RUN = (f"train.steps={KILL_STEPS}", "train.log_every=1", "train.eval_every=
 # helpers (also used by test_pipeline.py)
 
 
-def torchrun_cmd(config: Path, *extra: str) -> list[str]:
+def torchrun_cmd(config: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
+    """2 ranks of ``memtrain train CONFIG`` under torchrun, or under the deepspeed launcher (which passes no
+    --local_rank with --no_local_rank, and sets LOCAL_SIZE where torchrun sets LOCAL_WORLD_SIZE)."""
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+                "--no_local_rank", "--module", "memtrain", "train", str(config), *extra]
     torchrun = Path(sys.executable).with_name("torchrun")
     return [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "memtrain", "train",
             str(config), *extra]
@@ -59,13 +64,14 @@ def run_env() -> dict:
 SHM_RACE = "FileExistsError: [Errno 17] File exists: '/0"
 
 
-def torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m memtrain train CONFIG``; asserts success (one retry if the start
-    lost streaming's shared-memory race with another job, which happens before anything is written)."""
-    done = subprocess.run(torchrun_cmd(config, *extra), env=run_env(), capture_output=True, text=True, timeout=300)
-    if done.returncode and SHM_RACE in done.stderr and "_locals'" in done.stderr:
-        done = subprocess.run(torchrun_cmd(config, *extra), env=run_env(), capture_output=True, text=True,
-                              timeout=300)
+def torchrun(config: Path, *extra: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m memtrain train CONFIG`` (or the deepspeed launcher); asserts success
+    (one retry if the start lost streaming's shared-memory race with another job, before anything is written)."""
+    cmd = torchrun_cmd(config, *extra, launcher=launcher)
+    done = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
+    if done.returncode and SHM_RACE in done.stderr:
+        done = subprocess.run(torchrun_cmd(config, *extra, launcher=launcher), env=run_env(), capture_output=True,
+                              text=True, timeout=300)
     assert done.returncode == 0, "\n".join(ln for ln in done.stderr.splitlines() if "rank0]" in ln)[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     return done
@@ -219,19 +225,32 @@ def test_stages_that_do_not_divide_the_ranks_stop_before_the_process_group(tiny_
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 
+def test_the_deepspeed_launchers_local_size_reaches_the_data_loader(monkeypatch):
+    """The deepspeed launcher sets LOCAL_SIZE, not LOCAL_WORLD_SIZE; without the copy, streaming takes every rank
+    for a node of its own and ranks of one machine race for the same shared memory."""
+    from memtrain.engine.distributed import adopt_launcher_env
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert adopt_launcher_env() == ["LOCAL_WORLD_SIZE"] and os.environ["LOCAL_WORLD_SIZE"] == "2"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's own value wins
+    assert adopt_launcher_env() == [] and os.environ["LOCAL_WORLD_SIZE"] == "4"
+
+
 # ----------------------------------------------------------------------------------------------------
 # ZeRO 0-3 on 2 ranks == one process
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_zero_stage_on_two_ranks_equals_one_process(stage, reference, tiny_data, tmp_path):
-    """ZeRO 0/1/3 with 2 ranks x 4 rows train like one process with batches of 8. ZeRO-3 runs the curriculum
-    (its second stage freezes the encoder: DeepSpeed keeps it exactly as it was at the boundary)."""
+@pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (3, "torchrun")])
+def test_zero_stage_on_two_ranks_equals_one_process(stage, launcher, reference, tiny_data, tmp_path):
+    """ZeRO 0/1/3 with 2 ranks x 4 rows train like one process with batches of 8 (ZeRO-1 started by the
+    deepspeed launcher). ZeRO-3 runs the curriculum (its second stage freezes the encoder: DeepSpeed keeps it
+    exactly as it was at the boundary)."""
     extra = (CURRICULUM,) if stage == 3 else ()
     run = tmp_path / f"zero{stage}"
     config = write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, run, [
         *RUN, "dist.engine=deepspeed", f"dist.zero_stage={stage}", *extra]))
-    done = torchrun(config)
+    done = torchrun(config, launcher=launcher)
     assert f"2 rank(s) on cpu (DeepSpeed ZeRO-{stage}, fp32" in done.stdout
     ref = reference["curriculum" if stage == 3 else "plain"]
     same_losses(run, ref, STEPS)

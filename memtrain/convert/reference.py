@@ -71,7 +71,7 @@ def _need(state: dict, key: str, arch: str) -> torch.Tensor:
     return state[key]
 
 
-def _stack_config(state: dict, prefix: str, arch: str) -> dict:
+def _stack_config(state: dict, prefix: str, arch: str) -> tuple[dict, int]:
     """A memtrain mixer StackConfig dict from the blocks ``prefix.{i}``, and the positions L they mix."""
     n = _blocks(state, prefix)
     if n == 0:

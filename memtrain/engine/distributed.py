@@ -51,8 +51,9 @@ def init_distributed(device_request: str = "auto", backend: str = "auto", engine
     """Join the process group when launched by torchrun; otherwise describe a single process.
 
     ``engine="deepspeed"``: initialise DeepSpeed's communication instead (see :func:`init_deepspeed`)."""
+    own = adopt_launcher_env()
     if engine == "deepspeed":
-        return init_deepspeed(device_request, backend)
+        return init_deepspeed(device_request, backend, own)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,7 +64,17 @@ def init_distributed(device_request: str = "auto", backend: str = "auto", engine
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_group=world > 1)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own,
+                    own_group=world > 1)
+
+
+def adopt_launcher_env() -> list[str]:
+    """The ``deepspeed`` launcher sets LOCAL_SIZE where torchrun sets LOCAL_WORLD_SIZE, which the data loader
+    (mosaicml-streaming) needs to know which ranks share a node: copy it over. Returns the names set."""
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+        return ["LOCAL_WORLD_SIZE"]
+    return []
 
 
 def barrier(info: DistInfo) -> None:
@@ -113,10 +124,10 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def init_deepspeed(device_request: str = "auto", backend: str = "auto") -> DistInfo:
+def init_deepspeed(device_request: str = "auto", backend: str = "auto", own: list[str] | None = None) -> DistInfo:
     """DeepSpeed's process group, from the launcher's variables, or for one in-process rank when there are
     none (RANK=0, WORLD_SIZE=1 and a free MASTER_PORT are set here and removed at :func:`shutdown`)."""
-    own = []
+    own = list(own or [])
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
                             ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
