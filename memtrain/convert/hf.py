@@ -8,6 +8,7 @@ per query head, and ``max_position_embeddings`` the trained context C*L.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def hf_name(name: str) -> str:
 
 def convert_hf(src: str | Path, out: str | Path) -> Path:
     """Write a ``LlamaForCausalLM`` folder ``out`` from the memtrain checkpoint (or run) ``src``."""
-    from transformers import LlamaForCausalLM
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # transformers
+    from transformers import LlamaForCausalLM  # may import deepspeed, which otherwise warns about its choice
 
     from memtrain.models import build_model
 
