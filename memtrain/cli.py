@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memtrain.bench import register as register_bench
 
     register_bench(sub)
+    from memtrain.eval.cli import register as register_measurements
+
+    register_measurements(sub)
     from memtrain.precompute.cli import register as register_precompute
 
     register_precompute(sub)
