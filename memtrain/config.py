@@ -391,6 +391,9 @@ def _check_dist(cfg: "Config") -> None:
         if cfg.model.tie_embeddings:
             raise ValueError("model.tie_embeddings ties weights that a pipeline places on different stages; set "
                              "tie_embeddings: false or dist.pipeline_stages: 1")
+        if cfg.data.memories:
+            raise ValueError("data.memories: precomputed memories do not travel through pipeline stages; use "
+                             "dist.pipeline_stages: 1 (with ZeRO to spread the memory)")
         units = pipeline_units(cfg.model)
         if d.pipeline_stages > units:
             raise ValueError(f"dist.pipeline_stages {d.pipeline_stages} is more than the {units} pipeline layers "

@@ -204,6 +204,7 @@ def test_deepspeed_config_comes_from_the_run_config(tiny_data, tmp_path):
     (["dist.engine=deepspeed", "dist.offload_optimizer=true"], ["offload_optimizer needs zero_stage 1, 2 or 3"]),
     (["dist.engine=deepspeed", "dist.pipeline_stages=2", "model.tie_embeddings=true",
       "model.decoder.d_model=32"], ["tie_embeddings"]),
+    (["dist.engine=deepspeed", "dist.pipeline_stages=2", "data.memories=mem"], ["data.memories", "pipeline"]),
 ])
 def test_invalid_combinations_are_refused_before_any_process_group(tiny_data, tmp_path, capsys, sets, needles):
     argv = ["train", str(tmp_path / "c.yaml")]
@@ -230,7 +231,8 @@ def test_the_deepspeed_launchers_local_size_reaches_the_data_loader(monkeypatch)
     for a node of its own and ranks of one machine race for the same shared memory."""
     from memtrain.engine.distributed import adopt_launcher_env
 
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # so that monkeypatch restores the original (or its absence)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("LOCAL_SIZE", "2")
     assert adopt_launcher_env() == ["LOCAL_WORLD_SIZE"] and os.environ["LOCAL_WORLD_SIZE"] == "2"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's own value wins
