@@ -14,7 +14,7 @@ from conftest import tiny_config
 from memtrain.cli import main
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.trainer import train
-from memtrain.eval.data import RandomTokens, shards_with_row_len
+from memtrain.eval.data import RandomTokens, RunStopped, finished, shards_with_row_len
 from memtrain.eval.probe import ProbeSettings, open_source, run_probe
 from memtrain.eval.report import load_checkpoint_model
 from memtrain.metrics import uniform_logit_ce
@@ -180,3 +180,10 @@ def test_bad_input(sources, tiny_data, other_data, tmp_path, capsys):
           needle="shards were made with tokenizer sha256")
     fails(capsys, "probe", tmp_path / "nothing", *out, needle="no such checkpoint, run directory or YAML config")
     assert not (tmp_path / "p").exists()  # nothing was written
+
+
+def test_a_run_stopped_early_asks_for_a_rerun():
+    with pytest.raises(RunStopped, match=r"runs/x: stopped at step 3 .* run the same command again") as err:
+        finished({"complete": False, "step": 3, "preempted": True}, "runs/x")
+    assert err.value.exit_code == 75  # as a preempted `memtrain train`: a Slurm job is requeued
+    assert finished({"complete": True, "eval": {}}, "runs/x")["complete"]

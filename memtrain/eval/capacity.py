@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from memtrain.config import Config, apply_overrides, config_from_dict, read_yaml
-from memtrain.eval.data import retained_bits, run_baseline, shards_with_row_len
+from memtrain.eval.data import finished, retained_bits, run_baseline, shards_with_row_len
 from memtrain.eval.probe import merge
 from memtrain.eval.report import num, write_report
 
@@ -72,8 +72,7 @@ def run_capacity(s: CapacitySettings) -> dict:
     points = []
     for length in sorted(set(s.lengths)):
         cfg = capacity_config(s, length)
-        summary = train(cfg, resume=True)
-        m = summary["eval"]["reconstruction"]
+        m = finished(train(cfg, resume=True), cfg.run.out_dir)["eval"]["reconstruction"]
         baseline = run_baseline(cfg)
         points.append({"length": length, "run_dir": cfg.run.out_dir, "steps": cfg.train.steps,
                        **{k: m[k] for k in ("ce", "accuracy", "exact_match", "I_e", "I_e_paper")},

@@ -47,6 +47,22 @@ def shards_with_row_len(shards: str | Path, row_len: int, cache_dir: str | Path 
     return str(out)
 
 
+class RunStopped(UserError):
+    """A run of a measurement stopped before its last step (preempted by USR1/TERM, or ``--stop-after``): its
+    checkpoint is written and running the same command again continues it. Exit code 75, as a preempted
+    ``memtrain train``, so a Slurm job is requeued."""
+
+    exit_code = 75
+
+
+def finished(summary: dict, run_dir) -> dict:
+    """The trainer's ``summary`` if the run completed; raises :class:`RunStopped` otherwise."""
+    if not summary.get("complete"):
+        raise RunStopped(f"{run_dir}: stopped at step {summary.get('step')} before the end of the run; run the "
+                         "same command again to continue")
+    return summary
+
+
 def n_special(info: ShardInfo) -> int:
     """Ids below this are special tokens (pad, unk, bos, eos, <sep>, <blank>): 1 + the largest special id."""
     return 1 + max((i for i in info.special_ids.values() if i is not None), default=-1)

@@ -27,7 +27,8 @@ from typing import Any, Optional
 from memtrain.config import Config, StackConfig, apply_overrides, config_from_dict, load_config, read_yaml
 from memtrain.data.loader import check_compatible, read_shard_info
 from memtrain.errors import UserError
-from memtrain.eval.data import RandomTokens, n_special, retained_bits, run_baseline, shards_with_row_len
+from memtrain.eval.data import (RandomTokens, finished, n_special, retained_bits, run_baseline,
+                                shards_with_row_len)
 from memtrain.eval.report import num, read_checkpoint, write_report
 
 #: settings of a probe run that the source does not decide (override with --config / --set)
@@ -176,10 +177,7 @@ def run_probe(src: Source, s: ProbeSettings, out_dir: str | Path) -> dict:
     cfg = probe_config(src, s, out_dir)
     info = read_shard_info(cfg.data.shards, cfg.data.cache_dir)
     transform = RandomTokens(info.vocab_size, n_special(info), seed=cfg.run.seed) if s.random_tokens else None
-    summary = train(cfg, resume=s.resume, batch_transform=transform)
-    metrics = summary.get("eval", {}).get("reconstruction")
-    if not summary.get("complete") or metrics is None:
-        raise UserError(f"{out_dir}: the probe run did not finish; run it again to resume")
+    metrics = finished(train(cfg, resume=s.resume, batch_transform=transform), out_dir)["eval"]["reconstruction"]
 
     baseline = run_baseline(cfg, transform)
     m = cfg.model

@@ -25,6 +25,7 @@ from typing import Optional
 
 from memtrain.config import load_config
 from memtrain.errors import UserError
+from memtrain.eval.data import finished
 from memtrain.eval.probe import ProbeSettings, Source, run_probe, write_probe_report
 from memtrain.eval.report import (evaluate_checkpoints, num, per_chunk_table, read_checkpoint, results_table,
                                   write_eval_report, write_report)
@@ -147,7 +148,7 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
         cfg = load_config(cfg_dir / name, sets + [f"run.out_dir={run}"])
         ensure_demo_shards(cfg.data.shards)
         _say(f"training {cfg.run.name} ({cfg_dir / name}, {cfg.train.steps} steps)")
-        train(cfg, resume=True)
+        finished(train(cfg, resume=True), run)
         runs[key] = run
     watch.lap("train")
 
