@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -102,6 +103,21 @@ class Kernel:
             self._autotuned()[grid](*args, **kwargs)
         else:
             self.jitted[grid](*args, **config, **kwargs)
+
+
+@dataclass
+class Launch:
+    """One planned kernel launch: the kernel, its grid (a function of the meta-parameters), the positional
+    arguments and the compile-time flags. ``run(config)`` launches it (see :meth:`Kernel.launch`);
+    ``kernels/aot_check.py`` compiles the same plans ahead of time instead."""
+
+    kernel: Kernel
+    grid: Callable[[dict], tuple]
+    args: tuple
+    flags: dict = field(default_factory=dict)
+
+    def run(self, config: dict | None = None) -> None:
+        self.kernel.launch(self.grid, *self.args, config=config, **self.flags)
 
 
 def call_op(op: Callable, impl: Callable, *args: Any) -> Any:

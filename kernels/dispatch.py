@@ -40,6 +40,15 @@ def resolve(impl: str, device: torch.device) -> str:
     raise UserError(f"model.kernels: expected one of {', '.join(IMPLS)}, got {impl!r}")
 
 
+def partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are partitioned by DeepSpeed ZeRO-3 (they carry ``ds_id``). ZeRO-3
+    gathers a parameter in the forward hook of the module that owns it; the fused paths read submodules'
+    parameters without calling those submodules, so such modules keep the torch path."""
+    for p in module.parameters():
+        return hasattr(p, "ds_id")
+    return False
+
+
 def set_kernels(model: nn.Module, impl: str) -> nn.Module:
     """Set ``kernels = impl`` on ``model`` and on every submodule that dispatches (has a ``kernels``
     attribute). Returns ``model``."""
@@ -117,7 +126,7 @@ def fused_head(model: object, device: torch.device) -> bool:
     if impl == "torch" or getattr(getattr(model, "logits", None), "__func__", None) is not MemtrainModel.logits:
         return False
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear) or head.bias is not None:
+    if not isinstance(head, nn.Linear) or head.bias is not None or partitioned(head):
         return False
     return resolve(impl, device) == "triton"
 
@@ -135,5 +144,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return linear_cross_entropy_reference(h, weight, labels)
 
 
-__all__ = ["IMPLS", "resolve", "set_kernels", "causal_mix", "layer_norm", "ffn", "linear", "fused_head",
+__all__ = ["IMPLS", "resolve", "set_kernels", "partitioned", "causal_mix", "layer_norm", "ffn", "linear", "fused_head",
            "linear_cross_entropy"]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.common import Kernel, call_op, compute_dtype, dot_precision, upcast_dots
+from memtrain.kernels.common import Kernel, Launch, call_op, compute_dtype, dot_precision, upcast_dots
 from memtrain.kernels.reference import ffn_reference, linear_reference  # noqa: F401  (what these must equal)
 
 EPILOGUES = {"none": 0, "gelu": 1, "dgelu": 2}
@@ -89,10 +89,39 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 
 
 _MM_KEY = ["M", "N", "K", "EPI"]
-MM_16 = Kernel(_mm_kernel, [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4),
-                            _cfg(64, 256, 64, 4, 4)], _MM_KEY, _cfg(64, 64, 32, 4, 1, group=2), reset=["CS"])
+# bf16 candidates, the first also the untuned default. ``python -m memtrain.kernels.aot_check`` (sm_90): the
+# 128x128 / 8-warp and 64x128 / 4-warp tiles compile without register spills for all three epilogues; the
+# 128x256 tile spills 270-1200 bytes (the fp32 residual / pre-activation tiles of the epilogue).
+MM_16 = Kernel(_mm_kernel, [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
+                            _cfg(128, 256, 64, 8, 3)], _MM_KEY, _cfg(64, 64, 32, 4, 1, group=2), reset=["CS"])
 MM_32 = Kernel(_mm_kernel, [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3)],
                _MM_KEY, _cfg(64, 64, 32, 4, 1, group=2), reset=["CS"])
+
+
+def plan_mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, c2: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], aux: Optional[torch.Tensor], epi: int,
+            colsum: bool) -> tuple[Launch, Optional[torch.Tensor]]:
+    """The launch of C = epilogue(a @ b), and the column-sum partials it writes (or None)."""
+    M, K = a.shape
+    N = b.shape[1]
+    kernel = MM_32 if b.dtype == torch.float32 else MM_16
+    cs = None
+    if colsum:  # one partial row per row block, sized for the smallest BLOCK_M; zeroed (autotuning too)
+        n_rows = triton.cdiv(M, min(cfg["BLOCK_M"] for cfg in kernel.configs + [kernel.interp_config]))
+        cs = torch.zeros((n_rows, N), dtype=torch.float32, device=a.device)
+    r_s = residual.stride() if residual is not None else (0, 0)
+    x_s = aux.stride() if aux is not None else (0, 0)
+    d_s = c2.stride() if c2 is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    pick = lambda t: t if t is not None else c  # noqa: E731  (unused pointer arguments)
+    args = (a, b, pick(bias), pick(residual), pick(aux), c, pick(c2), pick(cs), M, N, K, *a.stride(), *b.stride(),
+            *r_s, *x_s, *c.stride(), *d_s)
+    flags = dict(EPI=epi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, COLSUM=colsum,
+                 UPCAST=upcast_dots(), DOT_PREC=dot_precision(b.dtype))
+    return Launch(kernel, grid, args, flags), cs
 
 
 def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
@@ -117,24 +146,8 @@ def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Te
     dev = a.device
     c = out if out is not None else torch.empty((M, N), dtype=out_dtype or b.dtype, device=dev)
     c2 = torch.empty((M, N), dtype=b.dtype, device=dev) if epi == 1 else None
-    kernel = MM_32 if b.dtype == torch.float32 else MM_16
-    cs = None
-    n_row_blocks_max = triton.cdiv(M, min(cfg["BLOCK_M"] for cfg in kernel.configs + [kernel.interp_config]))
-    if colsum:  # one partial row per row block, sized for the smallest BLOCK_M; zeroed (autotuning too)
-        cs = torch.zeros((n_row_blocks_max, N), dtype=torch.float32, device=dev)
-    dummy = c
-    r_s = residual.stride() if residual is not None else (0, 0)
-    x_s = aux.stride() if aux is not None else (0, 0)
-    d_s = c2.stride() if c2 is not None else (0, 0)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    kernel.launch(grid, a, b, bias if bias is not None else dummy, residual if residual is not None else dummy,
-                  aux if aux is not None else dummy, c, c2 if c2 is not None else dummy,
-                  cs if cs is not None else dummy, M, N, K, *a.stride(), *b.stride(), *r_s, *x_s, *c.stride(), *d_s,
-                  EPI=epi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, COLSUM=colsum,
-                  UPCAST=upcast_dots(), DOT_PREC=dot_precision(b.dtype), config=config)
+    plan, cs = plan_mm(a, b, c, c2, bias, residual, aux, epi, colsum)
+    plan.run(config)
     return c, c2, (cs.sum(0) if cs is not None else None)
 
 

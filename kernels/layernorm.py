@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.common import Kernel, call_op, compute_dtype, next_pow2, sm_count
+from memtrain.kernels.common import Kernel, Launch, call_op, compute_dtype, next_pow2, sm_count
 from memtrain.kernels.reference import layer_norm_reference  # noqa: F401  (what this must equal)
 
 
@@ -80,6 +80,31 @@ LN_FWD = Kernel(_ln_fwd_kernel, [{"num_warps": 8}], ["D"], {})
 LN_BWD = Kernel(_ln_bwd_kernel, [{"num_warps": 8}], ["D"], {})
 
 
+def plan_ln_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, y: torch.Tensor,
+                    mean: torch.Tensor, rstd: torch.Tensor) -> Launch:
+    M, D = x.shape
+    bm, bd = _rows_block(D), next_pow2(D)
+    return Launch(LN_FWD, lambda meta: (triton.cdiv(M, bm),),
+                  (x, weight, bias, y, mean, rstd, M, D, eps, x.stride(0), y.stride(0)),
+                  dict(BLOCK_M=bm, BLOCK_D=bd))
+
+
+def plan_ln_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                     rstd: torch.Tensor, dx: torch.Tensor) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """The launch, and the [programs, d] partial sums of dweight and dbias it writes."""
+    M, D = x.shape
+    bm, bd = _rows_block(D), next_pow2(D)
+    programs = max(1, min(triton.cdiv(M, bm), 4 * sm_count(x.device)))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, programs), bm) * bm
+    programs = triton.cdiv(M, rows_per_prog)
+    dwp = torch.empty((programs, D), dtype=torch.float32, device=x.device)
+    dbp = torch.empty((programs, D), dtype=torch.float32, device=x.device)
+    plan = Launch(LN_BWD, lambda meta: (programs,),
+                  (x, weight, dy, mean, rstd, dx, dwp, dbp, M, D, rows_per_prog, x.stride(0), dy.stride(0),
+                   dx.stride(0)), dict(BLOCK_M=bm, BLOCK_D=bd))
+    return plan, dwp, dbp
+
+
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                        out_dtype: torch.dtype, *, out: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,9 +115,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     y = out if out is not None else torch.empty((M, D), dtype=out_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    bm, bd = _rows_block(D), next_pow2(D)
-    LN_FWD.launch(lambda meta: (triton.cdiv(M, bm),), x, weight, bias, y, mean, rstd, M, D, eps,
-                  x.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_D=bd)
+    plan_ln_forward(x, weight, bias, eps, y, mean, rstd).run()
     return y, mean, rstd
 
 
@@ -100,16 +123,9 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         rstd: torch.Tensor, *, out: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dy, x [M, d], weight [d], mean/rstd [M] -> (dx [M, d] in x's dtype, dweight [d] fp32, dbias [d] fp32)."""
-    M, D = x.shape
-    bm, bd = _rows_block(D), next_pow2(D)
-    programs = max(1, min(triton.cdiv(M, bm), 4 * sm_count(x.device)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, programs), bm) * bm
-    programs = triton.cdiv(M, rows_per_prog)
-    dx = out if out is not None else torch.empty((M, D), dtype=x.dtype, device=x.device)
-    dwp = torch.empty((programs, D), dtype=torch.float32, device=x.device)
-    dbp = torch.empty((programs, D), dtype=torch.float32, device=x.device)
-    LN_BWD.launch(lambda meta: (programs,), x, weight, dy, mean, rstd, dx, dwp, dbp, M, D, rows_per_prog,
-                  x.stride(0), dy.stride(0), dx.stride(0), BLOCK_M=bm, BLOCK_D=bd)
+    dx = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    plan, dwp, dbp = plan_ln_backward(dy, x, weight, mean, rstd, dx)
+    plan.run()
     return dx, dwp.sum(0), dbp.sum(0)
 
 

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.common import (Kernel, call_op, compute_dtype, dot_precision, interpreting, sm_count,
-                                     upcast_dots)
+from memtrain.kernels.common import (Kernel, Launch, call_op, compute_dtype, dot_precision, interpreting,
+                                     sm_count, upcast_dots)
 
 
 @triton.jit
@@ -42,12 +42,25 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, j, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
+             PAD: tl.constexpr, SHIFT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += A_j[offs_m, offs_r] @ X[offs_r, offs_n + SHIFT * (j - PAD)] (zero outside 0..F-1)."""
+    a = tl.load(a_base + j * s_aj + offs_m[:, None] * s_am + offs_r[None, :] * s_ar, mask=a_mask, other=0.0)
+    cols = offs_n + SHIFT * (j - PAD)
+    x_mask = (offs_r[:, None] < L) & (cols[None, :] >= 0) & (cols[None, :] < F)
+    x = tl.load(x_base + offs_r[:, None] * s_xl + cols[None, :] * s_xf, mask=x_mask, other=0.0)
+    return _dot(a, x.to(a.dtype), acc, UPCAST, DOT_PREC)
+
+
+@triton.jit
 def _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
                KT: tl.constexpr, PAD: tl.constexpr, SHIFT: tl.constexpr, UPPER: tl.constexpr, TRI: tl.constexpr,
                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc += A[offs_m, r0:r0+BLOCK_R] @ X[r0:r0+BLOCK_R, shifted offs_n], over all k taps.
 
-    TRI masks A to the triangle (r <= m lower, r >= m upper); only the diagonal blocks need it."""
+    TRI masks A to the triangle (r <= m lower, r >= m upper); only the diagonal blocks need it. One tap is a
+    compile-time shift of zero (aligned, vectorised loads); k > 1 taps loop at run time (unrolling them
+    multiplies the live registers)."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     a_mask = (offs_m[:, None] < L) & (offs_r[None, :] < L)
     if TRI:
@@ -55,12 +68,13 @@ def _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, L, F, s_aj, s_am, s_ar, 
             a_mask = a_mask & (offs_r[None, :] >= offs_m[:, None])
         else:
             a_mask = a_mask & (offs_r[None, :] <= offs_m[:, None])
-    for j in tl.static_range(KT):
-        a = tl.load(a_base + j * s_aj + offs_m[:, None] * s_am + offs_r[None, :] * s_ar, mask=a_mask, other=0.0)
-        cols = offs_n + SHIFT * (j - PAD)
-        x_mask = (offs_r[:, None] < L) & (cols[None, :] >= 0) & (cols[None, :] < F)
-        x = tl.load(x_base + offs_r[:, None] * s_xl + cols[None, :] * s_xf, mask=x_mask, other=0.0)
-        acc = _dot(a, x.to(a.dtype), acc, UPCAST, DOT_PREC)
+    if KT == 1:
+        acc = _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, 0, L, F, s_aj, s_am, s_ar, s_xl,
+                       s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
+    else:
+        for j in range(KT):
+            acc = _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, j, L, F, s_aj, s_am, s_ar,
+                           s_xl, s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
     return acc
 
 
@@ -124,8 +138,12 @@ def _mix_dw_kernel(DY, X, P, DB, L, F, B, H, B_PER_SPLIT,
     tile = tl.program_id(0)
     hj = tl.program_id(1)
     split = tl.program_id(2)
-    h = hj // KT
-    j = hj % KT
+    if KT == 1:
+        h = hj
+        j = 0
+    else:
+        h = hj // KT
+        j = hj % KT
     tm = ((tl.sqrt(8.0 * tile.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
     tm = tl.where((tm + 1) * (tm + 2) // 2 <= tile, tm + 1, tm)
     tm = tl.where(tm * (tm + 1) // 2 > tile, tm - 1, tm)
@@ -181,8 +199,10 @@ def _cfg(bm, bn, br, warps, stages):
 
 
 _TRI_KEY = ["L", "F", "KT", "UPPER"]
-TRI_16 = Kernel(_tri_mm_kernel, [_cfg(64, 256, 64, 4, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
-                                 _cfg(128, 256, 64, 8, 3)], _TRI_KEY, _cfg(32, 64, 32, 4, 1))
+# bf16 candidates; the first is also the untuned default. ``python -m memtrain.kernels.aot_check`` (sm_90):
+# 128x128 and 64x128 compile without register spills, 128x256 spills ~100 bytes, 64x256 with 4 warps ~300.
+TRI_16 = Kernel(_tri_mm_kernel, [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)],
+                _TRI_KEY, _cfg(32, 64, 32, 4, 1))
 TRI_32 = Kernel(_tri_mm_kernel, [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 4, 3)],
                 _TRI_KEY, _cfg(32, 64, 32, 4, 1))
 _DW_KEY = ["L", "F", "KT"]
@@ -204,26 +224,23 @@ def _alloc(shape, dtype, device, poison: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_tri(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor],
-                res: Optional[torch.Tensor], upper: bool, config: Optional[dict]) -> None:
+def plan_tri(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor],
+             res: Optional[torch.Tensor], upper: bool) -> Launch:
     """y = tri(a) x (+ bias + res); a = wk [H, KT, L, L]; upper: use a's transpose and the reverse tap shift."""
     B, L, H, F = x.shape
     KT = a.shape[1]
     s_am, s_ar = (a.stride(3), a.stride(2)) if upper else (a.stride(2), a.stride(3))
-    kernel = TRI_32 if a.dtype == torch.float32 else TRI_16
-    bias_t = bias if bias is not None else a
-    res_t = res if res is not None else y
     s_b = bias.stride() if bias is not None else (0, 0)
     s_r = res.stride() if res is not None else (0, 0, 0, 0)
 
     def grid(meta):
         return (triton.cdiv(F, meta["BLOCK_N"]), B * H, triton.cdiv(L, meta["BLOCK_M"]))
 
-    kernel.launch(grid, a, x, bias_t, res_t, y, L, F, H,
-                  a.stride(0), a.stride(1), s_am, s_ar, *x.stride(), *s_b, *s_r, *y.stride(),
-                  KT=KT, PAD=(KT - 1) // 2, SHIFT=-1 if upper else 1, UPPER=upper,
-                  HAS_BIAS=bias is not None, HAS_RES=res is not None, UPCAST=upcast_dots(),
-                  DOT_PREC=dot_precision(a.dtype), config=config)
+    args = (a, x, bias if bias is not None else a, res if res is not None else y, y, L, F, H,
+            a.stride(0), a.stride(1), s_am, s_ar, *x.stride(), *s_b, *s_r, *y.stride())
+    flags = dict(KT=KT, PAD=(KT - 1) // 2, SHIFT=-1 if upper else 1, UPPER=upper, HAS_BIAS=bias is not None,
+                 HAS_RES=res is not None, UPCAST=upcast_dots(), DOT_PREC=dot_precision(a.dtype))
+    return Launch(TRI_32 if a.dtype == torch.float32 else TRI_16, grid, args, flags)
 
 
 def mix_forward(x: torch.Tensor, wk: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -240,7 +257,7 @@ def mix_forward(x: torch.Tensor, wk: torch.Tensor, bias: Optional[torch.Tensor] 
         raise ValueError(f"mixing weight {tuple(wk.shape)} {wk.dtype} does not fit x {tuple(x.shape)} {x.dtype}")
     dtype = torch.result_type(x, residual) if residual is not None else x.dtype
     y = out if out is not None else torch.empty((B, L, H, F), dtype=dtype, device=x.device)
-    _launch_tri(wk, x, y, bias, residual, upper=False, config=config)
+    plan_tri(wk, x, y, bias, residual, upper=False).run(config)
     return y
 
 
@@ -248,6 +265,39 @@ def default_split(batch: int, n_lower_tiles: int, heads_taps: int, device: torch
     """Batch splits for dW: enough programs for about two waves on the device, each split >= 1 batch row."""
     programs = max(1, n_lower_tiles * heads_taps)
     return max(1, min(batch, math.ceil(2 * sm_count(device) / programs)))
+
+
+def plan_dw(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, split: Optional[int], poison: bool
+            ) -> tuple[Launch, Launch, torch.Tensor, torch.Tensor]:
+    """The dW + dbias partials and their reduction: (dW launch, reduce launch, dwk [H, KT, L, L] and the
+    dbias partials [S, H, L] they write)."""
+    B, L, H, F = x.shape
+    KT = wk.shape[1]
+    dw_kernel = DW_32 if x.dtype == torch.float32 else DW_16
+    ref_block = (dw_kernel.interp_config if interpreting() else dw_kernel.configs[0])["BLOCK_M"]
+    n_ref = triton.cdiv(L, ref_block)
+    S = split or default_split(B, n_ref * (n_ref + 1) // 2, H * KT, x.device)
+    b_per_split = triton.cdiv(B, max(1, min(S, B)))
+    S = triton.cdiv(B, b_per_split)
+    partial = _alloc((S, H * KT, L, L), torch.float32, x.device, poison)
+    db_partial = _alloc((S, H, L), torch.float32, x.device, poison)
+
+    def dw_grid(meta):
+        n = triton.cdiv(L, meta["BLOCK_M"])
+        return (n * (n + 1) // 2, H * KT, S)
+
+    dw = Launch(dw_kernel, dw_grid, (dy, x, partial, db_partial, L, F, B, H, b_per_split, *dy.stride(), *x.stride(),
+                                     *partial.stride(), *db_partial.stride()),
+                dict(KT=KT, PAD=(KT - 1) // 2, UPCAST=upcast_dots(), DOT_PREC=dot_precision(x.dtype)))
+    dwk = _alloc((H, KT, L, L), wk.dtype, x.device, poison)
+    flat = dwk.view(H * KT, L, L)
+
+    def reduce_grid(meta):
+        n = triton.cdiv(L, meta["BLOCK"])
+        return (n, n, H * KT)
+
+    reduce = Launch(REDUCE, reduce_grid, (partial, flat, S, L, *partial.stride(), *flat.stride()))
+    return dw, reduce, dwk, db_partial
 
 
 def mix_backward(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, *, split: Optional[int] = None,
@@ -261,36 +311,12 @@ def mix_backward(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, *, split: 
     output and scratch buffer first (tests).
     """
     B, L, H, F = x.shape
-    KT = wk.shape[1]
+    dy = dy.to(x.dtype)  # one pass; the fp32 gradient of the residual stream would double the tiles' bytes
     dx = _alloc((B, L, H, F), x.dtype, x.device, poison)
-    _launch_tri(wk, dy, dx, None, None, upper=True, config=tri_config)
-
-    dw_kernel = DW_32 if x.dtype == torch.float32 else DW_16
-    ref_block = (dw_kernel.interp_config if interpreting() else dw_kernel.configs[0])["BLOCK_M"]
-    n_ref = triton.cdiv(L, ref_block)
-    S = split or default_split(B, n_ref * (n_ref + 1) // 2, H * KT, x.device)
-    S = max(1, min(S, B))
-    b_per_split = triton.cdiv(B, S)
-    S = triton.cdiv(B, b_per_split)
-    partial = _alloc((S, H * KT, L, L), torch.float32, x.device, poison)
-    db_partial = _alloc((S, H, L), torch.float32, x.device, poison)
-
-    def dw_grid(meta):
-        n = triton.cdiv(L, meta["BLOCK_M"])
-        return (n * (n + 1) // 2, H * KT, S)
-
-    dw_kernel.launch(dw_grid, dy, x, partial, db_partial, L, F, B, H, b_per_split,
-                     *dy.stride(), *x.stride(), *partial.stride(), *db_partial.stride(),
-                     KT=KT, PAD=(KT - 1) // 2, UPCAST=upcast_dots(), DOT_PREC=dot_precision(x.dtype),
-                     config=dw_config)
-    dwk = _alloc((H, KT, L, L), wk.dtype, x.device, poison)
-    flat = dwk.view(H * KT, L, L)
-
-    def reduce_grid(meta):
-        n = triton.cdiv(L, meta["BLOCK"])
-        return (n, n, H * KT)
-
-    REDUCE.launch(reduce_grid, partial, flat, S, L, *partial.stride(), *flat.stride(), config=reduce_config)
+    plan_tri(wk, dy, dx, None, None, upper=True).run(tri_config)
+    dw_plan, reduce_plan, dwk, db_partial = plan_dw(dy, x, wk, split, poison)
+    dw_plan.run(dw_config)
+    reduce_plan.run(reduce_config)
     return dx, dwk, db_partial.sum(0)
 
 

@@ -296,6 +296,31 @@ def test_linear_cross_entropy_computes_no_gradient_without_grad(gen, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Compilation for Hopper without a GPU
+
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """The AE-shape mixing kernels, the dGELU matmul and the LayerNorm backward compile for sm_90 (Triton's
+    own compiler and ptxas, no device), use warpgroup MMAs where they multiply, and spill no registers.
+    A separate process: this one runs Triton's interpreter, which compiles nothing."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "memtrain.kernels.aot_check", "--only",
+                           "L512 d1024 k1 bf16,dGELU+colsum bf16,layernorm backward d=1024", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6, sorted(rows)
+    for name, r in rows.items():
+        assert r["spill_store_bytes"] == 0 and r["registers"] <= 255, (name, r)
+        if "reduce" not in name and "layernorm" not in name:
+            assert r["wgmma"] > 0, f"{name}: no warpgroup MMA in the PTX"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Larger random shapes, bf16 and fp32: CUDA only (run by tools/gpu_check.sh)
 
 @cuda_only

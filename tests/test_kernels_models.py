@@ -82,6 +82,21 @@ def test_mixer_block_triton_equals_torch(kernel, heads):
     assert (b.conv.weight.grad[..., upper, :] == 0).all()
 
 
+def test_zero3_partitioned_modules_keep_the_torch_path(monkeypatch):
+    """ZeRO-3 gathers parameters in submodule hooks, which the fused block and head would bypass."""
+    a, b = _pair("torch", "triton", d_model=16, seq_len=9, kernel=1, n_heads=2)
+    for p in b.parameters():
+        p.ds_id = 0  # what DeepSpeed ZeRO-3 puts on the parameters it partitions
+    monkeypatch.setattr(dispatch, "layer_norm", lambda *a, **k: pytest.fail("fused path under ZeRO-3"))
+    monkeypatch.setattr(dispatch, "linear", lambda *a, **k: pytest.fail("fused out_proj under ZeRO-3"))
+    x = torch.randn(2, 9, 16, device=DEVICE)
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+    model = build_model(load_config(str(TINY)).model.model_copy(update={"kernels": "triton"}), 64)
+    assert dispatch.fused_head(model, DEVICE)
+    model.lm_head.weight.ds_id = 0
+    assert not dispatch.fused_head(model, DEVICE)
+
+
 def test_mixer_block_triton_under_bf16_autocast():
     a, b = _pair("torch", "triton", d_model=32, seq_len=17, kernel=1, n_heads=0)
     x = torch.randn(2, 17, 32, device=DEVICE)

@@ -7,6 +7,8 @@
 # reported and the others still run; the exit code is non-zero if any stage failed).
 #   device tool:  MEMTRAIN_COMMIT=<short hash> bash tools/gpu_check.sh   (carry .whl: see docs/performance.md)
 #   GPU_CHECK_QUICK=1 bash tools/gpu_check.sh  (fewer benchmark variants, about 5 minutes)
+# It then runs tools/gpu_check_deepspeed.sh if that exists (about 6 more minutes, over one 10-minute call of
+# the device tool): set GPU_CHECK_DEEPSPEED=0 here and run that script in a call of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -61,7 +63,7 @@ parts = {name: json.loads((out / f"bench_{name}.json").read_text())
 (out / "bench.json").write_text(json.dumps(parts, indent=2))
 PY
 
-if [ -f tools/gpu_check_deepspeed.sh ]; then
+if [ -f tools/gpu_check_deepspeed.sh ] && [ "${GPU_CHECK_DEEPSPEED:-1}" = 1 ]; then
   echo "== tools/gpu_check_deepspeed.sh" | tee -a "$OUT/summary.txt"
   OUT="$OUT/deepspeed" bash tools/gpu_check_deepspeed.sh > "$OUT/deepspeed.log" 2>&1 || fail "gpu_check_deepspeed.sh (see deepspeed.log)"
 fi

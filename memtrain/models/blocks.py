@@ -25,7 +25,8 @@ class MixerBlock(nn.Module):
 
     ``kernels`` (auto | triton | torch, see :mod:`memtrain.kernels.dispatch`): on the Triton path the block
     runs four fused kernels per sublayer pair: LayerNorm, mixing + bias + residual, LayerNorm, FFN (GELU and
-    residual fused into its matmuls). The submodules are then not called, only their parameters read.
+    residual fused into its matmuls). The submodules are then not called, only their parameters read, so
+    under DeepSpeed ZeRO-3 (parameters gathered by submodule hooks) the block keeps the torch path.
     """
 
     def __init__(self, d_model: int, seq_len: int, kernel: int = 1, n_heads: int = 0,
@@ -40,7 +41,7 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         """x [B, L, d] -> [B, L, d]."""
-        if dispatch.resolve(self.kernels, x.device) == "torch":
+        if dispatch.resolve(self.kernels, x.device) == "torch" or dispatch.partitioned(self):
             x = x + self.conv(self.seq_layernorm(x))
             return x + self.patch_ff(self.patch_layernorm(x))
         ln1, ln2, fc1, fc2 = self.seq_layernorm, self.patch_layernorm, self.patch_ff[0], self.patch_ff[2]

@@ -99,7 +99,7 @@ class CausalMix(nn.Module):
         B, L, d = x.shape
         heads = self.proj(x).view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)  # [B, H, L, d_h]
         y = dispatch.causal_mix(heads, self.weight, self.bias, impl=self.kernels).transpose(1, 2).reshape(B, L, d)
-        if dispatch.resolve(self.kernels, x.device) == "torch":
+        if dispatch.resolve(self.kernels, x.device) == "torch" or dispatch.partitioned(self.out_proj):
             y = self.out_proj(y)
             return y if residual is None else residual + y
         return dispatch.linear(y, self.out_proj.weight, self.out_proj.bias, residual, impl="triton")
