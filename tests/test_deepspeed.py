@@ -189,7 +189,8 @@ def test_deepspeed_config_comes_from_the_run_config(tiny_data, tmp_path):
     ds = deepspeed_config(pipe, lay, bf16=False, device_type="cpu")
     assert (lay.data_parallel, lay.micro_batches, lay.micro_batch_size) == (2, 2, 4)
     assert ds["train_batch_size"] == 16 == pipe.data.batch_size * 4  # = what 4 DDP ranks would train
-    assert ds["gradient_clipping"] == 0.0 and ds["pipeline"] == {"activation_checkpoint_interval": 1}
+    assert ds["gradient_clipping"] == 0.0
+    assert ds["pipeline"] == {"activation_checkpoint_interval": 1, "use_reentrant": False}
     with pytest.raises(UserError, match="pipeline_stages 2 does not divide the 3 rank"):
         layout(pipe, world_size=3)
 
@@ -317,6 +318,22 @@ def test_single_rank_bf16_resumes_exactly_and_converts_to_fp32_master_weights(ti
     converted = load_file(str(tmp_path / "conv" / "model.safetensors"))
     assert all(torch.equal(converted[k], saved[k]) for k in saved)
     assert all(torch.equal(a, b) for a, b in zip(saved.values(), weights(parts, 6).values()))
+
+
+@pytest.mark.parametrize("sets", [
+    ("dist.engine=deepspeed", "dist.zero_stage=2", "dist.offload_optimizer=true"),
+    ("dist.engine=deepspeed", "dist.zero_stage=3", "dist.offload_optimizer=true", "dist.offload_param=true",
+     "dist.activation_checkpointing=true"),
+    ("dist.activation_checkpointing=true",),
+])
+def test_offload_and_activation_checkpointing_train_like_the_plain_engine(sets, tiny_data, tmp_path):
+    """ZeRO-Offload (the torch AdamW steps the CPU master copy; no cpu_adam build) and recomputed activations
+    change where tensors live and when they are computed, not the numbers."""
+    args = ("train.steps=4", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0")
+    train(tiny_config(tiny_data.shards, tmp_path / "plain", *args))
+    train(tiny_config(tiny_data.shards, tmp_path / "other", *args, *sets))
+    same_losses(tmp_path / "other", tmp_path / "plain", 4, atol=1e-6)
+    assert_close_weights(weights(tmp_path / "other", 4), weights(tmp_path / "plain", 4), atol=1e-6)
 
 
 def test_convert_refuses_what_is_not_a_deepspeed_checkpoint(tiny_data, tmp_path, capsys):

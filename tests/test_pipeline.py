@@ -118,6 +118,8 @@ def test_activations_without_gradient_cross_stages_as_integer_views():
         assert sent[0].dtype == int_dtype and sent[1] is live and sent[2] is ids
         back = unpack(sent)
         assert back[0].dtype == dtype and torch.equal(back[0], frozen) and back[2] is ids
+    assert pack(x).dtype == torch.int32 and torch.equal(unpack(pack(x)), x)  # a lone tensor too
+    assert pack(x * w).dtype == torch.float32
     with torch.no_grad():
         assert pack((x,))[0] is x  # inside no_grad nothing is sent for backward anyway
 
@@ -148,13 +150,14 @@ def test_two_stage_pipeline_killed_and_resumed_equals_one_process(reference, tin
 def test_pipeline_curriculum_freezing_a_whole_stage_equals_one_process(reference, tiny_data, tmp_path):
     """Uniform partition puts the encoder and the memory assembly on stage 0; the curriculum's second stage
     freezes the encoder and the embeddings, so stage 0 trains nothing and sends activations without gradient
-    (as integer views). The run still equals one process, and stage 0 stays exactly as it was."""
+    (as integer views), here with activation checkpointing (which hands a stage's lone output over untupled).
+    The run still equals one process, and stage 0 stays exactly as it was."""
     cur = ("curriculum=[{name: joint, steps: 3, weights: {causal: 1.0, copy: 0.5}}, "
            "{name: decoder, steps: 3, weights: {causal: 1.0}, freeze: [encoder, embeddings]}]")
     run = tmp_path / "pipe"
     config = write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, run, [
         *RUN, "dist.engine=deepspeed", "dist.zero_stage=1", "dist.pipeline_stages=2",
-        "dist.pipeline_partition=uniform", cur]))
+        "dist.pipeline_partition=uniform", "dist.activation_checkpointing=true", cur]))
     done = torchrun(config)
     assert "pipeline of 2 stages (layers [0, 3, 5]) x 1 replica(s)" in done.stdout
     ref = tmp_path / "ref"

@@ -81,5 +81,7 @@ def deepspeed_config(cfg: Config, lay: Layout, bf16: bool, device_type: str) -> 
         "wall_clock_breakdown": False,
     }
     if d.pipeline_stages > 1:
-        out["pipeline"] = {"activation_checkpoint_interval": 1 if d.activation_checkpointing else 0}
+        # non-reentrant checkpointing: the first stage's inputs are token ids, which need no gradient
+        out["pipeline"] = {"activation_checkpoint_interval": 1 if d.activation_checkpointing else 0,
+                           "use_reentrant": False}
     return out

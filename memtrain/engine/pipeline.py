@@ -240,19 +240,24 @@ class PipelineLoss:
 
 
 def pack(acts):
-    """A stage's outputs -> what DeepSpeed sends: float tensors that need no gradient as integer views."""
-    if not isinstance(acts, tuple):
-        return acts
+    """A stage's outputs (a tensor or a tuple) -> what DeepSpeed sends: float tensors that need no gradient
+    as integer views."""
     if not torch.is_grad_enabled():
         return acts
-    return tuple(t.view(_AS_INT[t.dtype]) if t.dtype in _AS_INT and not t.requires_grad else t for t in acts)
+
+    def one(t):
+        return t.view(_AS_INT[t.dtype]) if t.dtype in _AS_INT and not t.requires_grad else t
+
+    return tuple(one(t) for t in acts) if isinstance(acts, tuple) else one(acts)
 
 
 def unpack(acts):
-    """What a stage received -> its inputs (integer views back to the float tensors they carry)."""
-    if not isinstance(acts, tuple):
-        return acts
-    return tuple(t.view(_AS_FLOAT[t.dtype]) if t.dtype in _AS_FLOAT else t for t in acts)
+    """What a stage received (a tensor or a tuple) -> its inputs (integer views back to the float tensors
+    they carry)."""
+    def one(t):
+        return t.view(_AS_FLOAT[t.dtype]) if t.dtype in _AS_FLOAT else t
+
+    return tuple(one(t) for t in acts) if isinstance(acts, tuple) else one(acts)
 
 
 def build_pipeline_module(model, stages: int, method: str, loss_fn: PipelineLoss, activation_checkpointing: bool):
@@ -270,7 +275,11 @@ def build_pipeline_module(model, stages: int, method: str, loss_fn: PipelineLoss
 
         def forward(self, forward_input):
             out = super().forward(unpack(forward_input))
-            return out if self._local_stop == len(layers) else pack(out)
+            if self._local_stop == len(layers):
+                return out
+            # always a tuple: DeepSpeed skips non-float members of a tuple when it returns gradients, but it
+            # wants a gradient for a lone tensor (non-reentrant checkpointing unwraps one-element tuples)
+            return pack(out if isinstance(out, tuple) else (out,))
 
     layers = pipeline_layers(model)
     parts = pipeline_parts(layers, stages, method)
