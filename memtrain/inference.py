@@ -194,7 +194,8 @@ class MemoryReader:
         if self.is_hf and decoder_tokenizer is None:
             raise ValueError("an HF-decoder memory model needs its decoder tokenizer")
         if getattr(model, "encoder", None) is None:
-            raise UserError(f"{checkpoint}: this memory model has no encoder (model.no_memory), so it reads no memories")
+            raise UserError(f"{checkpoint}: this memory model has no encoder (model.no_memory), so it reads no "
+                            "memories")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -367,9 +368,9 @@ class MemoryReader:
             n = x.shape[1]
             if use_cache:
                 start = n - step_in.shape[1]
-                out = backbone(inputs_embeds=step_in, attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-                               position_ids=torch.arange(start, n, device=self.device)[None], past_key_values=past,
-                               use_cache=True)
+                mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+                out = backbone(inputs_embeds=step_in, attention_mask=mask, past_key_values=past, use_cache=True,
+                               position_ids=torch.arange(start, n, device=self.device)[None])
                 past = out.past_key_values
             else:
                 out = backbone(inputs_embeds=x, position_ids=torch.arange(n, device=self.device)[None], use_cache=False)
@@ -455,8 +456,8 @@ def save_memories(path: str | Path, docs: Sequence[DocumentMemories], meta: dict
     width = int(meta["memory_width"])
     tensors = {"memories": torch.cat([d.memories.float() for d in docs]) if docs else torch.zeros(0, width),
                "offsets": torch.tensor([0] + counts, dtype=torch.long).cumsum(0)}
-    docs_meta = [{"id": d.doc_id, "spans": [list(s) for s in d.spans], **({"text": d.text} if d.text is not None else {})}
-                 for d in docs]
+    docs_meta = [{"id": d.doc_id, "spans": [list(s) for s in d.spans],
+                  **({"text": d.text} if d.text is not None else {})} for d in docs]
     tmp = p.with_name(f".{p.name}.tmp")
     save_file(tensors, str(tmp), metadata={**meta, "docs": json.dumps(docs_meta)})
     tmp.replace(p)
@@ -535,7 +536,8 @@ def _cmd_generate(args) -> int:
     print(f"continuation: {report['continuation']!r}")
     used = report["memories_used"]
     where = f"chunks {report['chunks_used'][0]}-{report['chunks_used'][1]} of {report['chunks']}" if used else "none"
-    mode = "greedy" if sampling["greedy"] else f"sampled (T={sampling['temperature']}, top-p {args.top_p}, seed {args.seed})"
+    mode = "greedy" if sampling["greedy"] else \
+        f"sampled (T={sampling['temperature']}, top-p {args.top_p}, seed {args.seed})"
     if "text_tokens_replaced" in report:
         print(f"memories: {used} ({where}) stand for {report['text_tokens_replaced']} text tokens: the decoder read "
               f"{report['positions_with_memories']} positions instead of {report['positions_with_full_text']} "

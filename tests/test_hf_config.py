@@ -34,3 +34,17 @@ def test_bad_hf_decoder_settings_are_one_line_errors(raw, expected):
     with pytest.raises(UserError) as err:
         config_from_dict(raw, source="run.yaml")
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paper_llama_config_is_the_reference_setup():
+    from memtrain.config import load_config
+
+    cfg = load_config("yaml/paper/llm_decoder_copy_llama32_1b.yaml",
+                      ["model.hf_decoder.path=/models/Llama-3.2-1B"])
+    m = cfg.model
+    assert (m.kind, m.chunk_len, m.n_chunks, m.decoder_chunk_len) == ("memory", 256, 4, 256)
+    assert (m.encoder.arch, m.encoder.d_model) == ("transformer", 512) and m.frozen_encoder is not None
+    assert (m.hf_decoder.path, m.hf_decoder.mode, m.hf_decoder.gradient_checkpointing) == \
+        ("/models/Llama-3.2-1B", "full", True)
+    assert cfg.objective.weights.active() == {"copy": 1.0} and cfg.objective.n_delimiters == 0
+    assert (cfg.optim.lr, cfg.train.precision, cfg.dist.engine, cfg.dist.zero_stage) == (5e-5, "bf16", "deepspeed", 3)

@@ -10,11 +10,12 @@ from memtrain.cli import main
 from memtrain.data.dual import (PAD_SLOT, TOKEN_OFFSET, DualLayout, TextSpanChunker, dual_chunker,
                                 load_decoder_tokenizer)
 from memtrain.data.ingest import is_val_document
-from memtrain.data.loader import make_loader, read_shard_info
+from memtrain.data.loader import read_shard_info
 from memtrain.data.tokenizer import Tokenizer
 from memtrain.errors import UserError
 from memtrain.objectives import SpecialTokens, make_task
-from test_hf_helpers import C, L, L_DEC, corpus, dual_shards, encoder_tokenizer, tiny_llm
+from test_hf_helpers import (C, L, L_DEC, corpus, dual_shards, encoder_tokenizer, first_rows, shm_retry,
+                             tiny_llm)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_dual_shards_hold_both_streams_of_the_same_spans(tmp_path_factory, token
     assert info.row_len == C * (L + L_DEC) and (d["n_chunks"], d["chunk_len"], d["decoder_chunk_len"]) == (C, L, L_DEC)
     assert d["decoder_vocab_size"] == len(dec) and (shards / d["decoder_tokenizer"] / "tokenizer.json").is_file()
     assert info.rows("train") > 20 and info.rows("val") > 0
-    rows = next(iter(make_loader(shards, "train", batch_size=3, shuffle=False, seed=0, max_batches=1)))
+    rows = first_rows(tmp_path_factory, n=3)  # the loader's first batch of 3 rows
     assert rows.shape == (3, info.row_len) and rows.dtype == torch.long
     lay = DualLayout(C, L, L_DEC)
     e, s = lay.split(rows)
@@ -103,8 +104,7 @@ def test_dual_shards_hold_both_streams_of_the_same_spans(tmp_path_factory, token
 
 
 def test_copy_and_blank_copy_work_on_dual_rows(tmp_path_factory):
-    rows = next(iter(make_loader(dual_shards(tmp_path_factory), "train", batch_size=2, shuffle=False, seed=0,
-                                 max_batches=1)))
+    rows = first_rows(tmp_path_factory)
     special = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=1, filler_id=5)
     lay = DualLayout(C, L, L_DEC)
     inputs, targets = make_task("copy", rows, special, n_chunks=C)
@@ -129,7 +129,7 @@ def test_shards_cli_and_bad_decoder_tokenizers(tmp_path, tmp_path_factory, capsy
     args = ["data", "shards", "--input", str(src), "--tokenizer", str(enc), "--out", str(out), "--chunk-len", "16",
             "--chunks", "2", "--decoder-tokenizer", str(llm), "--decoder-chunk-len", "10", "--no-progress",
             "--val-fraction", "0.1"]
-    assert main(args) == 0
+    assert shm_retry(main, args) == 0
     printed = capsys.readouterr().out
     assert "dual rows: 2 chunks x (16 encoder + 10 decoder) positions" in printed and "filled: encoder" in printed
     assert json.loads((out / "memtrain_shards.json").read_text())["row_len"] == 2 * 26

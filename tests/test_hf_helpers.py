@@ -67,6 +67,33 @@ def dual_shards(tmp_path_factory, family: str = "llama") -> Path:
     return out
 
 
+def shm_retry(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, once more if it lost mosaicml-streaming's shared-memory naming race with another
+    job on the machine (``FileExistsError: '/NNNNNN_locals'``: raised when a loader opens, before a run writes
+    anything, so a retry starts from the same state)."""
+    try:
+        return fn(*args, **kwargs)
+    except FileExistsError as exc:
+        if "_locals" not in str(exc):
+            raise
+        return fn(*args, **kwargs)
+
+
+_ROWS: dict[tuple, torch.Tensor] = {}
+
+
+def first_rows(tmp_path_factory, family: str = "llama", n: int = 2, split: str = "train") -> torch.Tensor:
+    """The first ``n`` dual rows of the family's shards (unshuffled), loaded once per session."""
+    from memtrain.data.loader import make_loader
+
+    key = (family, n, split)
+    if key not in _ROWS:
+        shards = dual_shards(tmp_path_factory, family)
+        loader = shm_retry(make_loader, shards, split, batch_size=n, shuffle=False, seed=0, max_batches=1)
+        _ROWS[key] = next(iter(loader)).clone()
+    return _ROWS[key]
+
+
 def hf_config(shards: Path, llm: Path, out_dir: Path, mode: str = "full", steps: int = 3, **model_extra):
     """A tiny HF-decoder run config: transformer encoder d 32, copy + causal, fp32, one thread."""
     model = {"kind": "memory", "chunk_len": L, "n_chunks": C,
@@ -92,7 +119,8 @@ def trained_run(tmp_path_factory, name: str = "lora", mode: str = "lora", steps:
 
     out = _root(tmp_path_factory) / f"run-{name}"
     if not (out / "summary.json").is_file():
-        train(hf_config(dual_shards(tmp_path_factory), tiny_llm(tmp_path_factory), out, mode=mode, steps=steps))
+        shm_retry(train, hf_config(dual_shards(tmp_path_factory), tiny_llm(tmp_path_factory), out, mode=mode,
+                                   steps=steps))
     return out
 
 

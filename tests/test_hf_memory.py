@@ -10,24 +10,23 @@ from safetensors.torch import load_file
 
 from memtrain.cli import main
 from memtrain.data.dual import DualLayout
-from memtrain.data.loader import make_loader
 from memtrain.engine.trainer import train
 from memtrain.errors import UserError
 from memtrain.models import build_model
 from memtrain.models.hf_memory import HFMemoryModel, MemoryWidthError
 from memtrain.objectives import SpecialTokens, compute_losses
-from test_hf_helpers import C, L, L_DEC, dual_shards, hf_config, tiny_llm
+from test_hf_helpers import C, L, L_DEC, dual_shards, first_rows, hf_config, shm_retry, tiny_llm
 
 SPECIAL = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=1, filler_id=5)
 
 
 def _rows(tmp_path_factory, family="llama", n=2):
-    return next(iter(make_loader(dual_shards(tmp_path_factory, family), "train", batch_size=n, shuffle=False,
-                                 seed=0, max_batches=1)))
+    return first_rows(tmp_path_factory, family, n)
 
 
 def _model(tmp_path_factory, tmp_path, family="llama", **extra):
-    cfg = hf_config(dual_shards(tmp_path_factory, family), tiny_llm(tmp_path_factory, family), tmp_path / "run", **extra)
+    shards, llm = dual_shards(tmp_path_factory, family), tiny_llm(tmp_path_factory, family)
+    cfg = hf_config(shards, llm, tmp_path / "run", **extra)
     torch.manual_seed(0)
     return build_model(cfg.model, 420), cfg
 
@@ -103,7 +102,7 @@ def test_training_modes_change_exactly_what_they_train(tmp_path_factory, tmp_pat
                     **extra)
     torch.manual_seed(cfg.run.seed)
     initial = _state(build_model(cfg.model, 420))  # what the trainer starts from (same seed, same build)
-    summary = train(cfg)
+    summary = shm_retry(train, cfg)
     assert summary["complete"] and summary["step"] == 3
     trained = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000003" / "model.safetensors"))
     pretrained = _pretrained_llm(tmp_path_factory)
@@ -131,10 +130,10 @@ def test_training_modes_change_exactly_what_they_train(tmp_path_factory, tmp_pat
 def test_qwen_decoder_trains_and_memtrain_eval_reads_the_run(tmp_path_factory, tmp_path, capsys):
     cfg = hf_config(dual_shards(tmp_path_factory, "qwen3"), tiny_llm(tmp_path_factory, "qwen3"), tmp_path / "qwen",
                     mode="full", steps=2)
-    assert train(cfg)["complete"]
+    assert shm_retry(train, cfg)["complete"]
     out = tmp_path / "eval.json"
-    assert main(["eval", str(tmp_path / "qwen"), "--batches", "1", "--objectives", "causal,copy", "--greedy",
-                 "--json", str(out)]) == 0
+    assert shm_retry(main, ["eval", str(tmp_path / "qwen"), "--batches", "1", "--objectives", "causal,copy",
+                            "--greedy", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["hf-full"]
     assert set(results) == {"causal", "copy"}
     for r in results.values():
@@ -152,7 +151,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path_facto
         assert model.causal_lm().is_gradient_checkpointing == checkpointing
         total, _ = compute_losses(model, rows, {"causal": 1.0}, SPECIAL)
         total.backward()
-        grads.append((float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append((float(total.detach()),
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert set(grads[0][1]) == set(grads[1][1])
     for name, g in grads[0][1].items():
@@ -187,4 +187,12 @@ def test_bad_llm_directories_and_memories_are_one_line_errors(tmp_path_factory, 
     rows = _rows(tmp_path_factory)
     with pytest.raises(MemoryWidthError, match="projector was built for width 32"):
         model(rows, memories=torch.zeros(2, C - 1, 48))
+    # shards made with another decoder tokenizer: ids beyond the LLM's vocabulary, caught at the first batch
+    lay = DualLayout(C, L, L_DEC)
+    enc, slots = lay.split(rows)
+    ids, mask = DualLayout.decoder_tokens(slots)
+    foreign = lay.pack(enc, ids.masked_fill(mask, 5000), mask)
+    model._ids_checked = False
+    with pytest.raises(UserError, match="decoder token id 5000 is outside the LLM's vocabulary of 320"):
+        model(foreign)
     assert isinstance(MemoryWidthError("x"), UserError)

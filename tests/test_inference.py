@@ -10,7 +10,7 @@ import torch
 from memtrain.cli import main
 from memtrain.errors import UserError
 from memtrain.inference import MemoryReader, load_memories, save_memories
-from test_hf_helpers import corpus, trained_run
+from test_hf_helpers import corpus, shm_retry, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_memtrain_decoders_generate_by_recomputation(tmp_path, tiny_data, capsys
 
     cfg = tiny_config(tiny_data.shards, tmp_path / "mixer", "train.steps=2", "train.eval_every=0",
                       "train.ckpt_every=0")
-    train(cfg)
+    shm_retry(train, cfg)
     mixer = MemoryReader.from_checkpoint(tmp_path / "mixer")
     assert not mixer.is_hf
     text = tiny_data.corpus.read_text().splitlines()[0]
@@ -146,6 +146,6 @@ def test_memtrain_decoders_generate_by_recomputation(tmp_path, tiny_data, capsys
     assert report["full_text"].startswith("n/a") and report["memories_used"] == 3
     clm = tiny_config(tiny_data.shards, tmp_path / "clm", "model.kind=clm", "train.steps=1", "train.eval_every=0",
                       "train.ckpt_every=0", "objective.weights={causal: 1.0}")
-    train(clm)
+    shm_retry(train, clm)
     with pytest.raises(UserError, match="memory inference needs a memory model"):
         MemoryReader.from_checkpoint(tmp_path / "clm")

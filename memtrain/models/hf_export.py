@@ -60,7 +60,7 @@ def export_decoder(run: str | Path, out_dir: str | Path, overwrite: bool = False
         export_cfg.model.hf_decoder.gradient_checkpointing = False
         (tmp / "memory" / "config.yaml").write_text(dump_config(export_cfg))
         (tmp / "memory" / "meta.json").write_text(json.dumps(
-            dict(meta, **{EXPORT_KEY: {"decoder_dir": "../decoder", "source": str(ck), "lora_merged": lora}}),
+            dict(meta, **{EXPORT_KEY: {"decoder_dir": "../decoder", "source": str(ck.resolve()), "lora_merged": lora}}),
             indent=2))
         shutil.copyfile(tokenizer.path, tmp / "memory" / TOKENIZER_FILE)
         if out.exists():

@@ -91,8 +91,8 @@ def load_causal_lm(hf: HFDecoderConfig, pretrained: bool = True):
     dtype = _DTYPES[hf.dtype]
     try:
         if pretrained:
-            return AutoModelForCausalLM.from_pretrained(hf.path, dtype=dtype, attn_implementation=hf.attn_implementation,
-                                                        local_files_only=True)
+            return AutoModelForCausalLM.from_pretrained(hf.path, dtype=dtype, local_files_only=True,
+                                                        attn_implementation=hf.attn_implementation)
         from transformers.modeling_utils import no_init_weights
 
         with no_init_weights():
@@ -181,6 +181,7 @@ class HFMemoryModel(MemtrainModel):
         elif hf.mode == "lora":
             lm = _add_lora(lm, hf.lora)
         self.llm = lm
+        self._ids_checked = False
         #: parameters the mode keeps as loaded: the LLM's own weights in lora and frozen mode
         self._fixed = {f"llm.{n}" for n, p in lm.named_parameters() if not p.requires_grad}
 
@@ -278,6 +279,13 @@ class HFMemoryModel(MemtrainModel):
         enc, slots = self.layout.split(input_ids)
         B, C = enc.shape[:2]
         ids, token_mask = self.layout.decoder_tokens(slots)  # [B, C, L_dec]
+        if not self._ids_checked:  # once (a host sync): shards of another decoder tokenizer fail here, clearly
+            top = int(ids.max()) if ids.numel() else 0
+            if top >= self.vocab_size:
+                raise UserError(f"decoder token id {top} is outside the LLM's vocabulary of {self.vocab_size}: the "
+                                "shards' decoder tokenizer is not this LLM's (make them with `memtrain data shards "
+                                f"--decoder-tokenizer {self.cfg.hf_decoder.path}`)")
+            self._ids_checked = True
         tokens = self.token_embeddings(ids)  # [B, C, L_dec, d]
         sources = [tokens.new_zeros(B, 1, self.d_model)]
         if self.start_id is not None:
