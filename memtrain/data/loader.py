@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 import urllib.parse
 import weakref
 from dataclasses import dataclass, field
@@ -315,6 +316,19 @@ def _num_nodes() -> int:
     return max(1, world // max(1, local_world))
 
 
+def _retry_shm_race(make, attempts: int = 5):
+    """``make()``, again after a FileExistsError: streaming picks a free shared-memory prefix by scanning
+    /dev/shm and then creates it, so two processes of the machine starting a dataset at the same moment can
+    pick the same one; the loser's next scan sees the winner's segments and picks another."""
+    for k in range(attempts):
+        try:
+            return make()
+        except FileExistsError:
+            if k == attempts - 1:
+                raise
+            time.sleep(0.05 * (k + 1))
+
+
 class ShardLoader:
     """Batches of one split of a shard directory: ``torch.long [batch_size, row_len]``.
 
@@ -362,9 +376,9 @@ class ShardLoader:
 
             dataset_cls, collate, extra = JoinedDataset, memories.collate, {"memories": memories}
         try:
-            self.dataset = dataset_cls(
+            self.dataset = _retry_shm_race(lambda: dataset_cls(
                 remote=remote, local=local, split=split, batch_size=self.batch_size, shuffle=self.shuffle,
-                shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes(), **extra)
+                shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes(), **extra))
         except UserError:
             raise
         except FileNotFoundError as err:
