@@ -112,6 +112,41 @@ def test_memories_are_the_frozen_encoders_for_every_task(tokens, encoder_run, me
     assert [int(shards.get(i)["idx"]) for i in range(len(shards))] == list(range(info.rows("val")))
 
 
+def test_an_autoencoders_encoder_gives_the_memories(tiny_data, tokens, tmp_path):
+    """An autoencoder of one 8-token chunk, trained on its own shards: its encoder makes the memories of
+    chunks 0..2 of the 4 x 8 rows."""
+    from safetensors.torch import load_file
+
+    from memtrain.config import load_config
+    from memtrain.data.memories import MemoryShards
+    from memtrain.engine.checkpoint import latest_checkpoint
+    from memtrain.models import build_model
+
+    ae_tokens = tmp_path / "ae_tokens"
+    build_shards([str(tiny_data.corpus)], tiny_data.tokenizer, ae_tokens, row_len=8, val_fraction=0.05, workers=1,
+                 progress=False)
+    run = tmp_path / "ae"
+    train(tiny_config(ae_tokens, run, "model.kind=autoencoder", "model.n_chunks=1", "train.steps=1",
+                      "train.eval_every=0", "objective.weights={reconstruction: 1.0}"))
+    out = tmp_path / "mem"
+    summary = pj.run_precompute(run, tokens, out, splits=["val"], dtype="fp32", tasks=["causal"], batch_size=32,
+                                threads=1, progress=False)
+    man = mf.read_manifest(out)
+    assert summary["merged"] and man["encoder"]["source_kind"] == "autoencoder" and man["n_chunks"] == 4
+    assert list(man["tasks"]) == ["causal"] and man["splits"]["val"]["samples"] == read_shard_info(tokens).rows("val")
+    ckpt = latest_checkpoint(run).path
+    ae = build_model(load_config(ckpt / "config.yaml").model, 400)
+    ae.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    loader = make_loader(tokens, "val", batch_size=6, shuffle=False, seed=0, max_batches=1)
+    ids = next(iter(loader))
+    loader.close()
+    shards = MemoryShards(out, "val", man)
+    stored = torch.from_numpy(np.stack([shards.get(i)["mem"] for i in range(6)]))  # [6, 3 * 32]
+    with torch.no_grad():
+        want = ae.encode(ids[:, :24].reshape(18, 8)).reshape(6, 3 * 32)
+    torch.testing.assert_close(stored, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_and_fp16_storage_round_trip(tokens, encoder_run, mem_fp32, tmp_path):
     info = read_shard_info(tokens)
     cfg = run_cfg(tokens, tmp_path / "r", encoder_run, mem_fp32)
@@ -263,6 +298,9 @@ def test_bad_memory_directories_are_refused(tokens, encoder_run, mem_fp32, tmp_p
         _open(run_cfg(tokens, tmp_path / "r", encoder_run, bad), tokens)
     with pytest.raises(UserError, match="truncated"):
         pj.verify_memories(bad)
+    summary = pj.run_precompute(encoder_run, tokens, bad, dtype="fp32", batch_size=16, threads=1, progress=False)
+    assert summary["computed"] == 1 and summary["merged"]  # the damaged unit, and only it, is made again
+    assert tree_bytes(bad) == tree_bytes(mem_fp32)
     # a manifest edited by hand
     bad = tmp_path / "edited"
     shutil.copytree(mem_fp32, bad)

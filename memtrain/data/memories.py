@@ -72,7 +72,7 @@ class MemoryShards:
             size = path.stat().st_size
             if size != rec["bytes"]:
                 raise UserError(f"{path}: memory shard truncated or changed ({size} bytes, the manifest records "
-                                f"{rec['bytes']}); re-run `memtrain precompute` for this unit (delete its folder)")
+                                f"{rec['bytes']}); run the same `memtrain precompute` again: it recomputes damaged units")
             self.readers.append(reader_from_json(str(self.dir), split, shard))
             self.starts.append(start)
             start += rec["samples"]

@@ -66,9 +66,14 @@ class FrozenEncoder:
 def load_frozen_encoder(checkpoint: str | Path) -> FrozenEncoder:
     """Load the encoder of an autoencoder or memory-model checkpoint (or run directory: its newest
     checkpoint). Raises UserError for a missing or damaged checkpoint, or a kind without an encoder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     from memtrain.config import load_config
-    from memtrain.engine.checkpoint import load_model_weights, read_meta, resolve_checkpoint
-    from memtrain.models import build_model
+    from memtrain.engine.checkpoint import read_meta, resolve_checkpoint
+    from memtrain.kernels.dispatch import set_kernels
+    from memtrain.models import ChunkEncoder
+    from memtrain.models.base import encoder_state_from
 
     src = resolve_checkpoint(checkpoint)
     meta = read_meta(src)
@@ -84,9 +89,18 @@ def load_frozen_encoder(checkpoint: str | Path) -> FrozenEncoder:
     vocab = meta.get("vocab_size")
     if not isinstance(vocab, int):
         raise UserError(f"{src / 'meta.json'}: no vocab_size; not a memtrain checkpoint")
-    model = build_model(cfg.model, vocab)
-    load_model_weights(model, src)
-    encoder = model.encoder.eval().requires_grad_(False)
+    weights = src / "model.safetensors"
+    try:
+        state = encoder_state_from(load_file(str(weights)), kind)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights}: unreadable weights, missing or damaged ({err})") from None
+    encoder = set_kernels(ChunkEncoder(cfg.model, vocab), cfg.model.kernels)  # the encoder alone, not the model
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise UserError(f"{weights}: the encoder's weights do not fit {src / 'config.yaml'} ({detail})") from None
+    encoder = encoder.eval().requires_grad_(False)
     info = {
         "checkpoint": str(checkpoint),
         "step": meta.get("step"),
@@ -427,10 +441,13 @@ def _write_unit(job: _Job, split: str, index: int, shard: dict, first: int, batc
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        final = split_dir / name
+        if final.exists() and not _unit_done(final):  # a finished unit damaged since: replace it
+            shutil.rmtree(final)
         try:
-            os.rename(tmp, split_dir / name)
+            os.rename(tmp, final)
         except OSError:  # another process finished the same unit meanwhile (identical content)
-            if not _unit_done(split_dir / name):
+            if not _unit_done(final):
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
