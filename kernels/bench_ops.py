@@ -6,7 +6,7 @@
 Operators, at the mixer autoencoder's shapes (batch 32 x n_ctx 512, d 1024; bf16 compute on CUDA):
 
 ``mix``         causal mixing y = tril(W) x + b: the Triton kernels against the masked dense torch matmul
-                (``torch.matmul(torch.tril(W), x) + b``, as the reference model computes it), eager and compiled
+                (``models.mixing.causal_mix``: ``torch.matmul(torch.tril(W), x) + b``), eager and compiled
 ``layernorm``   LayerNorm of the fp32 residual stream into the bf16 matmul input
 ``ffn``         residual + Linear(GELU(Linear(x))) (d -> 4d -> d)
 ``linear_ce``   the output head + cross-entropy: chunked (``kernels/linear_ce.py``) against plain, for V = 8000
@@ -57,7 +57,7 @@ def fwd_bwd(f: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: to
             t.grad = None
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             out = f(*inputs)
-        out.backward(grad)
+        out.backward(grad.to(out.dtype))
     return run
 
 
@@ -90,15 +90,15 @@ def compare(name: str, impls: dict[str, Callable[[], None]], dev: torch.device, 
 
 
 def bench_mix(B, L, d, gen, dev, autocast, reps, warmup) -> dict:
-    from memtrain.kernels import mix
+    from memtrain.kernels import mix, reference
 
     x, w, b = leaves(gen, dev, (B, L, d), (L, L), (L,))
     with torch.no_grad():
         w.mul_(L ** -0.5)
     grad = torch.randn(B, L, d, generator=gen).to(dev)
 
-    def dense(x, w, b):
-        return torch.matmul(torch.tril(w), x) + b.unsqueeze(-1)
+    def dense(x, w, b):  # the model's torch path: models.mixing.causal_mix, a masked dense matmul
+        return reference.causal_mix(x, w.unsqueeze(-1), b)
 
     def triton_mix(x, w, b):
         return mix.causal_mix(x, w.unsqueeze(-1), b)
@@ -193,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run under the interpreter)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast also off CUDA (default: on CUDA only)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     COMPILE["on"] = not args.no_compile
-    autocast = dev.type == "cuda"
+    autocast = dev.type == "cuda" or args.bf16
     gen = torch.Generator().manual_seed(0)
     reps = args.reps or (3 if args.tiny else 20)
     warmup = 1 if args.tiny else 5
