@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -271,8 +271,10 @@ def scored_positions(cfg: Any, ids: torch.Tensor, vocab: int) -> tuple[dict[str,
 
 def bench(config: str, overrides: list[str], variants: list[str] | None, steps: int, warmup: int,
           batch_size: int | None, precision: str | None, vocab: int, device: str, peak_size: int | None,
-          profile_rows: int = 0) -> dict:
-    """Run the benchmark; returns the JSON-ready result (see the module docstring)."""
+          profile_rows: int = 0, on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the benchmark; returns the JSON-ready result (see the module docstring). ``on_progress`` gets the
+    result so far after each variant (``"complete": False`` until the last), so a run that is stopped early
+    still leaves the variants it measured."""
     from memtrain.config import load_config
     from memtrain.engine.distributed import pick_device
     from memtrain.errors import UserError
@@ -298,7 +300,16 @@ def bench(config: str, overrides: list[str], variants: list[str] | None, steps: 
     n = peak_size or (8192 if dev.type == "cuda" else 1024)
     peak = matmul_peak(dev, peak_dtype, n)
 
-    rows = []
+    header = {"device": device_name(dev), "torch": torch.__version__, "triton": _triton_version(),
+              "commit": current_commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]), "config": str(path),
+              "overrides": overrides, "kind": cfg.model.kind, "precision": prec, "batch_size": batch,
+              "seq_len": cfg.model.seq_len, "vocab": vocab, "steps": steps, "warmup": warmup,
+              "scored_positions": scored, "params_M": round(n_params / 1e6, 2),
+              "flops_per_token": round(flops["per_token"]),
+              "flops_split": {k: v for k, v in flops.items() if k not in ("total", "per_token")},
+              "matmul_peak_TFLOPs": float(f"{peak:.4g}"), "matmul_peak": f"{n}^3 {str(peak_dtype).split('.')[-1]}"}
+    rows: list[dict] = []
     for v in variants:
         try:
             rows.append(run_variant(cfg, v, ids, vocab, steps, warmup, prec, dev, profile_rows))
@@ -310,32 +321,32 @@ def bench(config: str, overrides: list[str], variants: list[str] | None, steps: 
             torch._dynamo.reset()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        _add_ratios(rows, flops["per_token"], peak)
+        if on_progress is not None:
+            on_progress({**header, "complete": len(rows) == len(variants), "results": rows})
+    return {**header, "complete": True, "results": rows}
+
+
+def _add_ratios(rows: list[dict], flops_per_token: float, peak: float) -> None:
+    """MFU, model TFLOP/s and the ratios to ``torch`` and ``torch+compile`` of every measured row."""
     base = {r["variant"]: r["tokens_per_s"] for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
             continue
-        r["model_TFLOPs"] = float(f"{flops['per_token'] * r['tokens_per_s'] / 1e12:.4g}")
-        r["mfu"] = float(f"{flops['per_token'] * r['tokens_per_s'] / (peak * 1e12):.4g}")
+        r["model_TFLOPs"] = float(f"{flops_per_token * r['tokens_per_s'] / 1e12:.4g}")
+        r["mfu"] = float(f"{flops_per_token * r['tokens_per_s'] / (peak * 1e12):.4g}")
         if "torch" in base:
             r["ratio_vs_torch"] = round(r["tokens_per_s"] / base["torch"], 3)
         if "torch+compile" in base:
             r["ratio_vs_torch_compile"] = round(r["tokens_per_s"] / base["torch+compile"], 3)
-    commit = current_commit()
+
+
+def _triton_version() -> Optional[str]:
     try:
         import triton
-
-        triton_version = triton.__version__
     except ImportError:
-        triton_version = None
-    return {"device": device_name(dev), "torch": torch.__version__, "triton": triton_version, "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "config": str(path), "overrides": overrides, "kind": cfg.model.kind, "precision": prec,
-            "batch_size": batch, "seq_len": cfg.model.seq_len, "vocab": vocab, "steps": steps, "warmup": warmup,
-            "scored_positions": scored, "params_M": round(n_params / 1e6, 2),
-            "flops_per_token": round(flops["per_token"]), "flops_split": {k: v for k, v in flops.items()
-                                                                        if k not in ("total", "per_token")},
-            "matmul_peak_TFLOPs": float(f"{peak:.4g}"), "matmul_peak": f"{n}^3 {str(peak_dtype).split('.')[-1]}",
-            "results": rows}
+        return None
+    return triton.__version__
 
 
 def current_commit() -> str:
@@ -368,8 +379,17 @@ def format_table(result: dict) -> str:
 
 def _cmd_bench(args) -> int:
     variants = [v for v in (args.variants or "").split(",") if v] or None
+
+    def progress(partial: dict) -> None:
+        last = partial["results"][-1]
+        print(f"bench: {last['variant']}: " + (last["error"] if "error" in last else
+                                               f"{last['tokens_per_s']:,.0f} tokens/s"), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(partial, indent=2))
+
     result = bench(args.config, args.set, variants, args.steps, args.warmup, args.batch_size, args.precision,
-                   args.vocab, args.device, args.peak_size, args.profile)
+                   args.vocab, args.device, args.peak_size, args.profile, on_progress=progress)
     print(format_table(result))
     for r in result["results"]:
         for p in r.get("profile", []):

@@ -57,7 +57,7 @@ def test_bench_cli_runs_torch_and_triton_on_this_device(tmp_path, capsys):
                    "--vocab", "64", "--peak-size", "256", "--profile", "3", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["kind"] == "memory" and result["batch_size"] == 2 and result["seq_len"] == 32
+    assert result["complete"] and result["kind"] == "memory" and result["batch_size"] == 2 and result["seq_len"] == 32
     assert result["matmul_peak_TFLOPs"] > 0 and result["flops_per_token"] > 0
     assert result["scored_positions"] == {"causal": 2 * 31, "copy": 2 * 15}
     torch_row, triton_row = result["results"]
@@ -85,8 +85,11 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
         return real(cfg, variant, *args, **kwargs)
 
     monkeypatch.setattr(bench_mod, "run_variant", run)
+    seen = []
     result = bench_mod.bench("tiny", [], ["triton", "torch"], steps=1, warmup=0, batch_size=1, precision=None,
-                             vocab=64, device="cpu", peak_size=64)
+                             vocab=64, device="cpu", peak_size=64,
+                             on_progress=lambda r: seen.append((r["complete"], [x["variant"] for x in r["results"]])))
+    assert seen == [(False, ["triton"]), (True, ["triton", "torch"])]  # written after every variant
     failed, ok = result["results"]
     assert failed == {"variant": "triton", "error": "RuntimeError: out of memory (simulated)"}
     assert ok["variant"] == "torch" and ok["ratio_vs_torch"] == 1.0 and ok["tokens_per_s"] > 0
