@@ -303,9 +303,21 @@ def _claim_plan(out: Path, plan: dict) -> None:
             os.link(tmp, path)  # atomic and exclusive: the first slice to get here writes the plan
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links: exclusive create, readers retry below
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(mf.canonical_json(plan))
         finally:
             tmp.unlink()
-    old = mf.read_json(path)
+    for attempt in range(20):  # another slice may still be writing it (the no-hard-link case)
+        try:
+            old = json.loads(path.read_text())
+            break
+        except ValueError:
+            time.sleep(0.1)
+    else:
+        old = mf.read_json(path)  # a one-line error naming the file
     mf.validate_plan(old, str(path))
     a, b = _settings(old), _settings(plan)
     where = mf.first_difference(a, b)
@@ -368,7 +380,8 @@ def prepare_job(checkpoint: str | Path, shards: str | Path, out: str | Path, spl
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / mf.PLAN_FILE).exists():
+    started = [p for p in out.iterdir() if not p.name.startswith(f".{mf.PLAN_FILE}.tmp-")] if out.is_dir() else []
+    if started and not (out / mf.PLAN_FILE).exists():
         raise UserError(f"--out {out}: exists, is not empty and is not a memory-shard directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     _claim_plan(out, plan)

@@ -71,8 +71,7 @@ def task_chunks(task: str, n_chunks: int) -> list[int]:
 def to_storage(memories: torch.Tensor, dtype: str) -> np.ndarray:
     """Memories ``[N, k, e]`` (any float dtype, any device) -> ``[N, k*e]`` numpy array of the storage dtype
     (bf16: the uint16 bit pattern). Raises UserError if a value is not finite after the conversion."""
-    np_dtype, torch_dtype = STORAGE[dtype]
-    m = memories.detach().to(torch_dtype)
+    m = memories.detach().to(STORAGE[dtype][1])
     if not bool(torch.isfinite(m).all()):
         hint = "; store them as --dtype bf16 or fp32" if dtype == "fp16" and bool(torch.isfinite(memories).all()) else ""
         raise UserError(f"--dtype {dtype}: the encoder produced memories that are not finite in {dtype}{hint}")
@@ -84,7 +83,6 @@ def to_storage(memories: torch.Tensor, dtype: str) -> np.ndarray:
 
 def from_storage(values: np.ndarray, dtype: str, k: int) -> torch.Tensor:
     """Stored values ``[N, k*e]`` -> memories ``[N, k, e]`` as a torch tensor of the storage dtype."""
-    np_dtype, torch_dtype = STORAGE[dtype]
     arr = np.ascontiguousarray(values)
     t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if dtype == "bf16" else torch.from_numpy(arr)
     return t.reshape(arr.shape[0], k, -1)
