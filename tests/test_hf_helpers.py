@@ -67,16 +67,16 @@ def dual_shards(tmp_path_factory, family: str = "llama") -> Path:
     return out
 
 
-def shm_retry(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, once more if it lost mosaicml-streaming's shared-memory naming race with another
-    job on the machine (``FileExistsError: '/NNNNNN_locals'``: raised when a loader opens, before a run writes
-    anything, so a retry starts from the same state)."""
-    try:
-        return fn(*args, **kwargs)
-    except FileExistsError as exc:
-        if "_locals" not in str(exc):
-            raise
-        return fn(*args, **kwargs)
+def shm_retry(fn, *args, attempts: int = 3, **kwargs):
+    """``fn(*args, **kwargs)``, again (up to ``attempts`` times) when it lost mosaicml-streaming's shared-memory
+    naming race with another job on the machine (``FileExistsError: '/NNNNNN_locals'``: raised when a loader
+    opens, before a run writes anything, so a retry starts from the same state)."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except FileExistsError as exc:
+            if "_locals" not in str(exc) or attempt == attempts - 1:
+                raise
 
 
 _ROWS: dict[tuple, torch.Tensor] = {}

@@ -31,6 +31,13 @@ def test_quick_reproduction_end_to_end(tiny_data, tmp_path, capsys):
     for sub in ("probes", "memory"):
         assert (out / sub / "report.md").is_file()
 
+    assert "| memory causal+copy | " in text and "copy " in text.split("own task")[1].split("##")[0]
+    assert "## Notes" in text and "token-frequency plateau" in text  # yaml/repro/repro.yaml's notes
+
+    doc.unlink()  # the document again from report.json, nothing run
+    assert main(["repro", "--quick", "--out", str(out), "--doc", str(doc), "--rewrite-doc"]) == 0
+    assert doc.read_text() == text
+
     capsys.readouterr()
     assert main(["repro", "--quick", "--out", str(out), "--configs", str(tmp_path)]) == 2
     assert "repro.yaml: config file not found" in capsys.readouterr().err

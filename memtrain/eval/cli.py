@@ -57,7 +57,7 @@ def _cmd_repro(args) -> int:
                        + [f"{flag} {value}" for flag, value, default in options if value != default]
                        + [f"--set {s}" for s in args.set])
     run_repro(out=args.out, quick=args.quick, doc=args.doc, shards=args.shards, configs=args.configs,
-              overrides=tuple(args.set), command=command)
+              overrides=tuple(args.set), command=command, rewrite_doc=args.rewrite_doc)
     return 0
 
 
@@ -112,5 +112,7 @@ def register(subparsers) -> None:
                                                 "with --quick: OUT/reproduction.md)")
     r.add_argument("--shards", help="shard directory for every run (default: the configs'; data/demo/shards)")
     r.add_argument("--configs", default="yaml/repro", help="directory of the run configs (default yaml/repro)")
+    r.add_argument("--rewrite-doc", action="store_true",
+                   help="run nothing: write the document again from OUT/report.json")
     _add_set(r)
     r.set_defaults(func=_cmd_repro)

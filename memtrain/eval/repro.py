@@ -16,6 +16,7 @@ for a few steps (the test suite's end-to-end check); its document says so.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shutil
@@ -66,7 +67,9 @@ def read_manifest(cfg_dir: Path) -> dict:
         raise UserError(f"{cfg_dir / MANIFEST}: 'models' must name a run config for each of {', '.join(ROLES)}")
     if not isinstance(plan.get("probe"), str):
         raise UserError(f"{cfg_dir / MANIFEST}: 'probe' must name the probe overlay config")
-    unknown = set(plan) - {"models", "probe", "probe_length", "eval_batches"}
+    if not all(isinstance(n, str) for n in plan.setdefault("notes", []) or []):
+        raise UserError(f"{cfg_dir / MANIFEST}: 'notes' must be a list of text lines for the document")
+    unknown = set(plan) - {"models", "probe", "probe_length", "eval_batches", "notes"}
     if unknown:
         raise UserError(f"{cfg_dir / MANIFEST}: unknown key '{sorted(unknown)[0]}'")
     missing = [f for f in list(models.values()) + [plan["probe"]] if not (cfg_dir / f).is_file()]
@@ -94,19 +97,29 @@ def device_description() -> str:
 
 
 class Stopwatch:
-    def __init__(self):
-        self.t0 = time.time()
-        self.stages: dict[str, float] = {}
-        self._last = self.t0
+    """Seconds spent per stage, kept in ``OUT/timings.json`` and added to by every invocation, so the time of a
+    reproduction that was interrupted and continued is the sum of its parts (work lost when a run is killed
+    between two checkpoints is not counted)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.stages: dict[str, float] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.stages = {}
+        self._last = time.time()
 
     def lap(self, name: str) -> None:
+        """Add the time since the previous lap to stage ``name`` and save."""
         now = time.time()
-        self.stages[name] = now - self._last
+        self.stages[name] = self.stages.get(name, 0.0) + now - self._last
         self._last = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.stages, indent=2))
 
     @property
     def total(self) -> float:
-        return time.time() - self.t0
+        return sum(self.stages.values())
 
 
 def _say(text: str) -> None:
@@ -130,17 +143,23 @@ def ensure_demo_shards(shards: str) -> None:
 
 
 def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] = None, shards: Optional[str] = None,
-              configs: str = "yaml/repro", overrides: tuple[str, ...] = (), command: str = "memtrain repro") -> dict:
-    """The whole pipeline (see the module docstring). Returns the report also written to ``OUT/report.json``."""
+              configs: str = "yaml/repro", overrides: tuple[str, ...] = (), command: str = "memtrain repro",
+              rewrite_doc: bool = False) -> dict:
+    """The whole pipeline (see the module docstring). Returns the report also written to ``OUT/report.json``.
+
+    ``rewrite_doc``: run nothing; write the document again from ``OUT/report.json`` (e.g. after a change to
+    its layout)."""
     from memtrain.engine.trainer import train
 
     cfg_dir = Path(configs)
     plan = read_manifest(cfg_dir)
     out_dir = Path(out)
+    if rewrite_doc:
+        return rewrite_document(out_dir, plan, doc)
     sets = (QUICK if quick else []) + list(overrides)
     if shards:
         sets.append(f"data.shards={shards}")
-    watch = Stopwatch()
+    watch = Stopwatch(out_dir / "timings.json")
 
     runs: dict[str, Path] = {}
     for key, name in plan["models"].items():
@@ -150,7 +169,7 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
         _say(f"training {cfg.run.name} ({cfg_dir / name}, {cfg.train.steps} steps)")
         finished(train(cfg, resume=True), run)
         runs[key] = run
-    watch.lap("train")
+        watch.lap("train")
 
     probe_sets = tuple((QUICK if quick else []) + list(overrides))
     settings = ProbeSettings(out=str(out_dir / "probes"), overlay=str(cfg_dir / plan["probe"]), shards=shards,
@@ -162,8 +181,8 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
                      meta.get("tokenizer_sha256") if trained else None)
         _say(f"probing {label}")
         probes.append(run_probe(src, settings, out_dir / "probes" / label.replace(" ", "-")))
+        watch.lap("probe")
     write_probe_report(out_dir / "probes", probes, title="Retention probes (memtrain repro)")
-    watch.lap("probe")
 
     _say("evaluating the memory models (causal per chunk; copy and blank copy with normal, zero, shuffled memories)")
     memory = evaluate_checkpoints([str(runs["memory_causal"]), str(runs["memory_combined"])], shards=shards,
@@ -173,16 +192,51 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
     write_eval_report(out_dir / "memory", memory)
     watch.lap("memory eval")
 
-    report = {"quick": quick, "command": command,
+    report = {"quick": quick, "command": command, "models": model_summaries(out_dir, plan), "notes": plan["notes"],
               "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": device_description(),
               "seconds": {**watch.stages, "total": watch.total}, "configs": str(cfg_dir),
               "steps": {k: load_config(cfg_dir / v, sets).train.steps for k, v in plan["models"].items()},
               "probe_steps": probes[0]["steps"] if probes else None,
               "probes": probes, "memory": memory, "checks": claim_checks(probes, memory)}
     write_report(out_dir, report, reproduction_markdown(report, {name: src for src, name in IMAGES}))
-    doc_path = Path(doc) if doc else (out_dir / "reproduction.md" if quick else Path("docs/reproduction.md"))
+    doc_path = _doc_path(doc, quick, out_dir)
     write_document(doc_path, report, out_dir)
     _say(f"done in {watch.total / 60:.1f} min; {doc_path}")
+    return report
+
+
+def _doc_path(doc: Optional[str], quick: bool, out_dir: Path) -> Path:
+    return Path(doc) if doc else (out_dir / "reproduction.md" if quick else Path("docs/reproduction.md"))
+
+
+def model_summaries(out_dir: Path, plan: dict) -> dict[str, dict]:
+    """What each trained model reached at its own task: ``{role: {name, kind, n_params, eval}}`` from the runs'
+    ``summary.json`` and newest checkpoint."""
+    out = {}
+    for role in plan["models"]:
+        run = out_dir / "models" / role
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            _, cfg, meta = read_checkpoint(run)
+        except (OSError, ValueError, UserError):
+            continue
+        out[role] = {"name": cfg.run.name, "kind": cfg.model.kind, "n_params": meta.get("n_params"),
+                     "steps": summary.get("step"), "eval": summary.get("eval", {})}
+    return out
+
+
+def rewrite_document(out_dir: Path, plan: dict, doc: Optional[str]) -> dict:
+    """``memtrain repro --rewrite-doc``: the document and ``OUT/report.md`` again from ``OUT/report.json``."""
+    try:
+        report = json.loads((out_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{out_dir}/report.json: no finished reproduction there to write the document from") from None
+    report.setdefault("models", model_summaries(out_dir, plan))
+    report["notes"] = plan["notes"]
+    write_report(out_dir, report, reproduction_markdown(report, {name: src for src, name in IMAGES}))
+    path = _doc_path(doc, report.get("quick", False), out_dir)
+    write_document(path, report, out_dir)
+    _say(f"{path} written from {out_dir}/report.json")
     return report
 
 
@@ -243,6 +297,15 @@ def _probe_rows(probes: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _own_task_rows(models: dict[str, dict]) -> str:
+    lines = ["| model | parameters | steps | held-out task: CE / token accuracy |", "|---|---|---|---|"]
+    for m in models.values():
+        tasks = "; ".join(f"{name} {num(r.get('ce'))} / {num(r.get('accuracy'))}" for name, r in m["eval"].items())
+        params = f"{m['n_params'] / 1e6:.2f}M" if m.get("n_params") else "–"
+        lines.append(f"| {m['name']} | {params} | {m.get('steps', '–')} | {tasks} |")
+    return "\n".join(lines)
+
+
 def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
     """The reproduction document for ``report``; ``images`` maps the names in :data:`IMAGES` to their paths."""
     probes, memory = report["probes"], report["memory"]
@@ -270,6 +333,10 @@ def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
     for c in report["checks"]:
         lines.append(f"- {'**agrees**' if c['holds'] else '**does not agree**'}: {c['claim']}: {c['evidence']}.")
     lines += [
+        "",
+        "## What each model learned at its own task",
+        "",
+        _own_task_rows(report.get("models", {})),
         "",
         "## Information retention: probes of single memory vectors",
         "",
@@ -310,6 +377,8 @@ def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
         "- The paper's copy results are from 4 x 256-token chunks and 100k+ steps; ours are 4 x 8 tokens.",
         "- Single seeds: differences of a few points are within run-to-run noise.",
     ]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(line for line in lines if line is not None)
 
 
