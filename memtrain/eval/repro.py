@@ -324,7 +324,8 @@ def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
         "The paper's numbers (paper-notes.md section 5, from the author's blog; FineWeb-edu, 8k tokenizer, "
         "512-token contexts, d_model 1024 mixers / 512 transformers, 200k steps) are next to ours "
         f"(the bundled demo corpus, 4096-token tokenizer, {p0.get('length', '?')}-token contexts, "
-        f"d_model {enc.get('d_model', '?')}, {report['steps'].get('mixer_ae', '?')} training steps, "
+        f"d_model {enc.get('d_model', '?')}, {report['steps'].get('mixer_ae', '?')} training steps "
+        f"({report['steps'].get('memory_combined', '?')} for the memory models), "
         f"{report.get('probe_steps', '?')} probe steps). Compare orderings and ratios, not values.",
         "",
         "## Checks of the paper's claims",
@@ -359,7 +360,9 @@ def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
         "",
         results_table(memory),
         "",
-        "Token accuracy (CE) by chunk position (chunk c reads c memories):",
+        "Token accuracy (CE) by chunk position (chunk c reads c memories). Chunk 0 scores L - 1 tokens (the row's "
+        "first token has no context); every later chunk also scores its first token, which only its memories "
+        "can predict, so chunks 1-3 sit below chunk 0 unless the memories carry that token:",
         "",
         per_chunk_table({m: {k: r for k, r in per.items() if k.startswith("causal")} for m, per in memory.items()}),
         "",
