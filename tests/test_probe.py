@@ -187,3 +187,19 @@ def test_a_run_stopped_early_asks_for_a_rerun():
         finished({"complete": False, "step": 3, "preempted": True}, "runs/x")
     assert err.value.exit_code == 75  # as a preempted `memtrain train`: a Slurm job is requeued
     assert finished({"complete": True, "eval": {}}, "runs/x")["complete"]
+
+
+def test_probe_reads_the_encoder_of_an_hf_decoder_run(tmp_path, tmp_path_factory):
+    """A memory model whose decoder is a Hugging Face LLM: its memtrain encoder is probed on the encoder's token
+    stream of the dual shards (the encoder tokenizer's vocabulary, the encoder's chunk length)."""
+    from test_hf_helpers import L, shm_retry, trained_run
+
+    run = trained_run(tmp_path_factory)
+    out = tmp_path / "probe"
+    assert shm_retry(cli, "probe", run, "--steps", 2, "--out", out, *FAST) == 0
+    (p,) = json.loads((out / "report.json").read_text())["probes"]
+    assert p["source_kind"] == "memory" and p["trained"] and p["length"] == L and p["memory_position"] == -1
+    assert p["vocab_size"] == 420 and p["encoder"]["arch"] == "transformer" and p["eval_tokens"] > 0
+    frozen = yaml.safe_load((Path(p["run_dir"]) / "config.yaml").read_text())["model"]["frozen_encoder"]
+    assert Path(frozen["checkpoint"]).parent.parent == run
+    assert math.isfinite(p["ce"]) and 0 <= p["accuracy"] <= 1
