@@ -76,3 +76,22 @@ def test_memory_modes_need_an_encoder(runs, capsys):
     fails(["eval", str(runs["memory"]), "--memories", "normal,swap"], "--memories: unknown mode 'swap'")
     fails(["eval", str(runs["memory"]), "--memories", "shuffle", "--batch-size", "1", "--batches", "1"],
           "batches of one row cannot swap memories")
+
+
+def test_accuracy_chart_groups_memory_variants_side_by_side():
+    import math
+
+    from memtrain.eval.report import accuracy_groups
+
+    results = {"m": {"causal": {"accuracy": 0.2}, "causal (memories zero)": {"accuracy": 0.1},
+                     "copy": {"accuracy": 0.6}, "copy (memories shuffle)": {"accuracy": 0.05}},
+               "ctl": {"copy": {"accuracy": 0.3}}}
+    groups, series = accuracy_groups(results)
+    assert groups == ["m: causal", "m: copy", "ctl: copy"]
+    assert list(series) == ["memories normal", "memories zero", "memories shuffle"]
+    assert series["memories normal"] == [0.2, 0.6, 0.3]
+    assert series["memories zero"][0] == 0.1 and all(math.isnan(v) for v in series["memories zero"][1:])
+    assert series["memories shuffle"][1] == 0.05
+    # without altered memories: one series, one bar per (model, objective)
+    groups, series = accuracy_groups({"m": {"causal": {"accuracy": 0.2}, "copy": {"accuracy": 0.6}}})
+    assert groups == ["m: causal", "m: copy"] and series == {"token accuracy": [0.2, 0.6]}

@@ -53,6 +53,26 @@ def bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     return _finish(fig, ax, path, title, reference)
 
 
+def grouped_bar_chart(path: str | Path, groups: Sequence[str], series: Mapping[str, Sequence[float]], *,
+                      ylabel: str, title: str, reference: Mapping[str, float] | None = None) -> Path:
+    """Bars grouped on the x axis: for each group, one bar per series ``{name: len(groups) values}`` in the
+    series' colour (NaN draws no bar), labelled with its value; a legend names the series."""
+    plt = _pyplot()
+    n = max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(SIZE[0], (0.35 * n + 0.5) * len(groups) + 2), SIZE[1]))
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g - 0.4 + width * (i + 0.5) for g in range(len(groups))]
+        bars = ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in values], width, color=f"C{i % 10}", label=name)
+        for bar, v in zip(bars, values):
+            if math.isfinite(v):
+                ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=6)
+    ax.set_xticks(list(range(len(groups))), groups, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    return _finish(fig, ax, path, title, reference)
+
+
 def line_chart(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
                ylabel: str, title: str, logx: bool = False, reference: Mapping[str, float] | None = None) -> Path:
     """One line with markers per series ``{name: (xs, ys)}``; ``logx`` puts x on a log2 axis with the xs as ticks."""
@@ -68,6 +88,43 @@ def line_chart(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return _finish(fig, ax, path, title, reference)
+
+
+def panel_lines(path: str | Path, panels: Mapping[str, Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
+                *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Line charts side by side, one panel per key of ``panels`` (``{panel: {colour: {style: (xs, ys)}}}``): the
+    colour names one quantity (e.g. the objective), the line style another (e.g. the memories given: solid,
+    dashed, dotted, dash-dot in order of first appearance). Integer x ticks; the legend sits below the panels."""
+    plt = _pyplot()
+    colours = list(dict.fromkeys(c for panel in panels.values() for c in panel))
+    styles = list(dict.fromkeys(s for panel in panels.values() for lines in panel.values() for s in lines))
+    dashes = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(SIZE[0], 4.2 * len(panels)), SIZE[1] + 0.6),
+                             sharey=True, squeeze=False)
+    ticks: set[float] = set()
+    for ax, (name, panel) in zip(axes[0], panels.items()):
+        for colour, lines in panel.items():
+            for style, (xs, ys) in lines.items():
+                ax.plot(list(xs), list(ys), marker="o", markersize=3, color=f"C{colours.index(colour) % 10}",
+                        linestyle=dashes[styles.index(style) % len(dashes)])
+                ticks.update(xs)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.set_xticks(sorted(ticks))
+    axes[0][0].set_ylabel(ylabel)
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", label=c) for i, c in enumerate(colours)]
+    if len(styles) > 1:
+        handles += [plt.Line2D([], [], color="0.3", linestyle=dashes[i % len(dashes)], label=s) for i, s in enumerate(styles)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def read_metrics(run_dir: str | Path, kind: str = "train") -> list[dict]:

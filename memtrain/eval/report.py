@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -106,22 +107,53 @@ def per_chunk_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def split_memory_variant(key: str) -> tuple[str, str]:
+    """A result key -> (objective, memories given): "copy (memories zero)" -> ("copy", "zero"), "copy" ->
+    ("copy", "normal")."""
+    m = re.fullmatch(r"(.+) \(memories (\w+)\)", key)
+    return (m.group(1), m.group(2)) if m else (key, "normal")
+
+
+def accuracy_groups(results: dict[str, dict]) -> tuple[list[str], dict[str, list[float]]]:
+    """Token accuracies of ``results`` ({model: {key: metrics}}) for a grouped bar chart: one group per (model,
+    objective), one series per memory variant, so "copy", "copy (memories zero)" and "copy (memories shuffle)"
+    stand side by side. Returns (group labels, {variant: accuracy per group, NaN where not measured})."""
+    cells: dict[tuple[str, str], float] = {}
+    groups: list[str] = []
+    variants: list[str] = []
+    for model, per in results.items():
+        for key, r in per.items():
+            objective, variant = split_memory_variant(key)
+            group = f"{model}: {objective}"
+            groups += [group] if group not in groups else []
+            variants += [variant] if variant not in variants else []
+            cells[group, variant] = r["accuracy"]
+    series = {("memories " + v if len(variants) > 1 else "token accuracy"): [cells.get((g, v), math.nan) for g in groups]
+              for v in variants}
+    return groups, series
+
+
 def write_eval_report(out_dir: str | Path, results: dict[str, dict]) -> Path:
     """``memtrain eval --out``: report.json, report.md (the tables), accuracy.png (token accuracy of every
     (model, objective)), per_chunk.png (accuracy by chunk position, when measured)."""
-    from memtrain.eval.plots import bar_chart, line_chart
+    from memtrain.eval.plots import grouped_bar_chart, panel_lines
 
     out = Path(out_dir)
-    labels = [f"{m}: {k}" for m, per in results.items() for k in per]
-    values = [r["accuracy"] for per in results.values() for r in per.values()]
-    bar_chart(out / "accuracy.png", labels, values, ylabel="token accuracy", title="held-out token accuracy")
+    groups, series = accuracy_groups(results)
+    grouped_bar_chart(out / "accuracy.png", groups, series, ylabel="token accuracy",
+                      title="held-out token accuracy" + (" by memories given to the decoder" if len(series) > 1 else ""))
     md = ["# Evaluation", "", results_table(results), ""]
     chunk_md = per_chunk_table(results)
     if chunk_md:
-        series = {f"{m}: {k}": ([c["chunk"] for c in r["per_chunk"]], [c["accuracy"] for c in r["per_chunk"]])
-                  for m, per in results.items() for k, r in per.items() if r.get("per_chunk")}
-        line_chart(out / "per_chunk.png", series, xlabel="chunk position (= memories read by a memory model)",
-                   ylabel="token accuracy", title="accuracy by chunk position")
+        panels: dict[str, dict[str, dict[str, tuple]]] = {}
+        for m, per in results.items():
+            for k, r in per.items():
+                if r.get("per_chunk"):
+                    objective, variant = split_memory_variant(k)
+                    panels.setdefault(m, {}).setdefault(objective, {})[f"memories {variant}"] = (
+                        [c["chunk"] for c in r["per_chunk"]], [c["accuracy"] for c in r["per_chunk"]])
+        panel_lines(out / "per_chunk.png", panels, xlabel="chunk position (= memories read)",
+                    ylabel="token accuracy", title="accuracy by chunk position")
         md += ["Token accuracy (CE) by chunk position:", "", chunk_md, "", "![per chunk](per_chunk.png)"]
     md += ["![accuracy](accuracy.png)"]
     return write_report(out, {"results": results}, "\n".join(md))
