@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import yaml
 
 from memtrain.errors import UserError
 
@@ -81,19 +80,12 @@ class Generation:
 
 def read_run_checkpoint(path: str | Path):
     """(checkpoint directory, run config, meta) of a run, checkpoint or ``memtrain export-decoder`` directory."""
-    from memtrain.config import config_from_dict
-    from memtrain.engine import checkpoint as ckpt
+    from memtrain.eval.report import read_checkpoint
 
     p = Path(path)
     if (p / "memory" / "meta.json").is_file() and (p / "decoder" / "config.json").is_file():
         p = p / "memory"  # an export-decoder directory
-    ck = ckpt.resolve_checkpoint(p)
-    try:
-        raw = yaml.safe_load((ck / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{ck / 'config.yaml'}: unreadable run config ({exc})") from None
-    cfg = config_from_dict(raw or {}, source=str(ck / "config.yaml"))
-    meta = ckpt.read_meta(ck)
+    ck, cfg, meta = read_checkpoint(p)
     if meta.get(EXPORT_KEY):  # the LLM lives beside it, wherever the export was moved
         cfg.model.hf_decoder.path = str((ck / meta[EXPORT_KEY]["decoder_dir"]).resolve())
     return ck, cfg, meta

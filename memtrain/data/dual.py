@@ -33,7 +33,6 @@ copy fills both streams of the copied half with the filler id, which the decoder
 from __future__ import annotations
 
 import bisect
-import datetime as _dt
 import hashlib
 import json
 import re
@@ -395,8 +394,8 @@ def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decode
     """
     from tqdm import tqdm
 
-    from memtrain.data.ingest import (FORMAT_VERSION, INFO_FILE, _check_out_dir, _replace_dir, _version,
-                                      expand_sources, is_val_document, iter_documents)
+    from memtrain.data.ingest import (FORMAT_VERSION, _check_out_dir, expand_sources, is_val_document,
+                                      iter_documents, publish_shards)
     from memtrain.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
     t0 = time.time()
@@ -451,16 +450,9 @@ def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decode
                      "decoder_tokenizer": DECODER_TOKENIZER_DIR,
                      "decoder_tokenizer_sha256": decoder_tokenizer_sha256(dec_tok),
                      "decoder_vocab_size": len(dec_tok), "decoder_special_ids": decoder_special_ids(dec_tok)},
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "sources": [str(s) for s in sources],
-            "files": len(files),
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "memtrain_version": _version(),
         }
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _check_out_dir(out, overwrite)
-        _replace_dir(tmp, out)
+        publish_shards(tmp, out, info, val_fraction=val_fraction, seed=seed, sources=sources, files=files,
+                       overwrite=overwrite)
     except BaseException:
         if bar is not None:
             bar.close()

@@ -390,6 +390,19 @@ class _SplitWriter:
                 "dropped_tail_tokens": int(self.pending.size)}
 
 
+def publish_shards(tmp: Path, out: Path, info: dict, *, val_fraction: float, seed: int, sources: Sequence,
+                   files: Sequence, overwrite: bool) -> None:
+    """Complete ``info`` with what every shard manifest records (split settings, sources, time, version), write
+    it into the finished temporary directory ``tmp`` and move that to ``out`` (checked again first: nothing
+    may have appeared there meanwhile)."""
+    info.update({"val_fraction": val_fraction, "seed": seed, "sources": [str(s) for s in sources],
+                 "files": len(files), "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                 "memtrain_version": _version()})
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    _check_out_dir(out, overwrite)
+    _replace_dir(tmp, out)
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
@@ -533,16 +546,9 @@ def build_shards(sources: Sequence[str], tokenizer_path: str | Path, out_dir: st
             "special_ids": tok.special_ids,
             "splits": counts,
             "dropped_tail_tokens": sum(c["dropped_tail_tokens"] for c in counts.values()),
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "sources": [str(s) for s in sources],
-            "files": len(files),
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "memtrain_version": _version(),
         }
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _check_out_dir(out, overwrite)  # nothing appeared there meanwhile
-        _replace_dir(tmp, out)
+        publish_shards(tmp, out, info, val_fraction=val_fraction, seed=seed, sources=sources, files=files,
+                       overwrite=overwrite)
     except BaseException:
         if bar is not None:
             bar.close()
