@@ -15,7 +15,6 @@ Run it without ``TRITON_INTERPRET`` (the interpreter does not compile).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import tempfile
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from memtrain.fileio import write_json
 
 
 def _variants() -> list[tuple[str, object]]:
@@ -148,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {cfg_text} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
                   f"{r['shared_bytes'] / 1024:.0f} | {r['wgmma']} | {r['mma_sync']} | {r['compile_s']} |", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "rows": rows},
-                                              indent=2))
+        write_json(args.json, {"triton": triton.__version__, "arch": args.arch, "rows": rows})
     return 1 if failed else 0
 
 

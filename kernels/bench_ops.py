@@ -19,14 +19,14 @@ configs are listed too.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from memtrain.fileio import write_json
 
 
 def timed(fn: Callable[[], None], dev: torch.device, reps: int, warmup: int) -> float:
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['op']} | {r['shape']} | {ms.get('torch', '-')} | {ms.get('torch+compile', '-')} | "
               f"{ms.get('triton', '-')} | {r.get('speedup_vs_torch', '-')} | {r.get('speedup_vs_torch+compile', '-')} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 

@@ -20,7 +20,6 @@ random operands, median of timed repeats), peak memory, and each variant's ratio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from memtrain.fileio import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch", "torch+compile", "triton", "triton+compile")
@@ -385,8 +386,7 @@ def _cmd_bench(args) -> int:
         print(f"bench: {last['variant']}: " + (last["error"] if "error" in last else
                                                f"{last['tokens_per_s']:,.0f} tokens/s"), flush=True)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(partial, indent=2))
+            write_json(args.json, partial)
 
     result = bench(args.config, args.set, variants, args.steps, args.warmup, args.batch_size, args.precision,
                    args.vocab, args.device, args.peak_size, args.profile, on_progress=progress)
@@ -395,8 +395,7 @@ def _cmd_bench(args) -> int:
         for p in r.get("profile", []):
             print(f"  {r['variant']}: {p['ms_per_step']:9.3f} ms {p['share']:6.1%} x{p['calls']:<4} {p['name']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 

@@ -9,12 +9,11 @@ Every user error ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 from memtrain.errors import UserError
+from memtrain.fileio import write_json
 
 
 def _cmd_train(args) -> int:
@@ -51,8 +50,7 @@ def _cmd_eval(args) -> int:
     if args.out:
         write_eval_report(args.out, results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

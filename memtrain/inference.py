@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from memtrain.errors import UserError
+from memtrain.fileio import write_json
 
 MEMORY_FORMAT = "memtrain-memories/1"
 #: meta.json key of an export-decoder directory's memory part
@@ -544,8 +545,7 @@ def _cmd_generate(args) -> int:
         print(f"latency ({mode}, {report['new_tokens']} new tokens, recomputed per token, best of {args.repeats}): "
               f"{report['seconds_with_memories'] * 1e3:.1f} ms; full text: {report['full_text']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     return 0
 
 

@@ -70,6 +70,16 @@ def tiny_config(shards: Path, out_dir: Path, *overrides: str) -> Config:
     return config_from_dict(tiny_raw(shards, out_dir, overrides), source="tiny test config")
 
 
+def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
+    """A run's metrics.jsonl records of one kind by step (a later record of a step replaces an earlier one)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == kind:
+            out[r["step"]] = r
+    return out
+
+
 def write_yaml(path: Path, raw: dict) -> Path:
     """Write a config dict as YAML; returns ``path``."""
     import yaml

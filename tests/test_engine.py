@@ -17,22 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config, tiny_raw, write_yaml
+from conftest import records, tiny_config, tiny_raw, write_yaml
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.trainer import train
 
 CURRICULUM = ("curriculum=[{name: joint, steps: 6, weights: {causal: 1.0, copy: 0.5}}, "
               "{name: decoder, steps: 6, weights: {causal: 1.0}, freeze: [encoder]}]")
-
-
-def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    """metrics.jsonl records of one kind by step (a later record of a step replaces an earlier one)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            out[r["step"]] = r
-    return out
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import records, tiny_config
 from memtrain.cli import main
 from memtrain.data.ingest import build_shards
 from memtrain.data.loader import make_loader, read_shard_info
@@ -421,16 +421,6 @@ def test_compute_losses_with_per_objective_memories(tokens, encoder_run, mem_fp3
 # Training from precomputed memories
 
 
-def train_records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    """metrics.jsonl records of one kind by step (a later record of a step replaces an earlier one)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            out[r["step"]] = r
-    return out
-
-
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -446,13 +436,13 @@ def test_training_from_memories_equals_the_encoder_in_the_loop(tokens, encoder_r
               "objective.weights={causal: 1.0, copy: 0.5, blank_copy: 0.5}"]
     train(run_cfg(tokens, tmp_path / "loop", encoder_run, None, *common))
     train(run_cfg(tokens, tmp_path / "mem", encoder_run, mem_fp32, *common))
-    loop, mem = train_records(tmp_path / "loop"), train_records(tmp_path / "mem")
+    loop, mem = records(tmp_path / "loop"), records(tmp_path / "mem")
     assert sorted(loop) == sorted(mem) == list(range(1, 9))
     for s in range(1, 9):
         for key in ("loss/total", "loss/causal", "loss/copy", "loss/blank_copy"):
             assert mem[s][key] == pytest.approx(loop[s][key], abs=2e-5), (s, key)
     assert loop[8]["loss/total"] < loop[1]["loss/total"]  # it trains
-    eval_loop, eval_mem = train_records(tmp_path / "loop", "eval"), train_records(tmp_path / "mem", "eval")
+    eval_loop, eval_mem = records(tmp_path / "loop", "eval"), records(tmp_path / "mem", "eval")
     assert eval_mem[4]["eval/copy/ce"] == pytest.approx(eval_loop[4]["eval/copy/ce"], abs=2e-5)
     wl, wm = final_weights(tmp_path / "loop"), final_weights(tmp_path / "mem")
     assert sorted(wl) == sorted(wm)
@@ -466,7 +456,7 @@ def test_training_from_memories_equals_the_encoder_in_the_loop(tokens, encoder_r
     pj.run_precompute(encoder_run, tokens, bf16, splits=["train"], dtype="bf16", batch_size=64, threads=1,
                       progress=False)
     train(run_cfg(tokens, tmp_path / "mem-bf16", encoder_run, bf16, *common, "train.steps=4", "train.eval_every=0"))
-    low = train_records(tmp_path / "mem-bf16")
+    low = records(tmp_path / "mem-bf16")
     for s in range(1, 5):
         assert low[s]["loss/total"] == pytest.approx(loop[s]["loss/total"], rel=5e-3), s
 
@@ -501,7 +491,7 @@ def test_frozen_encoder_curriculum_from_memories_resumes_mid_stage(tokens, encod
     monkeypatch.setattr(engines, "compute_losses", real)
     train(crashed, resume=True)  # from the checkpoint of step 6
 
-    whole, loop, resumed = (train_records(tmp_path / n) for n in ("whole", "loop", "crashed"))
+    whole, loop, resumed = (records(tmp_path / n) for n in ("whole", "loop", "crashed"))
     assert [whole[s]["stage"] for s in range(1, 13)] == [0] * 4 + [1] * 4 + [2] * 4
     assert set(k for k in whole[2] if k.startswith("loss/")) == {"loss/blank_copy", "loss/total"}
     assert set(k for k in whole[6] if k.startswith("loss/")) == {"loss/copy", "loss/total"}

@@ -19,7 +19,6 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,7 @@ from memtrain.config import apply_overrides, config_from_dict, read_yaml
 from memtrain.engine.distributed import init_deepspeed, shutdown
 from memtrain.engine.engines import build_engine
 from memtrain.errors import UserError
+from memtrain.fileio import write_json
 from memtrain.models import build_model
 from memtrain.objectives import SpecialTokens
 
@@ -128,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['variant']} | {r['engine']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
                   f"{r['tokens_per_s'] / base:.2f}x | {peak} |")
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({
+            write_json(args.json, {
                 "config": args.config, "world_size": info.world_size, "device": device_name(info.device),
                 "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows})
     return 0
 
 

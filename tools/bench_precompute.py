@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from memtrain.fileio import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -197,8 +199,7 @@ def main() -> int:
     print(f"| train, precomputed memories | {memo:,.0f} tokens/s |")
     print(f"| ratio (precomputed / in the loop, median of {args.steps} pairs) | {ratio:.2f}x |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 

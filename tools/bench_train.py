@@ -11,12 +11,10 @@ config given is the baseline; every row also shows its ratio to it. JSON goes to
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,6 +23,7 @@ from memtrain.engine.distributed import pick_device
 from memtrain.engine.optim import build_optimizer
 from memtrain.engine.trainer import autocast_for
 from memtrain.errors import UserError
+from memtrain.fileio import write_json
 from memtrain.models import build_model
 from memtrain.objectives import SpecialTokens, compute_losses
 
@@ -104,8 +103,7 @@ def main() -> int:
         print(f"| {r['config']} | {r['params_M']} | {r['batch_size']} x {r['seq_len']} | {r['precision']} | "
               f"{r['ms_per_step']} | {r['tokens_per_s']:,.0f} | {r['ratio_to_first']} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**header, "results": rows}, indent=2))
+        write_json(args.json, {**header, "results": rows})
     return 0
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import _build, tiny_config, tiny_raw, write_yaml  # noqa: E402  (the tests' tiny data and configs)
 from memtrain.engine.distributed import free_port  # noqa: E402
 from memtrain.engine.trainer import train  # noqa: E402
+from memtrain.fileio import write_json  # noqa: E402
 
 STEPS = 6
 BATCH = 4
@@ -120,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "ok": ok,
                "variants": results}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     print(f"ds_equivalence: {'ALL OK' if ok else 'FAILURES'} ({nproc} rank(s) on {summary['device']})")
     return 0 if ok else 1
 

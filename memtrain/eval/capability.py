@@ -16,7 +16,6 @@ started from). Reported:
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memtrain.errors import UserError
+from memtrain.fileio import write_json
 
 
 def load_causal_lm_and_tokenizer(path: str | Path, device: torch.device):
@@ -261,8 +261,7 @@ def _cmd_capability(args) -> int:
     report = capability_report(args.model, baseline, texts, tasks, args.device, args.max_len, args.limit)
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     return 0
 
 

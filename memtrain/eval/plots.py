@@ -29,11 +29,23 @@ def _finish(fig, ax, path: Path, title: str, reference: Mapping[str, float] | No
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     _pyplot().close(fig)
     return path
+
+
+def _label_bars(ax, bars, values: Sequence[float], digits: int, fontsize: int) -> None:
+    """Each bar's value above it (none for NaN)."""
+    for bar, v in zip(bars, values):
+        if math.isfinite(v):
+            ax.annotate(f"{v:.{digits}f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=fontsize)
 
 
 def bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str,
@@ -44,10 +56,7 @@ def bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     fig, ax = plt.subplots(figsize=(max(SIZE[0], 0.9 * len(labels) + 2), SIZE[1]))
     xs = range(len(labels))
     bars = ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in values], color=[f"C{i % 10}" for i in xs])
-    for bar, v in zip(bars, values):
-        if math.isfinite(v):
-            ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=7)
+    _label_bars(ax, bars, values, 3, 7)
     ax.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     return _finish(fig, ax, path, title, reference)
@@ -64,10 +73,7 @@ def grouped_bar_chart(path: str | Path, groups: Sequence[str], series: Mapping[s
     for i, (name, values) in enumerate(series.items()):
         xs = [g - 0.4 + width * (i + 0.5) for g in range(len(groups))]
         bars = ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in values], width, color=f"C{i % 10}", label=name)
-        for bar, v in zip(bars, values):
-            if math.isfinite(v):
-                ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                            va="bottom", fontsize=6)
+        _label_bars(ax, bars, values, 2, 6)
     ax.set_xticks(list(range(len(groups))), groups, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     return _finish(fig, ax, path, title, reference)
@@ -120,11 +126,7 @@ def panel_lines(path: str | Path, panels: Mapping[str, Mapping[str, Mapping[str,
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_metrics(run_dir: str | Path, kind: str = "train") -> list[dict]:

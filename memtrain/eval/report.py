@@ -1,7 +1,6 @@
 """Loading trained checkpoints for evaluation, and the metric table printed by ``memtrain eval``."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.distributed import pick_device
 from memtrain.errors import UserError
 from memtrain.eval.evaluate import MEMORY_MODES, evaluate, take_batches
+from memtrain.fileio import write_json
 from memtrain.models import build_model
 from memtrain.objectives import special_tokens
 
@@ -177,7 +177,7 @@ def write_report(out_dir: str | Path, payload: dict, markdown: str) -> Path:
     """Write ``report.json`` (``payload``; NaN as null) and ``report.md`` (``markdown``) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    write_json(out / "report.json", _json_safe(payload))
     (out / "report.md").write_text(markdown.rstrip() + "\n")
     return out
 

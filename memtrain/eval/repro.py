@@ -30,6 +30,7 @@ from memtrain.eval.data import finished
 from memtrain.eval.probe import ProbeSettings, Source, run_probe, write_probe_report
 from memtrain.eval.report import (evaluate_checkpoints, num, per_chunk_table, read_checkpoint, results_table,
                                   write_eval_report, write_report)
+from memtrain.fileio import write_json
 
 #: the roles of the run configs that ``<configs>/repro.yaml`` names
 ROLES = ("mixer_ae", "transformer_ae", "mixer_clm", "transformer_clm", "memory_causal", "memory_combined")
@@ -114,8 +115,7 @@ class Stopwatch:
         now = time.time()
         self.stages[name] = self.stages.get(name, 0.0) + now - self._last
         self._last = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.stages, indent=2))
+        write_json(self.path, self.stages)
 
     @property
     def total(self) -> float:
@@ -198,15 +198,18 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
               "steps": {k: load_config(cfg_dir / v, sets).train.steps for k, v in plan["models"].items()},
               "probe_steps": probes[0]["steps"] if probes else None,
               "probes": probes, "memory": memory, "checks": claim_checks(probes, memory)}
-    write_report(out_dir, report, reproduction_markdown(report, {name: src for src, name in IMAGES}))
-    doc_path = _doc_path(doc, quick, out_dir)
-    write_document(doc_path, report, out_dir)
+    doc_path = publish(out_dir, report, doc)
     _say(f"done in {watch.total / 60:.1f} min; {doc_path}")
     return report
 
 
-def _doc_path(doc: Optional[str], quick: bool, out_dir: Path) -> Path:
-    return Path(doc) if doc else (out_dir / "reproduction.md" if quick else Path("docs/reproduction.md"))
+def publish(out_dir: Path, report: dict, doc: Optional[str]) -> Path:
+    """``OUT/report.json`` + ``OUT/report.md`` and the document (``doc``; default docs/reproduction.md, or
+    ``OUT/reproduction.md`` for a quick run) with its plots; returns the document's path."""
+    write_report(out_dir, report, reproduction_markdown(report, {name: src for src, name in IMAGES}))
+    path = Path(doc) if doc else (out_dir / "reproduction.md" if report["quick"] else Path("docs/reproduction.md"))
+    write_document(path, report, out_dir)
+    return path
 
 
 def model_summaries(out_dir: Path, plan: dict) -> dict[str, dict]:
@@ -233,9 +236,7 @@ def rewrite_document(out_dir: Path, plan: dict, doc: Optional[str]) -> dict:
         raise UserError(f"{out_dir}/report.json: no finished reproduction there to write the document from") from None
     report.setdefault("models", model_summaries(out_dir, plan))
     report["notes"] = plan["notes"]
-    write_report(out_dir, report, reproduction_markdown(report, {name: src for src, name in IMAGES}))
-    path = _doc_path(doc, report.get("quick", False), out_dir)
-    write_document(path, report, out_dir)
+    path = publish(out_dir, report, doc)
     _say(f"{path} written from {out_dir}/report.json")
     return report
 
