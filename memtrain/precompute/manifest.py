@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -41,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memtrain.errors import UserError
+from memtrain.fileio import write_text_atomic
 from memtrain.objectives import COPY_TASKS
 
 FORMAT_VERSION = 1
@@ -119,9 +119,7 @@ def checksum(manifest: dict) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as canonical JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(canonical_json(obj))
-    os.replace(tmp, path)
+    write_text_atomic(path, canonical_json(obj))
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
