@@ -25,7 +25,7 @@ def memory_cfg(dec_arch: str = "mixer", enc_arch: str = "mixer", **kw) -> ModelC
 
 
 def chunk_loop(model: MemoryModel, ids: torch.Tensor) -> torch.Tensor:
-    """The reference's sequential algorithm (§4.1), with our output alignment, using the model's own parts."""
+    """The reference's sequential algorithm (docs/reference.md §4.1), with our output alignment, using the model's own parts."""
     C, L, d = model.cfg.n_chunks, model.cfg.chunk_len, model.cfg.decoder.d_model
     B = ids.shape[0]
     chunks = [ids[:, c * L:(c + 1) * L] for c in range(C)]
@@ -44,8 +44,8 @@ def test_folded_memory_model_equals_chunk_loop(dec_arch, no_memory):
     torch.manual_seed(0)
     model = build_model(memory_cfg(dec_arch, no_memory=no_memory, compression=2, memory_position=-2), V)
     ids = torch.randint(0, V, (3, model.cfg.seq_len))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), chunk_loop(model, ids), rtol=0, atol=1e-5)
+    with torch.no_grad():  # fp32, different matmul shapes: summation order differs at the 1e-5 level
+        torch.testing.assert_close(model(ids), chunk_loop(model, ids), rtol=1e-4, atol=5e-5)
 
 
 def test_folded_memory_model_equals_chunk_loop_transformer_encoder():
