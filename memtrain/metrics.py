@@ -1,11 +1,11 @@
 """Evaluation metrics: token accuracy, cross-entropy, information ratios, exact match, greedy regeneration.
 
 All token metrics are **micro-averages**: sums over every supervised token (label != -100) of every batch,
-divided once at the end, as the reference's "Hamming" metric does (reference-implementation.md section 5.1;
+divided once at the end, as the reference's "Hamming" metric does (docs/reference.md §5.1;
 it is an accuracy, 1 - normalized Hamming distance). Labels are always *aligned* with predictions (the output
 of ``model.align_labels``), so no shift is applied here.
 
-Information ratios (paper-notes.md section 2.4), for a CE ``H`` in nats over a vocabulary of ``V`` tokens:
+Information ratios (docs/reference.md §5.2), for a CE ``H`` in nats over a vocabulary of ``V`` tokens:
 
 - ``information_ratio``: ``I_e = 1 - H / ln V``; ``ln V`` is the CE of the exactly uniform distribution.
 - ``paper_information_ratio``: ``1 - H / H_u``, the blog's normalisation. ``H_u`` is the expected CE of

@@ -9,8 +9,8 @@ where position ``t`` is not scored. The model turns targets into labels aligned 
 an autoencoder uses them as they are, and a memory model uses them as they are but never scores position 0
 (nothing precedes it). Objectives therefore never know how a model is shifted.
 
-Copy and blank copy (reference-implementation.md section 4.2)
--------------------------------------------------------------
+Copy and blank copy (docs/reference.md §4.2)
+--------------------------------------------
 A row of ``T = 2h`` tokens is rebuilt as ``first ‖ first``: the second half repeats the first, and its
 first ``n_delimiters`` positions are replaced by the delimiter token. Only the second half is scored, and
 not at the delimiter positions. Blank copy also replaces the rest of the second half's *inputs* by the
@@ -19,8 +19,8 @@ For a memory model the halves must be whole chunks (``C`` even): chunks ``0..C/2
 chunks ``C/2..C-1`` the copy. See :func:`make_task` for the reference's worked example and the one place
 where its labels differ from ours (the reference masks the labels one position too early).
 
-Weighting, and the reference's combined objective (reference-implementation.md section 4.3)
---------------------------------------------------------------------------------------------
+Weighting, and the reference's combined objective (docs/reference.md §4.3)
+--------------------------------------------------------------------------
 :func:`compute_losses` runs one forward pass per active objective and returns
 ``total = Σ_k w_k · loss_k`` where ``loss_k`` is objective k's cross-entropy **averaged over its supervised
 tokens, pooled over the batch**.
@@ -170,7 +170,7 @@ def make_task(name: str, ids: torch.Tensor, special: SpecialTokens,
       ``targets[:, :h+D] = -100``, ``targets[:, h+D:] = first[:, D:]`` (pad positions of the source -100).
     - ``blank_copy``: as copy, but ``inputs[:, h+D:] = filler``; targets identical to copy.
 
-    Relation to the reference (reference-implementation.md section 4.2; N = 16, ids 10..25, D = 3 delimiters
+    Relation to the reference (docs/reference.md §4.2; N = 16, ids 10..25, D = 3 delimiters
     of id 100, filler 1)::
 
         position       0 .. 7            |  8    9    10   11  12  13  14  15

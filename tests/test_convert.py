@@ -2,8 +2,8 @@
 reference maths on the documented state-dict layouts, with garbage in the saved upper triangles), and a
 memtrain transformer causal LM -> Hugging Face LlamaForCausalLM (same logits after from_pretrained).
 
-The reference state dicts are built here from the names and shapes of reference-checkpoints.md; the reference
-forward below is written from reference-implementation.md sections 1.1-1.5, 3.1 and 4.1 (sequence positions
+The reference state dicts are built here from the names and shapes of docs/reference.md §3.3; the reference
+forward below is written from docs/reference.md §1.1-§1.5, §3.1 and §4.1 (sequence positions
 as the channels of a 'same'-padded Conv1d whose weight is masked lower-triangular per tap, pre-norm blocks,
 last-position memories, unrolled or repeated, zero pad slots, no final norm)."""
 from __future__ import annotations
@@ -98,7 +98,7 @@ def autoencoding_mixer(d, L, k, heads, depth, gen) -> dict:
 
 
 def ref_autoencoder(s: dict, ids: torch.Tensor, depth: int, heads: int, unroll: bool) -> torch.Tensor:
-    """AutoencodingMixer.forward: logits [B, L, V] (reference-implementation.md section 3.1)."""
+    """AutoencodingMixer.forward: logits [B, L, V] (docs/reference.md §3.1)."""
     L = ids.shape[1]
     x = ref_stack(s, "encoderblocks", s["wte.weight"][ids], depth, heads)
     e = x[:, -1, :]  # [B, d]
@@ -197,7 +197,7 @@ def test_variable_memory_mixer_converts_with_its_chunked_memories(tmp_path):
     assert_causal_mixing(converted)
     ids = torch.randint(0, V, (2, C * L), generator=gen)
     with torch.no_grad():
-        memories = []  # reference section 4.1: one memory per chunk 0..C-2, last position, then decoder_proj
+        memories = []  # docs/reference.md §4.1: one memory per chunk 0..C-2, last position, then decoder_proj
         for c in range(C - 1):
             h = ref_stack(state, "encoderblocks", state["wte.weight"][ids[:, c * L:(c + 1) * L]], depth, 2)
             memories.append(F.linear(h[:, -1], state["decoder_proj.weight"], state["decoder_proj.bias"]))

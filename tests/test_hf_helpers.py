@@ -83,7 +83,7 @@ _ROWS: dict[tuple, torch.Tensor] = {}
 
 
 def first_rows(tmp_path_factory, family: str = "llama", n: int = 2, split: str = "train") -> torch.Tensor:
-    """The first ``n`` dual rows of the family's shards (unshuffled), loaded once per session."""
+    """The first ``n`` dual rows of the family's shards (unshuffled), loaded once per test session."""
     from memtrain.data.loader import make_loader
 
     key = (family, n, split)

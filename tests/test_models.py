@@ -187,7 +187,7 @@ def test_transformer_block_equals_hf_llama_decoder_layer():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Unroll windows (reference §3.1)
+# Unroll windows (docs/reference.md §3.1)
 
 def test_unroll_windows_match_reference_example():
     idx = unroll_index(12, 8).tolist()
@@ -200,7 +200,7 @@ def test_unroll_windows_match_reference_example():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Parameter counts against reference-implementation.md §1.5 / §2 (V = 8000), built on the meta device
+# Parameter counts against docs/reference.md §1.5 / §2.1 (V = 8000), built on the meta device
 
 V = 8000
 
@@ -216,7 +216,7 @@ def mixer(d: int, n: int, k: int = 1, h: int = 0) -> StackConfig:
 
 
 def ref_mixer_block(d: int, L: int, k: int) -> int:
-    """§1.3: per-block parameters of the reference MixerBlock (single mixing matrix)."""
+    """docs/reference.md §1.3: per-block parameters of the reference MixerBlock (single mixing matrix)."""
     return 8 * d * d + 9 * d + k * L * L + L
 
 
@@ -226,11 +226,11 @@ def ref_autoencoding_mixer(d: int, depth: int, L: int, k: int) -> int:
 
 
 def test_reference_formula_reproduces_documented_counts():
-    # rows of §1.5, so the formula above is the reference's count
+    # rows of docs/reference.md §1.5, so the formula above is the reference's count
     assert ref_autoencoding_mixer(1024, 8, 512, 8) == 184_837_120
     assert ref_autoencoding_mixer(1024, 8, 512, 16) == 218_391_552
     assert ref_autoencoding_mixer(512, 8, 256, 16) == 58_733_056
-    # the kernel-1 model from reference-checkpoints.md, summed from its listed shapes
+    # the kernel-1 model of docs/reference.md §3.3, summed from its listed shapes
     d, L = 1024, 512
     block = 4 * d + (4 * d * d + 4 * d) + (4 * d * d + d) + L * L * 1 + L
     assert ref_autoencoding_mixer(1024, 8, 512, 1) == V * d + 16 * block + V * d + (d * L + d) == 155_476_992

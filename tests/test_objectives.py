@@ -70,7 +70,7 @@ REF = SpecialTokens(pad_id=1, delimiter_id=100, n_delimiters=3, filler_id=1)
 # Task tensors
 
 def test_reference_worked_example():
-    """reference-implementation.md section 4.2: N=16, ids 10..25, delimiter 100 x 3, filler 1."""
+    """docs/reference.md §4.2: N=16, ids 10..25, delimiter 100 x 3, filler 1."""
     ids = torch.arange(10, 26).unsqueeze(0)
     before = ids.clone()
     copy_in, copy_tgt = make_task("copy", ids, REF)
@@ -293,7 +293,7 @@ def _reference_objective_loss(model, name, ids, special):
 @pytest.mark.parametrize("copy_name,preset", [("copy", "reference_combined"),
                                               ("blank_copy", "reference_blank_combined")])
 def test_reference_combined_weighting(copy_name, preset):
-    """L_ref = L_clm + L_copy (reference section 4.3) equals our total with the preset weights when every
+    """L_ref = L_clm + L_copy (docs/reference.md §4.3) equals our total with the preset weights when every
     supervised chunk has the same number of scored tokens."""
     model = FixedLogitModel()
     g = torch.Generator().manual_seed(4)

@@ -1,6 +1,6 @@
 """Checkpoints of the paper's reference code -> memtrain checkpoints.
 
-The reference saves the state dict of one class (reference-checkpoints.md gives names and shapes):
+The reference saves the state dict of one class (docs/reference.md §3.3 gives names and shapes):
 
 =========================  ===================================================================================
 ``autoencoding-mixer``     ``AutoencodingMixer``: ``wte``, ``encoderblocks.{i}``, ``decoderblocks.{i}``,
@@ -19,7 +19,7 @@ multi-head form's per-head ``conv.proj_head.{h}`` (Linear(d, d/H)) become the ro
 
 The reference masks its mixing weights by overwriting them with their lower triangle at every forward, after
 the optimizer has written into the upper triangle, so saved weights carry a non-zero upper triangle
-(reference-implementation.md section 1.2): every mixing weight is masked to its causal part (per tap) here.
+(docs/reference.md §1.2): every mixing weight is masked to its causal part (per tap) here.
 The reference has no final norm (``final_norm: false``) and untied embeddings; ``projection`` exists in every
 ``AutoencodingMixer`` and is dropped when the model repeats its memory instead of unrolling it. What shapes
 cannot tell (repeat or unroll, which encoder position is the memory) comes from the command's hints.

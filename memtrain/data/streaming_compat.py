@@ -77,8 +77,8 @@ def clean_stale_shared_memory_once() -> str:
     with the same cache directory then fails with "Reused local directory".
 
     ``streaming.base.util.clean_stale_shared_memory()`` removes *every* streaming segment, including
-    those of other jobs running on the same machine (an evaluation next to a training run, two test
-    sessions), and synchronises ranks with a barrier. So it is called only where that is appropriate: a
+    those of other jobs running on the same machine (an evaluation next to a training run, two pytest
+    runs), and synchronises ranks with a barrier. So it is called only where that is appropriate: a
     single-process run (WORLD_SIZE 1) on a machine where no live process maps any streaming segment
     (checked through ``/proc/*/maps``). Otherwise only segments that no live process maps and that are
     older than 30 s are unlinked, which is safe on every rank and next to other jobs. Without ``/proc``

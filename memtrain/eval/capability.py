@@ -1,4 +1,4 @@
-"""General capability of an LLM decoder before and after memory training (paper §5.9: benchmarks of the
+"""General capability of an LLM decoder before and after memory training (docs/reference.md §8.8: benchmarks of the
 Llama-3.2-1B decoder fall as memory copy training goes on).
 
     memtrain capability RUN_OR_CKPT_OR_HF_DIR [--baseline HF_DIR] --text held-out.jsonl [--tasks arc_easy,...]

@@ -1,4 +1,4 @@
-"""The information-retention probe (paper-notes.md section 2.2): freeze a model's encoder, train a fresh decoder
+"""The information-retention probe (docs/reference.md §5.3): freeze a model's encoder, train a fresh decoder
 to regenerate the encoder's input from its single memory vector, and report how much came through.
 
 A probe is an ordinary autoencoder run whose encoder is frozen (``model.frozen_encoder``): the trainer loads

@@ -1,4 +1,4 @@
-"""Single-chunk autoencoder (reference §3): encoder -> one memory -> repeat or unroll -> decoder -> every token.
+"""Single-chunk autoencoder (docs/reference.md §3): encoder -> one memory -> repeat or unroll -> decoder -> every token.
 
 The decoder has no token input: position t sees only the memory (and, causally, earlier decoder positions),
 and hidden[:, t] reconstructs token t (no shift).
@@ -16,7 +16,7 @@ from memtrain.models.stack import Stack, init_like
 def unroll_index(seq_len: int, d_model: int, device: torch.device | None = None) -> torch.Tensor:
     """Gather index [L, d/2] of the unroll: row t is the cyclic window (t mod d) .. (t mod d) + d/2 - 1 (mod d).
 
-    ``memory[:, unroll_index(L, d)]`` turns memories [B, d] into windows [B, L, d/2] (reference §3.1).
+    ``memory[:, unroll_index(L, d)]`` turns memories [B, d] into windows [B, L, d/2] (docs/reference.md §3.1).
     """
     t = torch.arange(seq_len, device=device).unsqueeze(1)
     j = torch.arange(d_model // 2, device=device).unsqueeze(0)

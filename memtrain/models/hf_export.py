@@ -1,5 +1,5 @@
 """``memtrain export-decoder``: an HF-decoder run's trained LLM as a plain Hugging Face model, plus its encoder
-and projector as a memtrain checkpoint (paper §3.5: the decoder "converted back" for standard benchmarks).
+and projector as a memtrain checkpoint (docs/reference.md §7: the decoder "converted back" for standard benchmarks).
 
     OUT/decoder/   config.json, model.safetensors, tokenizer files: the LLM with LoRA adapters merged;
                    AutoModelForCausalLM.from_pretrained(OUT/decoder) loads it (lm-eval, memtrain capability)

@@ -1,4 +1,4 @@
-"""A memory model whose decoder is a pretrained Hugging Face causal LM (``model.hf_decoder``; paper §3.5).
+"""A memory model whose decoder is a pretrained Hugging Face causal LM (``model.hf_decoder``; docs/reference.md §7).
 
 A memtrain :class:`~memtrain.models.base.ChunkEncoder` turns chunks 0..C-2 of a row into one memory each; a
 ``projector`` Linear(e, d) maps them into the LLM's input-embedding space, where they are read as prefix slots

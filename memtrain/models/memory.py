@@ -1,4 +1,4 @@
-"""The memory model (reference §4.1, batched over chunks): a row of C chunks of L tokens.
+"""The memory model (docs/reference.md §4.1, batched over chunks): a row of C chunks of L tokens.
 
 The encoder turns chunks 0..C-2 into one memory each. The decoder for chunk c reads
 ``[slot_0 .. slot_{C-1}, E_dec(tokens of chunk c)]`` (length C + L) with slot_j = memory j if j < c, else

@@ -1,6 +1,6 @@
 """Causal token mixing: the masked mixer's learned, position-specific mixing over the sequence.
 
-Reference maths (reference-implementation.md §1.1, §1.4): the sequence positions are the channels of a Conv1d
+Reference maths (docs/reference.md §1.1, §1.4): the sequence positions are the channels of a Conv1d
 and the feature axis is its spatial axis, so with one tap it is a dense L x L mixing matrix shared by all
 features, and with k taps it also reaches k neighbouring features (PyTorch 'same' padding, asymmetric for even k):
 
@@ -62,7 +62,7 @@ class CausalMix(nn.Module):
     n_heads = 0: one mixing weight ``weight`` [L, L, k] and ``bias`` [L] (the reference ``conv``).
     n_heads = H > 0: ``proj`` = Linear(d, d) (the H per-head projections of width d/H as one matrix),
     per-head mixing ``weight`` [H, L, L, k] and ``bias`` [H, L], then ``out_proj`` = Linear(d, d)
-    (the correct multi-head form of reference §1.4, first row).
+    (the correct multi-head form of docs/reference.md §1.4).
     Mixing parameters start as U(+-1/sqrt(L*k)) like the reference Conv1d, with the upper triangle zeroed.
     ``kernels`` (auto | triton | torch) picks the implementation (see :mod:`memtrain.kernels.dispatch`).
     """
