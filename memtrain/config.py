@@ -4,7 +4,7 @@ Validation is pydantic's (``extra="forbid"`` everywhere, so a misspelt key is an
 turns pydantic's errors into one readable line that names the field, says what was expected and, for an
 unknown key, suggests the closest valid one.
 
-A run config has these sections (every field documented below and in ``docs/config.md``):
+A run config has these sections:
 
 ``run``        name, output directory, seed
 ``model``      what to build (memory model, autoencoder or causal LM; mixer or transformer stacks)
@@ -14,6 +14,12 @@ A run config has these sections (every field documented below and in ``docs/conf
 ``optim``      AdamW and the learning-rate schedule
 ``train``      steps, precision, evaluation / logging / checkpoint cadence, device
 ``dist``       the distributed engine
+``slurm``      resources and launcher of ``memtrain submit`` / ``memtrain sweep``
+
+Every field is documented where it is declared, in its ``Field(description=...)`` (Markdown). Those
+descriptions, the class docstrings and the notes in :mod:`memtrain.config_docs` are the source of
+``docs/config.md``: regenerate it with ``python -m memtrain.config_docs --write docs/config.md``
+(``tests/test_config_docs.py`` fails while it is out of date or a field has no description).
 """
 from __future__ import annotations
 
@@ -36,25 +42,39 @@ class _Strict(BaseModel):
 
 
 class RunConfig(_Strict):
-    name: str = "run"
-    out_dir: str = "runs/run"
-    seed: int = 0
+    name: str = Field("run", description="Label of the run in logs, results tables and reports, and its Slurm job "
+                                         "name.")
+    out_dir: str = Field("runs/run", description=(
+        "Run directory: `config.yaml`, `checkpoints/`, `tb/`, `metrics.jsonl`, `summary.json`. One run per "
+        "directory: a directory holding a different run is refused, and one holding this run's checkpoints "
+        "needs `--resume`."))
+    seed: int = Field(0, description="Seed of the model's initialisation and of the data order (the loader's "
+                                     "shuffle).")
 
 
 class StackConfig(_Strict):
     """One stack of blocks (an encoder, a decoder, or a causal LM's body)."""
 
-    arch: Literal["mixer", "transformer"] = "mixer"
-    d_model: int = Field(128, ge=8)
-    n_layers: int = Field(2, ge=1)
-    #: mixer only: taps along the feature axis of the causal token mixing (reference kernel size)
-    kernel: int = Field(1, ge=1, le=64)
-    #: mixer: 0 = one shared L x L mixing matrix, h > 0 = h heads each with its own matrix;
-    #: transformer: number of attention heads (>= 1)
-    n_heads: int = Field(0, ge=0)
-    ffn_mult: int = Field(4, ge=1)
-    norm_eps: float = Field(1e-5, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
+    arch: Literal["mixer", "transformer"] = Field("mixer", description=(
+        "`mixer`: masked-mixer blocks (learned, position-specific causal token mixing; LayerNorm; GELU FFN; no "
+        "positional encoding). `transformer`: Llama-style blocks (RMSNorm, rotary causal attention, SwiGLU MLP). "
+        "See `docs/models.md`."))
+    d_model: int = Field(128, ge=8, description="Width of the hidden states (the encoder's is the memory width).")
+    n_layers: int = Field(2, ge=1, description="Number of blocks.")
+    kernel: int = Field(1, ge=1, le=64, description=(
+        "Mixer only (a transformer needs 1): taps along the feature axis of the causal token mixing (the "
+        "reference's Conv1d kernel size); 1 = one dense L×L mixing matrix shared by all features."))
+    n_heads: int = Field(0, ge=0, description=(
+        "Mixer: 0 = one shared L×L mixing matrix, h > 0 = h heads of width d_model/h, each with its own mixing "
+        "matrix, between an input and an output projection. Transformer: attention heads (>= 1, and "
+        "d_model/n_heads must be even). Must divide d_model."))
+    ffn_mult: int = Field(4, ge=1, description=(
+        "Feed-forward hidden width as a multiple of d_model (mixer: GELU FFN d → ffn_mult·d → d; transformer: "
+        "SwiGLU MLP with hidden ffn_mult·d)."))
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the norms (LayerNorm in a mixer, RMSNorm in a "
+                                                    "transformer).")
+    rope_theta: float = Field(10000.0, gt=0, description="Transformer only: base θ of the rotary position "
+                                                         "embeddings.")
 
     @model_validator(mode="after")
     def _check(self) -> "StackConfig":
@@ -71,66 +91,101 @@ class StackConfig(_Strict):
 
 
 class FrozenEncoderConfig(_Strict):
-    #: run or checkpoint directory whose encoder is loaded and frozen; null keeps the freshly initialised
-    #: encoder and freezes it (the untrained control of a retention probe)
-    checkpoint: Optional[str] = None
+    """An encoder that does not train: loaded from a checkpoint (or left as initialised) and frozen for the
+    whole run; it then runs under ``torch.no_grad()``. Only a memory model with memories or an autoencoder
+    has an encoder to freeze."""
+
+    checkpoint: Optional[str] = Field(None, description=(
+        "Run directory (its newest checkpoint) or checkpoint directory of an autoencoder or memory model whose "
+        "encoder, token embedding included, is loaded and frozen; its shape must match `model.encoder`, "
+        "`model.compression` and `model.final_norm`. null keeps the freshly initialised encoder and freezes it "
+        "(the untrained control of a retention probe)."))
 
 
 class HFLoraConfig(_Strict):
     """LoRA adapters (peft) on an HF decoder (``model.hf_decoder.mode: lora``)."""
 
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    #: module names to adapt; "all-linear" = every Linear of the LLM's body (not its output head)
-    target_modules: Union[str, list[str]] = "all-linear"
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (peft's `lora_alpha`; the adapters are scaled by "
+                                                 "alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (peft's `lora_dropout`).")
+    target_modules: Union[str, list[str]] = Field("all-linear", description=(
+        "Modules to adapt: `all-linear` = every Linear of the LLM's body (not its output head), or a list of "
+        "module names such as `[q_proj, v_proj]`; names that match nothing are an error."))
 
 
 class HFDecoderConfig(_Strict):
     """A pretrained Hugging Face causal LM as the memory model's decoder (docs/llm_decoders.md): the encoder's
     memories are projected to the LLM's embedding width and read as prefix slots before each chunk's tokens."""
 
-    #: local directory that transformers' AutoModelForCausalLM loads (config.json, weights, tokenizer)
-    path: str
-    #: full: every LLM weight trains; lora: only LoRA adapters train, the LLM's own weights stay as loaded;
-    #: frozen: the LLM stays as loaded and only the projector (and a trainable encoder) train
-    mode: Literal["full", "lora", "frozen"] = "full"
-    lora: HFLoraConfig = HFLoraConfig()
-    #: the LLM tokenizer's tokens per chunk (shards made with `memtrain data shards --decoder-tokenizer`);
-    #: null = model.chunk_len
-    chunk_len: Optional[int] = Field(None, ge=2)
-    #: recompute the LLM's layer activations in the backward pass (transformers' gradient checkpointing)
-    gradient_checkpointing: bool = False
-    #: dtype the LLM's weights are loaded in
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    path: str = Field(..., description=(
+        "Local directory that transformers' `AutoModelForCausalLM` loads (config.json, weights, tokenizer)."))
+    mode: Literal["full", "lora", "frozen"] = Field("full", description=(
+        "`full`: every LLM weight trains; `lora`: only LoRA adapters train, the LLM's own weights stay as loaded; "
+        "`frozen`: the LLM stays as loaded and only the projector (and the encoder, unless `model.frozen_encoder` "
+        "is set) train."))
+    lora: HFLoraConfig = Field(HFLoraConfig(), description="The LoRA adapters of `mode: lora` (unused otherwise).")
+    chunk_len: Optional[int] = Field(None, ge=2, description=(
+        "L_dec: the LLM tokenizer's tokens per chunk (shards made with `memtrain data shards "
+        "--decoder-tokenizer`); null = `model.chunk_len`."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute the LLM's layer activations in the backward pass (transformers' gradient checkpointing, "
+        "non-reentrant)."))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "Dtype the LLM's weights (and the projector) are loaded in; DeepSpeed bf16 casts the whole model "
+        "itself."))
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description=(
+        "transformers' attention implementation for the LLM."))
 
 
 class ModelConfig(_Strict):
-    kind: Literal["memory", "autoencoder", "clm"] = "memory"
-    #: vocabulary size; null takes it from the data's tokenizer
-    vocab_size: Optional[int] = Field(None, ge=8)
-    #: L: tokens per chunk (the autoencoder's and the memory encoder's context)
-    chunk_len: int = Field(64, ge=2)
-    #: C: chunks per row. Memory model: C chunks of L tokens; clm: context C*L; autoencoder: must be 1
-    n_chunks: int = Field(4, ge=1)
-    encoder: StackConfig = StackConfig()
-    decoder: StackConfig = StackConfig()
-    #: which encoder position is the memory: -1 last, -2 second to last (for causal-LM encoders)
-    memory_position: int = Field(-1, le=-1)
-    #: autoencoder: how the memory feeds the decoder positions
-    injection: Literal["repeat", "unroll"] = "repeat"
-    #: bottleneck factor: memory -> Linear(d, d/c) -> Linear(d/c, d); 1 = none
-    compression: int = Field(1, ge=1)
-    #: memory model control: every memory slot is a constant and the encoder never runs
-    no_memory: bool = False
-    frozen_encoder: Optional[FrozenEncoderConfig] = None
-    #: a pretrained Hugging Face causal LM as the decoder (kind: memory); null = memtrain's own decoder stack
-    hf_decoder: Optional[HFDecoderConfig] = None
-    final_norm: bool = True
-    tie_embeddings: bool = False
-    #: implementation of the mixer layers: Triton kernels on CUDA (`auto`), or the pure-torch reference
-    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Built by ``memtrain.models.build_model`` (docs/models.md). A row of data holds
+    ``n_chunks × chunk_len`` tokens (with ``hf_decoder``: ``n_chunks × (chunk_len + hf_decoder.chunk_len)``),
+    and the shards' rows must have exactly that length."""
+
+    kind: Literal["memory", "autoencoder", "clm"] = Field("memory", description=(
+        "`memory`: an encoder turns each chunk into one memory and the decoder of chunk c reads the memories of "
+        "chunks 0..c−1; `autoencoder`: one chunk reconstructed from its memory; `clm`: a causal LM over the "
+        "whole row (the full-context baseline)."))
+    vocab_size: Optional[int] = Field(None, ge=8, description=(
+        "Vocabulary size; null takes it from the shards' tokenizer, and a value must equal it (with "
+        "`hf_decoder`: the encoder's vocabulary; the LLM keeps its own)."))
+    chunk_len: int = Field(64, ge=2, description=(
+        "L: tokens per chunk (the autoencoder's and the memory encoder's context)."))
+    n_chunks: int = Field(4, ge=1, description=(
+        "C: chunks per row. Memory model: C >= 2 chunks of L tokens (even for the copy objectives, whose halves "
+        "are whole chunks); clm: a context of C·L tokens; autoencoder: must be 1."))
+    encoder: StackConfig = Field(StackConfig(), description=(
+        "The encoder stack (memory model, autoencoder); its d_model is the memory width."))
+    decoder: StackConfig = Field(StackConfig(), description=(
+        "The decoder stack (for `clm`: the model's body; unused with `hf_decoder`)."))
+    memory_position: int = Field(-1, le=-1, description=(
+        "Encoder position read as the memory: -1 the last, -2 the second to last (for encoders trained as causal "
+        "LMs, whose last position never trained)."))
+    injection: Literal["repeat", "unroll"] = Field("repeat", description=(
+        "Autoencoder: how the memory feeds the decoder positions: `repeat` puts it at every position; `unroll` "
+        "takes cyclic windows of width d/2 of it, then Linear(d/2, d) (needs an even `decoder.d_model`)."))
+    compression: int = Field(1, ge=1, description=(
+        "Memory bottleneck factor c: memory → Linear(e, e/c) → Linear(e/c, e); 1 = none. Must divide "
+        "`encoder.d_model`."))
+    no_memory: bool = Field(False, description=(
+        "Memory-model control: no encoder is built and every memory slot stays zero (the same decoder without "
+        "memories)."))
+    frozen_encoder: Optional[FrozenEncoderConfig] = Field(None, description=(
+        "Freeze the encoder for the whole run, loaded from `checkpoint`; null = the encoder trains."))
+    hf_decoder: Optional[HFDecoderConfig] = Field(None, description=(
+        "A pretrained Hugging Face causal LM as the decoder (`kind: memory` only); null = memtrain's own "
+        "decoder stack."))
+    final_norm: bool = Field(True, description=(
+        "A final norm at the end of the encoder (before the memory is read) and before the LM head (the "
+        "reference has neither)."))
+    tie_embeddings: bool = Field(False, description=(
+        "The LM head shares the token embedding (the decoder's; an autoencoder's encoder embedding); their "
+        "shapes must match. Not with `dist.pipeline_stages` > 1."))
+    kernels: Literal["auto", "triton", "torch"] = Field("auto", description=(
+        "Implementation of the mixer blocks and of the output head + loss: `auto` = the Triton kernels when the "
+        "tensors are on CUDA and Triton imports, the pure-torch reference otherwise; `triton` = Triton (on CPU "
+        "only under `TRITON_INTERPRET=1`); `torch` = the reference everywhere. Same results up to rounding."))
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -167,10 +222,22 @@ with warnings.catch_warnings():  # the objective is called "copy"; it shadows Ba
     warnings.simplefilter("ignore", UserWarning)
 
     class ObjectiveWeights(_Strict):
-        causal: float = Field(0.0, ge=0)
-        copy: float = Field(0.0, ge=0)
-        blank_copy: float = Field(0.0, ge=0)
-        reconstruction: float = Field(0.0, ge=0)
+        """Objective name -> weight (0 = not trained). Each active objective (weight > 0) is one forward pass
+        (under a pipeline, the objectives' task rows share each micro-batch) whose loss is the cross-entropy
+        averaged over its supervised tokens; the training loss is the weighted sum. An autoencoder trains
+        ``reconstruction`` only; the other models train ``causal``, ``copy`` and ``blank_copy``."""
+
+        causal: float = Field(0.0, ge=0, description=(
+            "Next-token prediction over the row (a memory model's decoder reads the memories of the earlier "
+            "chunks)."))
+        copy: float = Field(0.0, ge=0, description=(
+            "Copy: the row becomes its first half twice, the copied half opening with `n_delimiters` delimiter "
+            "tokens; only the copied half is scored."))
+        blank_copy: float = Field(0.0, ge=0, description=(
+            "Blank copy: copy with the copied half's inputs replaced by the filler token, so the copied tokens "
+            "reach the decoder only through the memories."))
+        reconstruction: float = Field(0.0, ge=0, description=(
+            "Reconstruction of every token of the chunk from its memory (autoencoder only)."))
 
         def active(self) -> dict[str, float]:
             """Objectives with a weight > 0, in a fixed order."""
@@ -179,7 +246,7 @@ with warnings.catch_warnings():  # the objective is called "copy"; it shadows Ba
 
 #: Effective weighting of the reference code's "combined" objective: per-chunk CE averaged over C chunks
 #: for the causal pass plus the copy pass's loss summed over its 2 supervised chunks and divided by C = 4,
-#: i.e. the copy loss weighted 1/2 against the causal loss (reference-implementation.md section 4.3).
+#: i.e. the copy loss weighted 1/2 against the causal loss (docs/reference.md §4.3).
 PRESETS: dict[str, dict[str, float]] = {
     "reference_combined": {"causal": 1.0, "copy": 0.5},
     "reference_blank_combined": {"causal": 1.0, "blank_copy": 0.5},
@@ -187,15 +254,19 @@ PRESETS: dict[str, dict[str, float]] = {
 
 
 class ObjectiveConfig(_Strict):
-    weights: ObjectiveWeights = ObjectiveWeights(causal=1.0)
-    #: named weighting that replaces ``weights`` (see PRESETS)
-    preset: Optional[Literal["reference_combined", "reference_blank_combined"]] = None
-    #: copy delimiter token id; null = the tokenizer's <sep>
-    delimiter_id: Optional[int] = Field(None, ge=0)
-    #: how many delimiter tokens open the copied half (they replace its first tokens and are not scored)
-    n_delimiters: int = Field(1, ge=0)
-    #: blank-copy filler token id; null = the tokenizer's <blank>
-    filler_id: Optional[int] = Field(None, ge=0)
+    weights: ObjectiveWeights = Field(ObjectiveWeights(causal=1.0), description=(
+        "Objective weights for the whole run (unused when a `curriculum` is given); at least one must be > 0."))
+    preset: Optional[Literal["reference_combined", "reference_blank_combined"]] = Field(None, description=(
+        "Named weighting that replaces `weights`: `reference_combined` = causal 1 + copy 0.5, the reference "
+        "code's effective weighting of its \"combined\" objective (`docs/reference.md` §4.3); "
+        "`reference_blank_combined` = causal 1 + blank_copy 0.5."))
+    delimiter_id: Optional[int] = Field(None, ge=0, description=(
+        "Token id of the copy delimiter; null = the tokenizer's `<sep>`."))
+    n_delimiters: int = Field(1, ge=0, description=(
+        "Delimiter tokens opening the copied half: they replace its first tokens and are not scored (the "
+        "reference uses 3)."))
+    filler_id: Optional[int] = Field(None, ge=0, description=(
+        "Token id of the blank-copy filler; null = the tokenizer's `<blank>`."))
 
     @model_validator(mode="after")
     def _check(self) -> "ObjectiveConfig":
@@ -207,11 +278,13 @@ class ObjectiveConfig(_Strict):
 
 
 class StageConfig(_Strict):
-    name: str
-    steps: int = Field(..., ge=1)
-    weights: ObjectiveWeights
-    #: module groups whose parameters do not train in this stage
-    freeze: list[Literal["encoder", "decoder", "embeddings", "head"]] = []
+    name: str = Field(..., description="Label of the stage in logs.")
+    steps: int = Field(..., ge=1, description="Optimizer steps of this stage.")
+    weights: ObjectiveWeights = Field(..., description="Objective weights in this stage; at least one must be > 0.")
+    freeze: list[Literal["encoder", "decoder", "embeddings", "head"]] = Field([], description=(
+        "Module groups whose parameters do not train in this stage: `encoder` (its embedding, blocks, norm and "
+        "bottleneck), `decoder` (the decoder stack with its embedding and memory projection; an HF decoder's "
+        "LLM body), `embeddings` (every token embedding), `head` (final norm and LM head)."))
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -221,64 +294,104 @@ class StageConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    #: MDS shard directory made by `memtrain data shards` (its train/ and val/ splits), or a remote URL
-    shards: str = "data/demo/shards"
-    #: local cache directory when `shards` is remote
-    cache_dir: Optional[str] = None
-    batch_size: int = Field(8, ge=1)
-    num_workers: int = Field(0, ge=0)
-    shuffle: bool = True
-    #: memory-shard directory made by `memtrain precompute` from these shards with the model's frozen encoder:
-    #: training reads the stored memories with every batch and skips the encoder (docs/precompute.md)
-    memories: Optional[str] = None
+    shards: str = Field("data/demo/shards", description=(
+        "MDS shard directory made by `memtrain data shards` (its `train/` and `val/` splits), or a remote URL "
+        "that mosaicml-streaming reads (`s3://`, `gs://`, `file://`, ...; `docs/data.md`)."))
+    cache_dir: Optional[str] = Field(None, description=(
+        "Local cache directory when `shards` is a URL; null = `memtrain-shard-cache` in the temp directory."))
+    batch_size: int = Field(8, ge=1, description=(
+        "Rows per loaded batch on each rank (each rank reads its own rows). One optimizer step takes "
+        "`optim.grad_accum` loaded batches per rank, so the global batch is `batch_size × grad_accum × ranks` "
+        "rows; `dist.micro_batch_size` splits each loaded batch for the forward/backward passes. Also the "
+        "batch size of held-out evaluation."))
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (0 = load in the training "
+                                                  "process).")
+    shuffle: bool = Field(True, description=(
+        "Shuffle the training rows, deterministically from `run.seed` (held-out batches are never shuffled)."))
+    memories: Optional[str] = Field(None, description=(
+        "Memory-shard directory made by `memtrain precompute` from these shards with the model's frozen encoder: "
+        "training reads the stored memories with every batch and skips the encoder (`docs/precompute.md`)."))
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(5e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0)
-    grad_accum: int = Field(1, ge=1)
+    """AdamW (apex's ``FusedAdam`` on CUDA when apex is installed, else torch's fused AdamW; torch's AdamW
+    under DeepSpeed) and transformers' warmup + decay schedule, stepped once per optimizer step."""
+
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate, reached at the end of the warmup.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description=(
+        "AdamW weight decay, on matrices (parameters with >= 2 dimensions) only; norms and biases are not "
+        "decayed."))
+    warmup_steps: int = Field(100, ge=0, description=(
+        "Steps of linear warmup from 0 (at most `train.steps` − 1)."))
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
+        "After the warmup: cosine decay to 0, linear decay to 0, or constant."))
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
+    grad_accum: int = Field(1, ge=1, description=(
+        "Loaded batches (of `data.batch_size` rows) per rank per optimizer step; their gradients are "
+        "accumulated. Global batch = `data.batch_size × grad_accum × ranks` rows. Not DeepSpeed's "
+        "`gradient_accumulation_steps`, which counts micro-batches."))
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(1000, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_every: int = Field(200, ge=0)
-    eval_batches: int = Field(16, ge=1)
-    log_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(500, ge=0)
-    keep_ckpts: int = Field(2, ge=1)
-    compile: bool = False
-    threads: Optional[int] = Field(None, ge=1)
-    progress: bool = True
+    steps: int = Field(1000, ge=1, description=(
+        "Optimizer steps of the run (the schedule's length; `curriculum` stages must add up to it)."))
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "`bf16`: bf16 autocast (plain engine) or a bf16 model with fp32 master weights (DeepSpeed); `fp32`; "
+        "`auto`: bf16 on a CUDA device that supports it, else fp32."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "`auto`: CUDA when available (GPU `LOCAL_RANK` of the node), else CPU; `cuda` fails without a GPU."))
+    eval_every: int = Field(200, ge=0, description=(
+        "Held-out evaluation every this many steps, and always at the end; 0 = only at the end. Shards "
+        "without a `val` split train without evaluation."))
+    eval_batches: int = Field(16, ge=1, description=(
+        "Held-out batches per evaluation: the first `eval_batches` batches of `data.batch_size` rows of the "
+        "`val` split on each rank, the same at every evaluation; metrics are pooled over all ranks."))
+    log_every: int = Field(10, ge=1, description=(
+        "Log every this many steps (and at the last one) to TensorBoard (`tb/`) and `metrics.jsonl`: loss and "
+        "accuracy per objective pooled over the steps since the previous log and over all ranks, learning rate, "
+        "gradient norm, tokens/s."))
+    ckpt_every: int = Field(500, ge=0, description=(
+        "Checkpoint every this many steps; 0 = only at the end (a run stopped early or preempted also "
+        "checkpoints)."))
+    keep_ckpts: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+    compile: bool = Field(False, description="`torch.compile` the model.")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (`torch.set_num_threads`); null = "
+                                                           "torch's default.")
+    progress: bool = Field(True, description="Show a progress bar.")
 
 
 class DistConfig(_Strict):
-    """The distributed engine (docs/distributed.md). Invalid combinations are refused here, before any
-    process group starts."""
+    """The distributed engine (docs/distributed.md). Invalid combinations are refused when the config is read,
+    before any process group starts."""
 
-    #: plain: one process or torchrun DDP; deepspeed: DeepSpeed ZeRO / pipeline engine
-    engine: Literal["plain", "deepspeed"] = "plain"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    #: DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned
-    zero_stage: int = Field(0, ge=0, le=3)
-    #: ZeRO-Offload: keep the optimizer states (stage >= 1) / the parameters (stage 3) in CPU memory
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    #: DeepSpeed pipeline stages (1 = no pipeline); must divide the number of ranks
-    pipeline_stages: int = Field(1, ge=1)
-    #: parameters: balance trainable parameters per stage; uniform: the same number of pipeline layers
-    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
-    #: recompute each block's activations in the backward pass instead of storing them
-    activation_checkpointing: bool = False
-    #: rows per micro-batch (one forward/backward; the pipeline's unit): every loaded batch of
-    #: data.batch_size rows runs as data.batch_size / micro_batch_size micro-batches; null = data.batch_size
-    micro_batch_size: Optional[int] = Field(None, ge=1)
+    engine: Literal["plain", "deepspeed"] = Field("plain", description=(
+        "`plain`: one process, or DDP under `torchrun`; `deepspeed`: DeepSpeed ZeRO / pipeline engine."))
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description=(
+        "Process-group backend; `auto` = `nccl` on CUDA, `gloo` on CPU."))
+    zero_stage: int = Field(0, ge=0, le=3, description=(
+        "DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned over the "
+        "data-parallel ranks (`engine: deepspeed`)."))
+    offload_optimizer: bool = Field(False, description=(
+        "ZeRO-Offload: keep the optimizer states in CPU memory (`zero_stage` >= 1, no pipeline)."))
+    offload_param: bool = Field(False, description=(
+        "ZeRO-Offload: keep the parameters in CPU memory (`zero_stage: 3`, no pipeline)."))
+    pipeline_stages: int = Field(1, ge=1, description=(
+        "DeepSpeed pipeline stages (1 = no pipeline); must divide the number of ranks, `zero_stage` 0 or 1, no "
+        "offload, `hf_decoder`, `tie_embeddings` or `data.memories`, and at most as many stages as the model "
+        "has trainable pipeline layers."))
+    pipeline_partition: Literal["parameters", "uniform"] = Field("parameters", description=(
+        "How layers are split into stages: `parameters` balances trainable parameters, `uniform` the number of "
+        "layers."))
+    activation_checkpointing: bool = Field(False, description=(
+        "Recompute each block's activations in the backward pass instead of storing them (every engine; an HF "
+        "decoder's LLM has `model.hf_decoder.gradient_checkpointing`)."))
+    micro_batch_size: Optional[int] = Field(None, ge=1, description=(
+        "Rows per forward/backward pass (a micro-batch; the pipeline's unit). Each loaded batch of "
+        "`data.batch_size` rows runs as `data.batch_size / micro_batch_size` micro-batches (it must divide "
+        "`data.batch_size`); null = `data.batch_size`. Trades activation memory for passes: the global batch, "
+        "data order and optimizer steps stay the same."))
 
     @model_validator(mode="after")
     def _check(self) -> "DistConfig":
@@ -302,23 +415,29 @@ class DistConfig(_Strict):
 
 
 class SlurmConfig(_Strict):
-    """Resources and launch for `memtrain submit` / `memtrain sweep` (flags override these)."""
+    """Resources and launch for ``memtrain submit`` / ``memtrain sweep``; their flags override these."""
 
-    nodes: int = Field(1, ge=1)
-    #: GPUs per node (0 = CPU-only tasks; then `tasks_per_node` ranks per node)
-    gpus_per_node: int = Field(0, ge=0)
-    tasks_per_node: int = Field(1, ge=1)
-    cpus_per_task: int = Field(1, ge=1)
-    time: str = "01:00:00"
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    #: srun: one task per rank (signals reach every rank); torchrun: one torchrun per node (c10d
-    #: rendezvous on the head node); deepspeed: the deepspeed launcher with a hostfile from the node list
-    launcher: Literal["srun", "torchrun", "deepspeed"] = "srun"
-    #: seconds before the time limit at which Slurm sends USR1: ranks checkpoint and the job requeues
-    signal_seconds: int = Field(120, ge=0)
-    requeue: bool = True
-    extra_sbatch: list[str] = []
+    nodes: int = Field(1, ge=1, description="Nodes to allocate.")
+    gpus_per_node: int = Field(0, ge=0, description=(
+        "GPUs per node, one rank per GPU; 0 = CPU-only ranks, `tasks_per_node` of them per node."))
+    tasks_per_node: int = Field(1, ge=1, description=(
+        "Ranks per node when `gpus_per_node` is 0 (with GPUs there is one rank per GPU; with the `srun` "
+        "launcher leave it at 1)."))
+    cpus_per_task: int = Field(1, ge=1, description=(
+        "CPUs per Slurm task: per rank with the `srun` launcher, per node with `torchrun` and `deepspeed` (one "
+        "launcher task per node); `OMP_NUM_THREADS` follows it."))
+    time: str = Field("01:00:00", description="Time limit, e.g. `01:00:00` or `2-00:00:00`.")
+    partition: Optional[str] = Field(None, description="Partition; null = the cluster's default partition.")
+    account: Optional[str] = Field(None, description="Account to charge; null = none given.")
+    launcher: Literal["srun", "torchrun", "deepspeed"] = Field("srun", description=(
+        "`srun`: one task per rank (signals reach every rank); `torchrun`: one torchrun per node (c10d "
+        "rendezvous on the head node); `deepspeed`: the deepspeed launcher with a hostfile from the node list."))
+    signal_seconds: int = Field(120, ge=0, description=(
+        "Seconds before the time limit at which Slurm signals the ranks (USR1 with `srun`, TERM with `torchrun` "
+        "and `deepspeed`): they finish the step, checkpoint and the job requeues; 0 = no signal."))
+    requeue: bool = Field(True, description="Let Slurm requeue the job (`--requeue`); false = `--no-requeue`.")
+    extra_sbatch: list[str] = Field([], description=(
+        "Further `#SBATCH` options, one per item, written as given (e.g. `--qos=high`)."))
 
     @property
     def ranks_per_node(self) -> int:
@@ -326,15 +445,27 @@ class SlurmConfig(_Strict):
 
 
 class Config(_Strict):
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
-    curriculum: list[StageConfig] = []
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    dist: DistConfig = DistConfig()
-    slurm: SlurmConfig = SlurmConfig()
+    run: RunConfig = Field(RunConfig(), description="Name, run directory and seed.")
+    model: ModelConfig = Field(ModelConfig(), description=(
+        "What to build: a memory model, an autoencoder or a causal LM from mixer or transformer stacks, or a "
+        "memory model with a pretrained Hugging Face LLM as its decoder."))
+    objective: ObjectiveConfig = Field(ObjectiveConfig(), description=(
+        "The weights of the causal / copy / blank-copy / reconstruction losses and the special tokens of the "
+        "copy tasks."))
+    curriculum: list[StageConfig] = Field([], description=(
+        "Optional list of stages run back to back, each with its own steps, objective weights and frozen module "
+        "groups; their `steps` must add up to `train.steps`. Empty: the run is one stage with "
+        "`objective.weights`."))
+    data: DataConfig = Field(DataConfig(), description=(
+        "Where the token rows come from and how many each rank loads."))
+    optim: OptimConfig = Field(OptimConfig(), description="The optimizer, learning-rate schedule, clipping and "
+                                                          "gradient accumulation.")
+    train: TrainConfig = Field(TrainConfig(), description=(
+        "Length, precision, device, and the evaluation / logging / checkpoint cadence."))
+    dist: DistConfig = Field(DistConfig(), description=(
+        "One process or `torchrun` DDP, or DeepSpeed ZeRO 0–3 / pipeline; and the micro-batch size."))
+    slurm: SlurmConfig = Field(SlurmConfig(), description=(
+        "Slurm jobs (`docs/slurm.md`); `memtrain train` ignores this section."))
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -479,10 +610,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with one-line errors for a missing, malformed or non-mapping file."""
-    p = Path(path)
+    """Read a YAML mapping, with one-line errors for a missing, malformed or non-mapping file.
+
+    A name with no file behind it is looked up among the shipped configs (``tiny``, ``paper/repro``, ...).
+    """
+    from memtrain.shipped import resolve_config
+
+    p = resolve_config(path)
     if not p.is_file():
-        raise UserError(f"{p}: config file not found")
+        raise UserError(f"{p}: config file not found (shipped configs by name: memtrain configs list)")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
