@@ -4,11 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.memtrain-installed
 DEMO   := data/demo
+# Where torch comes from: empty = requirements.txt's pin from the default index (a CUDA build on Linux), or e.g.
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu      (PyTorch's CPU-only build)
+TORCH_INDEX ?=
 
 .PHONY: venv quickstart test clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install -q --disable-pip-version-check --index-url $(TORCH_INDEX) \
+	    "$$(grep -E '^torch==' requirements.txt)")
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	# mosaicml-streaming without its deps: its torchvision requirement would replace the CPU torch
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mosaicml-streaming==0.13.0

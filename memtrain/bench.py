@@ -20,12 +20,10 @@ random operands, median of timed repeats), peak memory, and each variant's ratio
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,6 @@ import torch
 
 from memtrain.fileio import write_json
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("torch", "torch+compile", "triton", "triton+compile")
 
 
@@ -142,13 +139,14 @@ def peak_memory_gib(dev: torch.device) -> Optional[float]:
 # One variant
 
 def resolve_config(name: str) -> Path:
-    """A YAML path, or a name under yaml/ (``paper/mixer_autoencoder_d1024_c512``)."""
+    """A YAML path, or the name of a shipped config (``paper/mixer_autoencoder_d1024_c512``)."""
     from memtrain.errors import UserError
+    from memtrain.shipped import resolve_config as shipped
 
-    for cand in (Path(name), REPO / "yaml" / name, REPO / "yaml" / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise UserError(f"bench: no config {name!r} (give a YAML file, or a name under {REPO / 'yaml'})")
+    path = shipped(name)
+    if path.is_file():
+        return path
+    raise UserError(f"bench: no config {name!r} (give a YAML file, or a shipped name: memtrain configs list)")
 
 
 def autocast_for(precision: str, dev: torch.device):
@@ -351,14 +349,10 @@ def _triton_version() -> Optional[str]:
 
 
 def current_commit() -> str:
-    """``MEMTRAIN_COMMIT`` if set (a copied tree without .git, e.g. on a lent GPU machine), else git's HEAD."""
-    if os.environ.get("MEMTRAIN_COMMIT"):
-        return os.environ["MEMTRAIN_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+    """The commit of the running memtrain (see :func:`memtrain.version.git_commit`), or ``unknown``."""
+    from memtrain.version import git_commit
+
+    return git_commit() or "unknown"
 
 
 def format_table(result: dict) -> str:

@@ -3,6 +3,10 @@
     memtrain train CONFIG [--set a.b=c ...] [--resume]
     memtrain eval CHECKPOINT_OR_RUN [...] [--objectives causal,copy] [--batches N] [--greedy]
     memtrain data tokenizer | shards | prepare-demo ...
+    memtrain configs list | show NAME | copy NAME... --to DIR
+    memtrain --version
+
+CONFIG may be a YAML file or the name of a shipped config (``tiny``, ``paper/memory_mixer_e512_d512``).
 
 Every user error ends with one line on stderr and exit code 2.
 """
@@ -54,12 +58,35 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_configs(args) -> int:
+    from memtrain.shipped import configs_dir, copy_configs, resolve_config, shipped_configs
+
+    if args.configs_command == "list":
+        table = shipped_configs()
+        width = max(map(len, table))
+        print(f"# shipped configs in {configs_dir()} (use a name wherever a CONFIG is asked for)")
+        for name, path in table.items():
+            first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+            print(f"{name:{width}s}  {first.lstrip('# ').strip()}")
+        return 0
+    if args.configs_command == "show":
+        path = resolve_config(args.name)
+        if not path.is_file():
+            raise UserError(f"{args.name}: no shipped config of that name (see: memtrain configs list)")
+        sys.stdout.write(path.read_text())
+        return 0
+    for target in copy_configs(args.names, args.to, force=args.force):
+        print(target)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memtrain", description="Train, measure and scale memory models for language.")
+    p.add_argument("--version", action="version", version=_version(), help="print the version (and commit) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("config", help="run config (YAML), e.g. yaml/quickstart.yaml")
+    t.add_argument("config", help="run config: a YAML file, or a shipped config by name (memtrain configs list)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
     t.add_argument("--resume", action="store_true",
@@ -86,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.set_defaults(func=_cmd_eval)
 
+    c = sub.add_parser("configs", help="list, show or copy out the run configs that ship with memtrain")
+    csub = c.add_subparsers(dest="configs_command", metavar="CONFIGS_COMMAND", required=True)
+    csub.add_parser("list", help="every shipped config by name, with its first comment line")
+    cs = csub.add_parser("show", help="print a shipped config")
+    cs.add_argument("name", help="shipped config name, e.g. tiny or paper/memory_mixer_e512_d512")
+    cc = csub.add_parser("copy", help="copy shipped configs into a folder to edit them")
+    cc.add_argument("names", nargs="+", metavar="NAME", help="shipped config names, or 'all'")
+    cc.add_argument("--to", default=".", help="destination folder (default: the current one); sub-folders are kept")
+    cc.add_argument("--force", action="store_true", help="overwrite files that exist")
+    c.set_defaults(func=_cmd_configs)
+
     d = sub.add_parser("data", help="tokenizers and MDS shards")
     dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     from memtrain.data.cli import register
@@ -111,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_inference(sub)
     return p
+
+
+def _version() -> str:
+    from memtrain.version import describe
+
+    return describe()
 
 
 def main(argv: list[str] | None = None) -> int:

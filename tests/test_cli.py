@@ -257,3 +257,60 @@ def test_train_cli_runs_and_stops_for_resume(tiny_data, tmp_path, capsys):
     assert "is complete at step 6; nothing to do" in again
     assert again.splitlines()[-4:] == out.splitlines()[-4:] and "| tiny | causal |" in again
     assert tree_hash(run) == before
+
+
+def test_version_names_the_package_and_the_checkout_commit(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip()
+    from memtrain import __version__
+
+    assert out.startswith(f"memtrain {__version__}")
+    if (Path(__file__).resolve().parents[1] / ".git").exists() and shutil.which("git"):
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        assert out == f"memtrain {__version__} (commit {head})"
+
+
+def test_shipped_configs_by_name(tmp_path, monkeypatch, capsys):
+    from memtrain.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").run.name == load_config(TINY_YAML).run.name == "tiny"
+    assert load_config("yaml/tiny.yaml") == load_config("tiny.yaml") == load_config(TINY_YAML)
+    assert load_config("paper/memory_mixer_e512_d512").model.encoder.kernel == 4
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML.read_text().replace("name: tiny", "name: mine"))
+    assert load_config("tiny.yaml").run.name == "mine"  # a file of the user's always wins over a shipped name
+    assert main(["train", "no_such_config"]) == 2
+    assert "no_such_config: config file not found (shipped configs by name: memtrain configs list)" in \
+        capsys.readouterr().err
+
+    assert main(["configs", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "\ntiny " in listing and "paper/memory_mixer_e512_d512 " in listing and "repro/probe " in listing
+    assert main(["configs", "show", "tiny"]) == 0
+    assert capsys.readouterr().out == TINY_YAML.read_text()
+    assert main(["configs", "copy", "tiny", "paper/repro", "--to", "mine"]) == 0
+    assert (tmp_path / "mine" / "tiny.yaml").read_text() == TINY_YAML.read_text()
+    assert (tmp_path / "mine" / "paper" / "repro.yaml").is_file()
+    before = (tmp_path / "mine" / "tiny.yaml").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["configs", "copy", "quickstart", "tiny", "--to", "mine"]) == 2  # nothing written, nothing replaced
+    assert capsys.readouterr().err.strip().endswith("tiny.yaml: already exists (use --force to overwrite)")
+    assert not (tmp_path / "mine" / "quickstart.yaml").exists()
+    assert (tmp_path / "mine" / "tiny.yaml").stat().st_mtime_ns == before
+    assert main(["configs", "copy", "nope", "--to", "mine"]) == 2
+    assert "nope: no shipped config of that name" in capsys.readouterr().err
+
+
+def test_readme_lists_every_subcommand():
+    import argparse
+
+    from memtrain.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [name for name in sub.choices if f"memtrain {name}" not in readme and f"| {name} " not in readme
+               and f" {name} |" not in readme]
+    assert not missing, f"README.md's command list lacks: {', '.join(missing)}"

@@ -77,6 +77,43 @@ def test_submit_without_slurm_needs_dry_run(tmp_path, monkeypatch, capsys):
     assert main(["submit", str(ROOT / "yaml/tiny.yaml"), "--workdir", str(tmp_path)]) == 2
     assert "use --dry-run" in capsys.readouterr().err
     assert main(["submit", str(ROOT / "yaml/tiny.yaml"), "--dry-run", "--workdir", str(tmp_path)]) == 0
+    assert "resources not checked against a cluster (no Slurm client here)" in capsys.readouterr().err
+
+
+def _unreachable_sinfo(tmp_path, monkeypatch) -> None:
+    """A Slurm client on PATH whose controller cannot be reached: ``sinfo`` fails as it does on a laptop."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sinfo", "sbatch"):
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\n"
+                                    "exit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_dry_run_renders_without_a_reachable_controller(tmp_path, monkeypatch, capsys):
+    _unreachable_sinfo(tmp_path, monkeypatch)
+    assert main(["submit", "tiny", "--dry-run", "--workdir", str(tmp_path)]) == 0  # a shipped config by name
+    out, err = capsys.readouterr()
+    assert "#SBATCH --nodes=1" in out and "#SBATCH --job-name=tiny" in out
+    assert err == ("memtrain: warning: resources not checked against the cluster "
+                   "(sinfo failed: sinfo: fatal: Could not establish a configuration source)\n")
+    (job,) = list((tmp_path / "slurm-jobs").iterdir())
+    assert (job / "job.sbatch").is_file()
+
+
+def test_real_submission_needs_a_reachable_controller(tmp_path, monkeypatch, capsys):
+    _unreachable_sinfo(tmp_path, monkeypatch)
+    assert main(["submit", "tiny", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Could not establish a configuration source" in err
+    assert "cannot be reached; use --dry-run to only render" in err
+    assert not (tmp_path / "slurm-jobs").exists()
+    p = write_grid(tmp_path, {"model.decoder.d_model": [32]})
+    assert main(["sweep", str(p), "--workdir", str(tmp_path)]) == 2
+    assert "use --local or --dry-run" in capsys.readouterr().err
+    assert main(["sweep", str(p), "--dry-run", "--workdir", str(tmp_path)]) == 0
+    assert "#SBATCH --array=0-0" in capsys.readouterr().out
 
 
 def write_grid(tmp_path, grid, extra=""):

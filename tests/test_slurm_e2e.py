@@ -6,7 +6,6 @@ same config that was never interrupted.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,17 +23,24 @@ import local_slurm  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _ensure_slurm_installed() -> None:
-    if not local_slurm.missing_binaries():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(f"Slurm is not installed and cannot be installed here; run: {local_slurm.install_hint()}")
-    subprocess.run(["bash", "-c", local_slurm.install_hint()], check=True, capture_output=True)
+REQUIRED = os.environ.get("MEMTRAIN_REQUIRE_SLURM") == "1"
+
+
+def _require_slurm() -> None:
+    """Skip unless MEMTRAIN_REQUIRE_SLURM=1 (the test starts its own munge, slurmctld and slurmd, which needs root
+    and Debian's Slurm packages, and must never run beside a real cluster's daemons); then Slurm must be here."""
+    if not REQUIRED:
+        pytest.skip("needs a local one-node Slurm cluster: set MEMTRAIN_REQUIRE_SLURM=1 on a machine with Slurm "
+                    "installed, as root (.ci/run does)")
+    missing = local_slurm.missing_binaries()
+    if missing:
+        pytest.fail(f"MEMTRAIN_REQUIRE_SLURM=1 but {', '.join(missing)} not installed; install with: "
+                    f"{local_slurm.install_hint()}")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    _ensure_slurm_installed()
+    _require_slurm()
     root = tmp_path_factory.mktemp("slurm")
     env = local_slurm.start(root)
     yield dict(os.environ, **env)

@@ -6,22 +6,21 @@
 # Budget: about 8 minutes on one H100, at most GPU_CHECK_BUDGET seconds (570) in all: each stage has a cap and
 # gets what is left; a stage that fails or times out is reported and the others still run; the exit code is
 # non-zero if any stage failed. Order: tests, autoencoder benchmark, operator benchmarks, memory benchmark.
-#   device tool:  MEMTRAIN_COMMIT=<short hash> bash tools/gpu_check.sh   (carry .whl: see docs/performance.md)
+#   MEMTRAIN_COMMIT=<short hash> bash tools/gpu_check.sh   (a copy without .git; offline wheels: docs/performance.md)
 #   GPU_CHECK_QUICK=1 bash tools/gpu_check.sh  (fewer benchmark variants, about 5 minutes)
-# It then runs tools/gpu_check_deepspeed.sh if that exists (about 6 more minutes, over one 10-minute call of
-# the device tool): set GPU_CHECK_DEEPSPEED=0 here and run that script in a call of its own.
+# It then runs tools/gpu_check_deepspeed.sh if that exists (about 6 more minutes, so past a 10-minute limit on
+# one command): set GPU_CHECK_DEEPSPEED=0 here and run that script as a command of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
 : > "$OUT/summary.txt"
 fail() { echo "gpu_check: FAILED: $1" | tee -a "$OUT/summary.txt"; status=1; }
-# One deadline for the whole check (the device tool stops a call at 600 s): each stage gets its own cap or
+# One deadline for the whole check (it is meant to end within a 10-minute command limit): each stage gets its own cap or
 # what is left, whichever is less, so a slow stage shortens the later ones instead of losing them all.
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-570}))
 limit() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
@@ -32,6 +31,9 @@ if ! "$PY" -c "import pydantic, yaml" 2>/dev/null; then
     .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl \
     || fail "pydantic from .whl/"
 fi
+
+source tools/gpu_env.sh
+memtrain_install || true
 
 {
   date -u '+%Y-%m-%d %H:%M UTC'

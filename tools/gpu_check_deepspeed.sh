@@ -4,9 +4,9 @@
 # under the plain engine and each ZeRO stage. Results go under $OUT (default runs/gpu_check_deepspeed):
 #   env.txt  equivalence.{log,json}  bench_zero.{txt,json}  summary.txt
 # tools/gpu_check.sh calls this script when it exists; alone:
-#   device tool:  carry .whl, then  OUT=$OUT bash tools/gpu_check_deepspeed.sh        (docs/distributed.md)
-# The GPU image has no deepspeed or mosaicml-streaming: their wheels (and the few of their needs the image lacks)
-# are installed from .whl/ (see docs/distributed.md for the list and how to build it). Budget: about 6 minutes
+#   OUT=$OUT bash tools/gpu_check_deepspeed.sh        (offline wheels in .whl/: docs/distributed.md)
+# Where the GPU machine's Python lacks deepspeed or mosaicml-streaming, their wheels (and the few of their needs
+# it lacks) are installed from .whl/ (see docs/distributed.md for the list and how to build it). Budget: about 6 minutes
 # on one H100. DS_CHECK_DEVICE=cpu runs the same stages on CPU (how the script itself is tested), and
 # DS_CHECK_BENCH_CONFIG=yaml/tiny.yaml benchmarks a smaller model.
 set -uo pipefail
@@ -30,7 +30,9 @@ if ! "$PY" -c "import deepspeed, pydantic, yaml, hjson, zstd, snappy, brotli, ca
     fail "deepspeed is not importable and there is no .whl/ to install it from"
   fi
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+source tools/gpu_env.sh
+memtrain_install || true
 
 {
   date -u '+%Y-%m-%d %H:%M UTC'

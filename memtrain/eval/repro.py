@@ -7,7 +7,7 @@
 3. evaluates the memory models on causal (per chunk position), copy and blank copy, with their own memories,
    zeroed memories and memories shuffled across the batch;
 4. writes ``OUT/report.json``, the reports and plots of every stage, and the reproduction document: measured
-   numbers next to the paper's (paper-notes.md section 5), and for each of the paper's claims whether the
+   numbers next to the paper's (docs/reference.md §8), and for each of the paper's claims whether the
    miniature agrees.
 
 Every run resumes, so an interrupted reproduction continues where it stopped. ``--quick`` runs every stage
@@ -31,6 +31,7 @@ from memtrain.eval.probe import ProbeSettings, Source, run_probe, write_probe_re
 from memtrain.eval.report import (evaluate_checkpoints, num, per_chunk_table, read_checkpoint, results_table,
                                   write_eval_report, write_report)
 from memtrain.fileio import write_json
+from memtrain.shipped import resolve_config_dir
 
 #: the roles of the run configs that ``<configs>/repro.yaml`` names
 ROLES = ("mixer_ae", "transformer_ae", "mixer_clm", "transformer_clm", "memory_causal", "memory_combined")
@@ -44,7 +45,7 @@ PROBES = [
     ("transformer causal LM", "transformer_clm", True),
     ("transformer untrained", "transformer_ae", False),
 ]
-#: paper-notes.md section 5.1 (mixers) and 5.2 (transformers), blog numbers: (CE, I_e = 1 - CE/9.03, token acc)
+#: docs/reference.md §8.3 (mixers) and §8.4 (transformers), blog numbers: (CE, I_e = 1 - CE/9.03, token acc)
 PAPER = {
     "mixer autoencoder": (1.528, 0.831, 0.5534),
     "mixer causal LM": (5.815, 0.356, 0.0479),
@@ -151,7 +152,7 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
     its layout)."""
     from memtrain.engine.trainer import train
 
-    cfg_dir = Path(configs)
+    cfg_dir = resolve_config_dir(configs)  # yaml/repro from a checkout, or the installed copy
     plan = read_manifest(cfg_dir)
     out_dir = Path(out)
     if rewrite_doc:
@@ -322,7 +323,7 @@ def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
         f"{secs['total'] / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in secs.items() if k != 'total')}).",
         f"Device: {report['device']}.",
         "",
-        "The paper's numbers (paper-notes.md section 5, from the author's blog; FineWeb-edu, 8k tokenizer, "
+        "The paper's numbers (docs/reference.md §8, from the author's blog; FineWeb-edu, 8k tokenizer, "
         "512-token contexts, d_model 1024 mixers / 512 transformers, 200k steps) are next to ours "
         f"(the bundled demo corpus, 4096-token tokenizer, {p0.get('length', '?')}-token contexts, "
         f"d_model {enc.get('d_model', '?')}, {report['steps'].get('mixer_ae', '?')} training steps "

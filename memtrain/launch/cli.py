@@ -23,12 +23,10 @@ def _slurm_overrides(args) -> list[str]:
 
 def cmd_submit(args) -> int:
     from memtrain.config import load_config
-    from memtrain.launch.slurm import check_resources, cluster_partitions, prepare_job, sbatch
+    from memtrain.launch.slurm import check_resources, partitions_to_check, prepare_job, sbatch
 
     cfg = load_config(args.config, args.set + _slurm_overrides(args))
-    partitions = cluster_partitions()
-    if partitions is None and not args.dry_run:
-        raise UserError("sbatch not found: this machine has no Slurm client; use --dry-run to only render")
+    partitions = partitions_to_check(args.dry_run)
     check_resources(cfg.slurm, partitions)
     script, text = prepare_job(cfg, Path(args.workdir or ".").resolve())
     if args.dry_run:
@@ -66,7 +64,7 @@ def cmd_sweep(args) -> int:
         print(f"{len(rows)} run(s): {root / 'results.csv'}, {root / 'results.md'}, {root / 'scaling.png'}, "
               f"{root / 'loss_vs_compute.png'}")
         return 0
-    from memtrain.launch.slurm import (check_resources, cluster_partitions, new_job_dir, render, sbatch)
+    from memtrain.launch.slurm import check_resources, new_job_dir, partitions_to_check, render, sbatch
     from memtrain.launch.sweep import expand, resource_groups, run_local, write_points
 
     grid, points = expand(args.target)
@@ -78,9 +76,7 @@ def cmd_sweep(args) -> int:
             raise UserError(f"sweep {grid.name}: {len(failed)} point(s) failed: {', '.join(failed)}")
         print(f"sweep {grid.name}: done; collect with `memtrain sweep collect {grid.out_dir}`")
         return 0
-    partitions = cluster_partitions()
-    if partitions is None and not args.dry_run:
-        raise UserError("sbatch not found: this machine has no Slurm client; use --local or --dry-run")
+    partitions = partitions_to_check(args.dry_run, hint="use --local or --dry-run")
     for p in points:  # every point is checked before anything is submitted
         check_resources(p.cfg.slurm, partitions)
     root = write_points(grid, points)

@@ -1,6 +1,6 @@
 """Rendering and submitting Slurm batch scripts for a run config.
 
-The templates live in the repository's ``slurm/`` folder and are usable on their own with ``sbatch``
+The templates live in the repository's ``slurm/`` folder (installed as ``memtrain/slurm/``) and are usable on their own with ``sbatch``
 (parameterised by environment variables, see ``slurm/_common.sh``). ``memtrain submit`` renders a
 self-contained script from the same files: ``#SBATCH`` lines from ``cfg.slurm`` (or flags), the run config
 frozen into a job folder (so a requeued job trains exactly what was submitted), the shared prologue inlined,
@@ -20,18 +20,11 @@ from pathlib import Path
 
 from memtrain.config import Config, SlurmConfig, dump_config
 from memtrain.errors import UserError
+from memtrain.shipped import slurm_dir
 
 TEMPLATES = {"srun": "train_srun.sbatch", "torchrun": "train_torchrun.sbatch", "deepspeed": "train_deepspeed.sbatch"}
 SIGNALS = {"srun": "USR1", "torchrun": "TERM", "deepspeed": "TERM"}
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
-
-
-def slurm_dir() -> Path:
-    """The repository's ``slurm/`` folder (templates)."""
-    d = Path(__file__).resolve().parents[2] / "slurm"
-    if not (d / "_common.sh").is_file():
-        raise UserError(f"{d}: Slurm templates not found (run memtrain from its source checkout)")
-    return d
 
 
 @dataclass
@@ -42,15 +35,24 @@ class Partition:
     cpus_per_node: int
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True)
+#: seconds ``sinfo`` may take before the controller counts as unreachable (its own retries take about as long)
+SINFO_TIMEOUT = 60
+
+
+def _run(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"no answer within {timeout:.0f} s")
 
 
 def cluster_partitions() -> dict[str, Partition] | None:
-    """Partitions of the reachable cluster (``sinfo``), or None when no Slurm client is installed."""
+    """Partitions of the reachable cluster (``sinfo``), or None when no Slurm client is installed.
+
+    Raises :class:`UserError` when ``sinfo`` exists but cannot answer (no controller reachable)."""
     if shutil.which("sinfo") is None:
         return None
-    out = _run(["sinfo", "-h", "-o", "%P|%D|%G|%c"])
+    out = _run(["sinfo", "-h", "-o", "%P|%D|%G|%c"], timeout=SINFO_TIMEOUT)
     if out.returncode != 0:
         raise UserError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}")
     parts: dict[str, Partition] = {}
@@ -68,8 +70,28 @@ def cluster_partitions() -> dict[str, Partition] | None:
     return parts
 
 
+def partitions_to_check(dry_run: bool, hint: str = "use --dry-run to only render") -> dict[str, Partition] | None:
+    """The partitions a request is checked against before ``sbatch``.
+
+    A real submission needs a reachable cluster. A dry run only writes the script, so without a Slurm client,
+    or with one whose controller cannot be reached (a laptop, a login node during an outage), it warns once on
+    stderr that the resources were not checked and goes on (returns None)."""
+    try:
+        partitions = cluster_partitions()
+    except UserError as err:
+        if not dry_run:
+            raise UserError(f"{err} (the Slurm controller cannot be reached; {hint})") from None
+        print(f"memtrain: warning: resources not checked against the cluster ({err})", file=sys.stderr)
+        return None
+    if partitions is None:
+        if not dry_run:
+            raise UserError(f"sbatch not found: this machine has no Slurm client; {hint}")
+        print("memtrain: warning: resources not checked against a cluster (no Slurm client here)", file=sys.stderr)
+    return partitions
+
+
 def default_partition() -> str | None:
-    out = _run(["sinfo", "-h", "-o", "%P"])
+    out = _run(["sinfo", "-h", "-o", "%P"], timeout=SINFO_TIMEOUT)
     for line in out.stdout.splitlines():
         if line.endswith("*"):
             return line[:-1]
