@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memtrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output stopped early (`memtrain configs list | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

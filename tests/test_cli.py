@@ -314,3 +314,9 @@ def test_readme_lists_every_subcommand():
     missing = [name for name in sub.choices if f"memtrain {name}" not in readme and f"| {name} " not in readme
                and f" {name} |" not in readme]
     assert not missing, f"README.md's command list lacks: {', '.join(missing)}"
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    out = subprocess.run(f"'{sys.executable}' -m memtrain configs list | head -1; exit ${{PIPESTATUS[0]}}",
+                         shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout.startswith("# shipped configs")
