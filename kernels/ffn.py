@@ -41,8 +41,9 @@ def _mm_kernel(A, Bm, BIAS, RES, AUX, C, C2, CS, M, N, K,
                EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, COLSUM: tl.constexpr,
                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of C; tiles ordered in groups of GROUP_M rows for L2 reuse of B."""
-    pid = tl.program_id(0)
+    """One [BLOCK_M, BLOCK_N] tile of C; tiles ordered in groups of GROUP_M rows for L2 reuse of B.
+    The program id is widened to int64 first, so every offset is 64-bit (tensors of >= 2^31 elements)."""
+    pid = tl.program_id(0).to(tl.int64)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * n_n
@@ -54,7 +55,7 @@ def _mm_kernel(A, Bm, BIAS, RES, AUX, C, C2, CS, M, N, K,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M  # wrapped: every load in bounds; the store is masked
     cols = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k

@@ -24,7 +24,7 @@ from memtrain.kernels.reference import layer_norm_reference  # noqa: F401  (what
 @triton.jit
 def _ln_fwd_kernel(X, W, Bv, Y, MEAN, RSTD, M, D, eps, s_xm, s_ym,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: M * d may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < M
     col_ok = cols < D
@@ -44,7 +44,7 @@ def _ln_fwd_kernel(X, W, Bv, Y, MEAN, RSTD, M, D, eps, s_xm, s_ym,
 @triton.jit
 def _ln_bwd_kernel(X, W, DY, MEAN, RSTD, DX, DWP, DBP, M, D, rows_per_prog, s_xm, s_dym, s_dxm,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: M * d may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -52,7 +52,7 @@ def _ln_bwd_kernel(X, W, DY, MEAN, RSTD, DX, DWP, DBP, M, D, rows_per_prog, s_xm
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row0 = pid * rows_per_prog
     for r in range(row0, tl.minimum(row0 + rows_per_prog, M), BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
+        rows = r + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = (rows < M) & (rows < row0 + rows_per_prog)
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(X + rows[:, None] * s_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)

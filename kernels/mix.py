@@ -42,39 +42,45 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, j, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
+def _tri_tap(acc, a_j, x_base, a_mask, offs_m, offs_n, offs_r, r_end, j, F, s_am, s_ar, s_xl, s_xf,
              PAD: tl.constexpr, SHIFT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc += A_j[offs_m, offs_r] @ X[offs_r, offs_n + SHIFT * (j - PAD)] (zero outside 0..F-1)."""
-    a = tl.load(a_base + j * s_aj + offs_m[:, None] * s_am + offs_r[None, :] * s_ar, mask=a_mask, other=0.0)
+    """acc += A_j[offs_m, offs_r] @ X[offs_r, offs_n + SHIFT * (j - PAD)] (zero outside 0..F-1 and for
+    r >= r_end); ``a_j`` points at tap j of A."""
+    a = tl.load(a_j + offs_m[:, None] * s_am + offs_r[None, :] * s_ar, mask=a_mask, other=0.0)
     cols = offs_n + SHIFT * (j - PAD)
-    x_mask = (offs_r[:, None] < L) & (cols[None, :] >= 0) & (cols[None, :] < F)
+    x_mask = (offs_r[:, None] < r_end) & (cols[None, :] >= 0) & (cols[None, :] < F)
     x = tl.load(x_base + offs_r[:, None] * s_xl + cols[None, :] * s_xf, mask=x_mask, other=0.0)
     return _dot(a, x.to(a.dtype), acc, UPCAST, DOT_PREC)
 
 
 @triton.jit
-def _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
+def _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, r_end, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
                KT: tl.constexpr, PAD: tl.constexpr, SHIFT: tl.constexpr, UPPER: tl.constexpr, TRI: tl.constexpr,
                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc += A[offs_m, r0:r0+BLOCK_R] @ X[r0:r0+BLOCK_R, shifted offs_n], over all k taps.
+    """acc += A[offs_m, r0:min(r0+BLOCK_R, r_end)] @ X[same rows, shifted offs_n], over all k taps.
 
+    Reduction indices at or past ``r_end`` (the end of the range the caller's loop covers) are masked, so a
+    block that overhangs its range never adds indices another range covers (or, below the diagonal, future
+    ones): the result is exact for any BLOCK_R, whether or not it divides BLOCK_M.
     TRI masks A to the triangle (r <= m lower, r >= m upper); only the diagonal blocks need it. One tap is a
     compile-time shift of zero (aligned, vectorised loads); k > 1 taps loop at run time (unrolling them
-    multiplies the live registers)."""
+    multiplies the live registers). Taps advance the pointer (64-bit); offsets inside one tap are int32."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
-    a_mask = (offs_m[:, None] < L) & (offs_r[None, :] < L)
+    a_mask = (offs_m[:, None] < L) & (offs_r[None, :] < r_end)
     if TRI:
         if UPPER:
             a_mask = a_mask & (offs_r[None, :] >= offs_m[:, None])
         else:
             a_mask = a_mask & (offs_r[None, :] <= offs_m[:, None])
     if KT == 1:
-        acc = _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, 0, L, F, s_aj, s_am, s_ar, s_xl,
+        acc = _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, r_end, 0, F, s_am, s_ar, s_xl,
                        s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
     else:
+        a_j = a_base
         for j in range(KT):
-            acc = _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, j, L, F, s_aj, s_am, s_ar,
-                           s_xl, s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
+            acc = _tri_tap(acc, a_j, x_base, a_mask, offs_m, offs_n, offs_r, r_end, j, F, s_am, s_ar, s_xl,
+                           s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
+            a_j += s_aj
     return acc
 
 
@@ -86,7 +92,9 @@ def _tri_mm_kernel(A, X, BIAS, RES, Y, L, F, H,
                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One [BLOCK_M rows, BLOCK_N features] tile of Y for one (batch, head). Grid: (F blocks, B*H, L blocks),
-    the row block slowest so that the heaviest row blocks (most reduction blocks) are scheduled first."""
+    the row block slowest so that the heaviest row blocks (most reduction blocks) are scheduled first.
+    64-bit offsets: the (batch, head) offsets are int64 scalars added to the base pointers (tensors of >= 2^31
+    elements); offsets inside one (batch, head) slice stay int32 (``plan_tri`` checks that they fit)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_mb = tl.cdiv(L, BLOCK_M)
@@ -94,36 +102,37 @@ def _tri_mm_kernel(A, X, BIAS, RES, Y, L, F, H,
         mb = tl.program_id(2)
     else:
         mb = n_mb - 1 - tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     m_lo = mb * BLOCK_M
+    m_hi = tl.minimum(m_lo + BLOCK_M, L)
     offs_m = m_lo + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_base = A + h * s_ah
     x_base = X + b * s_xb + h * s_xh
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the diagonal blocks: reduction indices inside this row block, triangle-masked
-    for r0 in range(m_lo, tl.minimum(m_lo + BLOCK_M, L), BLOCK_R):
-        acc = _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
+    # the diagonal blocks: reduction indices inside this row block (m_lo .. m_hi-1), triangle-masked
+    for r0 in range(m_lo, m_hi, BLOCK_R):
+        acc = _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, m_hi, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
                          KT, PAD, SHIFT, UPPER, True, UPCAST, DOT_PREC, BLOCK_R)
     # the full blocks: before the row block (lower) or after it (upper); never the other side
     if UPPER:
-        r_lo = m_lo + BLOCK_M
+        r_lo = m_hi
         r_hi = L
     else:
         r_lo = 0
         r_hi = m_lo
     for r0 in range(r_lo, r_hi, BLOCK_R):
-        acc = _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
+        acc = _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, r_hi, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
                          KT, PAD, SHIFT, UPPER, False, UPCAST, DOT_PREC, BLOCK_R)
     m_ok = offs_m < L
     mask = m_ok[:, None] & (offs_n[None, :] < F)
     if HAS_BIAS:
         acc += tl.load(BIAS + h * s_bh + offs_m * s_bl, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_RES:
-        acc += tl.load(RES + b * s_rb + h * s_rh + offs_m[:, None] * s_rl + offs_n[None, :] * s_rf,
+        acc += tl.load(RES + b * s_rb + h * s_rh + (offs_m[:, None] * s_rl + offs_n[None, :] * s_rf),
                        mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + b * s_yb + h * s_yh + offs_m[:, None] * s_yl + offs_n[None, :] * s_yf,
+    tl.store(Y + b * s_yb + h * s_yh + (offs_m[:, None] * s_yl + offs_n[None, :] * s_yf),
              acc.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -134,7 +143,8 @@ def _mix_dw_kernel(DY, X, P, DB, L, F, B, H, B_PER_SPLIT,
                    KT: tl.constexpr, PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     """Partial dW of one lower tile (t block >= s block), one (head, tap) and one batch split.
-    Grid: (lower tiles, H*KT, splits). Tile p = tm (tm + 1) / 2 + tn with tn <= tm."""
+    Grid: (lower tiles, H*KT, splits). Tile p = tm (tm + 1) / 2 + tn with tn <= tm. The batch, split and
+    (head, tap) offsets are int64 (tensors of >= 2^31 elements); offsets inside one slice are int32."""
     tile = tl.program_id(0)
     hj = tl.program_id(1)
     split = tl.program_id(2)
@@ -155,9 +165,12 @@ def _mix_dw_kernel(DY, X, P, DB, L, F, B, H, B_PER_SPLIT,
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     do_db = (tm == tn) & (j == 0)
     b0 = split * B_PER_SPLIT
+    dy_h = DY + h * s_yh
+    x_h = X + h * s_xh
     for b in range(b0, tl.minimum(b0 + B_PER_SPLIT, B)):
-        dy_base = DY + b * s_yb + h * s_yh
-        x_base = X + b * s_xb + h * s_xh
+        b64 = tl.cast(b, tl.int64)  # (b is a Python int under the interpreter)
+        dy_base = dy_h + b64 * s_yb
+        x_base = x_h + b64 * s_xb
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             dy = tl.load(dy_base + offs_m[:, None] * s_yl + offs_f[None, :] * s_yf,
@@ -169,28 +182,32 @@ def _mix_dw_kernel(DY, X, P, DB, L, F, B, H, B_PER_SPLIT,
                 row_sum += tl.sum(dy.to(tl.float32), axis=1)
             acc = _dot(dy.to(xt.dtype), xt, acc, UPCAST, DOT_PREC)
     keep = m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
-    tl.store(P + split * s_ps + hj * s_pq + offs_m[:, None] * s_pm + offs_n[None, :] * s_pn, acc, mask=keep)
+    split64 = split.to(tl.int64)
+    tl.store(P + split64 * s_ps + hj.to(tl.int64) * s_pq + offs_m[:, None] * s_pm + offs_n[None, :] * s_pn, acc,
+             mask=keep)
     if do_db:
-        tl.store(DB + split * s_ds + h * s_dh + offs_m * s_dl, row_sum, mask=m_ok)
+        tl.store(DB + split64 * s_ds + h * s_dh + offs_m * s_dl, row_sum, mask=m_ok)
 
 
 @triton.jit
 def _dw_reduce_kernel(P, OUT, S, L, s_ps, s_pq, s_pm, s_pn, s_oq, s_om, s_on, BLOCK: tl.constexpr):
     """OUT[q, t, s] = sum over splits of P[:, q, t, s] for s <= t, 0 above the diagonal. Reads only what
-    ``_mix_dw_kernel`` wrote. Grid: (L blocks, L blocks, H*KT)."""
+    ``_mix_dw_kernel`` wrote. Grid: (L blocks, L blocks, H*KT). The split and q offsets are 64-bit (pointer
+    increments, int64 scalars); offsets inside one [L, L] slice are int32."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
-    q = tl.program_id(2)
+    q = tl.program_id(2).to(tl.int64)
     offs_m = pm * BLOCK + tl.arange(0, BLOCK)
     offs_n = pn * BLOCK + tl.arange(0, BLOCK)
     inside = (offs_m[:, None] < L) & (offs_n[None, :] < L)
     lower = inside & (offs_n[None, :] <= offs_m[:, None])
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     if pn <= pm:
+        p_s = P + q * s_pq + (offs_m[:, None] * s_pm + offs_n[None, :] * s_pn)
         for s in range(0, S):
-            acc += tl.load(P + s * s_ps + q * s_pq + offs_m[:, None] * s_pm + offs_n[None, :] * s_pn,
-                           mask=lower, other=0.0)
-    tl.store(OUT + q * s_oq + offs_m[:, None] * s_om + offs_n[None, :] * s_on, acc.to(OUT.dtype.element_ty),
+            acc += tl.load(p_s, mask=lower, other=0.0)
+            p_s += s_ps
+    tl.store(OUT + q * s_oq + (offs_m[:, None] * s_om + offs_n[None, :] * s_on), acc.to(OUT.dtype.element_ty),
              mask=inside)
 
 
@@ -224,10 +241,34 @@ def _alloc(shape, dtype, device, poison: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+#: indices a tile may form past the end of a dimension (masked lanes: the largest block, plus the tap shift)
+_OVERHANG = 512
+
+
+def check_slice_offsets(what: str, t: Optional[torch.Tensor], dims: tuple[int, ...]) -> None:
+    """The kernels add the batch / head / split / tap offsets to their base pointers in 64 bits, and index
+    inside one such slice (dimensions ``dims`` of ``t``) with int32 offsets (int64 offset tiles cost registers
+    and spill in the large configs). ValueError when a slice of ``t`` spans 2^31 elements or more, where those would wrap."""
+    if t is None:
+        return
+    extent = sum((t.shape[d] + _OVERHANG) * abs(t.stride(d)) for d in dims)
+    if extent >= 2**31:
+        raise ValueError(f"{what} {tuple(t.shape)} with strides {t.stride()}: one slice over dimensions {dims} "
+                         f"spans {extent} elements, past the mixing kernels' 32-bit in-slice offsets (2^31); "
+                         "use kernels: torch for this shape")
+
+
 def plan_tri(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor],
              res: Optional[torch.Tensor], upper: bool) -> Launch:
-    """y = tri(a) x (+ bias + res); a = wk [H, KT, L, L]; upper: use a's transpose and the reverse tap shift."""
+    """y = tri(a) x (+ bias + res); a = wk [H, KT, L, L]; upper: use a's transpose and the reverse tap shift.
+
+    Any BLOCK_M / BLOCK_R pair is exact (each reduction block is masked to its range), so the configs need no
+    divisibility between them."""
     B, L, H, F = x.shape
+    check_slice_offsets("mixing weight", a, (2, 3))
+    for what, t in (("mixing input", x), ("mixing output", y), ("mixing residual", res)):
+        check_slice_offsets(what, t, (1, 3))
+    check_slice_offsets("mixing bias", bias, (1,))
     KT = a.shape[1]
     s_am, s_ar = (a.stride(3), a.stride(2)) if upper else (a.stride(2), a.stride(3))
     s_b = bias.stride() if bias is not None else (0, 0)
@@ -273,6 +314,9 @@ def plan_dw(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, split: Optional
     dbias partials [S, H, L] they write)."""
     B, L, H, F = x.shape
     KT = wk.shape[1]
+    check_slice_offsets("mixing input", x, (1, 2, 3))  # the dW kernel's head offset is int32 too
+    check_slice_offsets("mixing output gradient", dy, (1, 2, 3))
+    check_slice_offsets("mixing weight", wk, (2, 3))  # the [L, L] partials and dW share its extent
     dw_kernel = DW_32 if x.dtype == torch.float32 else DW_16
     ref_block = (dw_kernel.interp_config if interpreting() else dw_kernel.configs[0])["BLOCK_M"]
     n_ref = triton.cdiv(L, ref_block)

@@ -158,6 +158,134 @@ def test_mix_never_reads_the_upper_triangle(gen):
     check("dx", mix_backward(dy, x, wk, poison=True)[0], xd.grad, torch.float32, gen)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("block_m,block_r", [(16, 32), (32, 64)])
+def test_mix_is_causal_when_block_r_does_not_divide_block_m(block_m, block_r, k, gen):
+    """BLOCK_R > BLOCK_M (BLOCK_R does not divide BLOCK_M): the reduction blocks before a row block overhang
+    into it; they must not add the row block's own (future) tokens, nor count the diagonal twice (forward
+    and dX). A future token changed must leave every earlier output unchanged."""
+    from memtrain.kernels.mix import mix_backward, mix_forward
+
+    B, L, H, F = 2, 40, 1, 16
+    x, w, dy = rand(gen, B, L, H, F), rand(gen, H, L, L, k), rand(gen, B, L, H, F)
+    bias = rand(gen, H, L)
+    wk = w.movedim(-1, 1).contiguous()
+    tri = {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_R": block_r}
+    y = mix_forward(x, wk, bias, None, out=poisoned((B, L, H, F), torch.float32), config=tri)
+    check(f"forward BLOCK_M={block_m} BLOCK_R={block_r}", y, mix_reference(x, w, bias, None), torch.float32, gen)
+    x2 = x.clone()
+    x2[:, 30:] += 100.0  # the future of positions 0..29
+    y2 = mix_forward(x2, wk, bias, None, config=tri)
+    assert torch.allclose(y2[:, :30], y[:, :30], rtol=1e-5, atol=1e-5), "future tokens leak into the past"
+    xd = x.double().requires_grad_()
+    mix_reference(xd, w, None, None).backward(dy.double())
+    dx = mix_backward(dy, x, wk, tri_config=tri, poison=True)[0]
+    check(f"dx BLOCK_M={block_m} BLOCK_R={block_r}", dx, xd.grad, torch.float32, gen)
+
+
+def _big_storage(n: int) -> torch.Tensor:
+    """A bf16 tensor of n elements: virtual memory on CPU (only the pages written are ever touched)."""
+    try:
+        return torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    except (RuntimeError, MemoryError) as err:
+        pytest.skip(f"cannot reserve {2 * n / 2**30:.1f} GiB of address space here ({err})")
+
+
+@pytest.fixture
+def int32_overflow_traps(monkeypatch):
+    """Under the interpreter: Triton's integer-overflow sanitizer on (``debug``), so any int32 offset product
+    or sum that wraps raises instead of reading the wrong address. On CUDA a wrapped offset shows up as wrong
+    values (or an illegal address)."""
+    from memtrain.kernels.common import interpreting
+
+    if interpreting():
+        import dataclasses
+
+        from triton.runtime import interpreter
+
+        opts = interpreter.interpreter_builder.options
+        monkeypatch.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(opts, debug=True))
+
+
+BIG = 2**30  # a row / batch stride: index 2 x BIG = 2^31 elements, past int32
+
+
+def test_kernels_address_tensors_of_2_31_elements(int32_overflow_traps, gen):
+    """Views whose element offsets pass 2^31 (a stride of 2^30 elements, index 2) into one bf16 storage of
+    2^31 + a little elements: LayerNorm forward/backward, mixing forward, dX, dW and its reduction, and the
+    three matmul epilogues read and write the right elements (64-bit offsets), equal to the references."""
+    from memtrain.kernels import ffn, layernorm, mix
+
+    bf = torch.bfloat16
+    big = _big_storage(2 * BIG + 65536)
+
+    def view(shape, strides, offset, values):
+        v = big.as_strided(shape, strides, offset)
+        v.copy_(values)
+        return v
+
+    # LayerNorm: 3 rows, row stride 2^30
+    D = 16
+    x = view((3, D), (BIG, 1), 0, rand(gen, 3, D).to(bf))
+    dy = view((3, D), (BIG, 1), 32, rand(gen, 3, D).to(bf))
+    w, b = rand(gen, D), rand(gen, D)
+    y, mean, rstd = layernorm.layer_norm_forward(x, w, b, 1e-5, torch.float32)
+    xd, wd, bd = x.double().requires_grad_(), w.double().requires_grad_(), b.double().requires_grad_()
+    ref_y = torch.nn.functional.layer_norm(xd, (D,), wd, bd, 1e-5)
+    check("layernorm forward", y, ref_y, bf, gen)
+    ref_y.backward(dy.double())
+    dx, dw, db = layernorm.layer_norm_backward(dy, x, w, mean, rstd)
+    check("layernorm dx", dx, xd.grad, bf, gen)
+    check("layernorm dweight", dw, wd.grad, bf, gen)
+
+    # mixing: batch stride 2^30 (b = 2 starts at element 2^31), k = 3 taps
+    B, L, H, F, k = 3, 20, 1, 16, 3
+    mx = view((B, L, H, F), (BIG, F, F, 1), 64, rand(gen, B, L, H, F).to(bf))
+    mdy = view((B, L, H, F), (BIG, F, F, 1), 64 + L * F, rand(gen, B, L, H, F).to(bf))
+    mw = rand(gen, H, L, L, k).to(bf)
+    wk = mw.movedim(-1, 1).contiguous()
+    check("mix forward", mix.mix_forward(mx, wk), mix_reference(mx, mw, None, None), bf, gen)
+    xd, wd = mx.double().requires_grad_(), mw.double().requires_grad_()
+    mix_reference(xd, wd, None, None).backward(mdy.double())
+    mdx, mdwk, mdb = mix.mix_backward(mdy, mx, wk, split=3, poison=True)
+    check("mix dx", mdx, xd.grad, bf, gen)
+    check("mix dW", mdwk.movedim(1, -1), wd.grad, bf, gen)
+    # the dW reduction over partials [S, Q, L, L] whose split stride is 2^30
+    S, Q = 3, 2
+    part = big.as_strided((S, Q, L, L), (BIG, L * L, L, 1), 8192)
+    part.copy_(rand(gen, S, Q, L, L).to(bf))
+    out = poisoned((Q, L, L), torch.float32)
+    block = mix.REDUCE.interp_config["BLOCK"]
+    mix.REDUCE.launch(lambda meta: (triton_cdiv(L, block), triton_cdiv(L, block), Q), part, out, S, L,
+                      *part.stride(), *out.stride(), config={"BLOCK": block})
+    check("mix dW reduce", out, part.double().sum(0).tril(), bf, gen)
+
+    # matmuls: rows of a / residual / aux / out at stride 2^30
+    M, K, N = 3, 32, 16
+    a = view((M, K), (BIG, 1), 16384, rand(gen, M, K).to(bf))
+    bm = rand(gen, K, N).to(bf)
+    bias = rand(gen, N)
+    res = view((M, N), (BIG, 1), 16384 + K, rand(gen, M, N).to(bf))
+    aux = view((M, N), (BIG, 1), 16384 + K + N, rand(gen, M, N).to(bf))
+    c_out = big.as_strided((M, N), (BIG, 1), 16384 + K + 2 * N)
+    pre = a.double() @ bm.double() + bias.double()
+    c, c2, _ = ffn.matmul_epilogue(a, bm, bias=bias, epilogue="gelu")
+    check("matmul gelu", c, torch.nn.functional.gelu(pre), bf, gen)
+    check("matmul gelu pre-activation", c2, pre, bf, gen)
+    ffn.matmul_epilogue(a, bm, bias=bias, residual=res, out=c_out)
+    check("matmul bias+residual (strided out)", c_out, pre + res.double(), bf, gen)
+    c, _, cs = ffn.matmul_epilogue(a, bm, aux=aux, epilogue="dgelu", colsum=True)
+    h = aux.double().requires_grad_()
+    torch.nn.functional.gelu(h).backward(torch.ones_like(h))
+    expect = (a.double() @ bm.double()) * h.grad
+    check("matmul dgelu", c, expect, bf, gen)
+    check("matmul dgelu colsum", cs, expect.sum(0), bf, gen)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @pytest.mark.parametrize("heads,k", [(0, 1), (0, 3), (2, 1), (3, 2)])
 def test_dispatch_causal_mix_autograd_matches_reference(heads, k, gen):
     """The differentiable op in the reference layout ([B, L, d] or [B, H, L, d_h]) with bias and residual."""
