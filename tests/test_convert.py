@@ -87,13 +87,30 @@ def ref_stack(s: dict, name: str, x: torch.Tensor, depth: int, heads: int) -> to
     return x
 
 
-def autoencoding_mixer(d, L, k, heads, depth, gen) -> dict:
+def bottleneck_state(e: int, compression: int, gen: torch.Generator) -> dict:
+    """The reference's optional bottleneck (compression > 1): down = Linear(e, e//c), up = Linear(e//c, e)."""
+    if compression <= 1:
+        return {}
+    r = e // compression
+    return {"down.weight": torch.randn(r, e, generator=gen) * 0.3, "down.bias": torch.randn(r, generator=gen) * 0.1,
+            "up.weight": torch.randn(e, r, generator=gen) * 0.3, "up.bias": torch.randn(e, generator=gen) * 0.1}
+
+
+def ref_bottleneck(s: dict, m: torch.Tensor) -> torch.Tensor:
+    """``up(down(m))`` when the reference was built with compression > 1, else m (docs/reference.md §3.1)."""
+    if "down.weight" not in s:
+        return m
+    return F.linear(F.linear(m, s["down.weight"], s["down.bias"]), s["up.weight"], s["up.bias"])
+
+
+def autoencoding_mixer(d, L, k, heads, depth, gen, compression: int = 1) -> dict:
     s = {"wte.weight": torch.randn(V, d, generator=gen), "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
          "projection.weight": torch.randn(d, d // 2, generator=gen) * 0.2,
          "projection.bias": torch.randn(d, generator=gen) * 0.1}
     for i in range(depth):
         s.update(mixer_block_state(f"encoderblocks.{i}", d, L, k, heads, gen))
         s.update(mixer_block_state(f"decoderblocks.{i}", d, L, k, heads, gen))
+    s.update(bottleneck_state(d, compression, gen))
     return s
 
 
@@ -101,7 +118,7 @@ def ref_autoencoder(s: dict, ids: torch.Tensor, depth: int, heads: int, unroll: 
     """AutoencodingMixer.forward: logits [B, L, V] (docs/reference.md §3.1)."""
     L = ids.shape[1]
     x = ref_stack(s, "encoderblocks", s["wte.weight"][ids], depth, heads)
-    e = x[:, -1, :]  # [B, d]
+    e = ref_bottleneck(s, x[:, -1, :])  # [B, d]
     d = e.shape[-1]
     if unroll:  # cyclic windows e[(t mod d) : (t mod d) + d/2], then Linear(d/2, d)
         windows = torch.stack([torch.cat([e, e], dim=1)[:, t % d: t % d + d // 2] for t in range(L)], dim=1)
@@ -110,6 +127,39 @@ def ref_autoencoder(s: dict, ids: torch.Tensor, depth: int, heads: int, unroll: 
         x = e.unsqueeze(1).repeat(1, L, 1)
     x = ref_stack(s, "decoderblocks", x, depth, heads)
     return F.linear(x, s["lm_head.weight"])
+
+
+def variable_memory_mixer(e, d, L, C, k, heads, depth, gen, compression: int = 1) -> dict:
+    """VariableMemoryMixer: encoder e wide (k taps, heads), decoder d wide over L + C positions (one tap)."""
+    s = {"wte.weight": torch.randn(V, e, generator=gen), "decoder_wte.weight": torch.randn(V, d, generator=gen),
+         "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2}
+    if e != d:
+        s.update({"decoder_proj.weight": torch.randn(d, e, generator=gen) * 0.3,
+                  "decoder_proj.bias": torch.randn(d, generator=gen) * 0.1})
+    for i in range(depth):
+        s.update(mixer_block_state(f"encoderblocks.{i}", e, L, k, heads, gen))
+        s.update(mixer_block_state(f"decoderblocks.{i}", d, L + C, 1, 0, gen))
+    s.update(bottleneck_state(e, compression, gen))
+    return s
+
+
+def ref_memory_mixer(s: dict, ids: torch.Tensor, L: int, C: int, depth: int, heads: int) -> list[torch.Tensor]:
+    """VariableMemoryMixer.forward chunk by chunk (docs/reference.md §4.1): per chunk c the decoder's logits
+    [B, C + L, V]; decoder position C + j (j < L-1) predicts token j + 1 of chunk c."""
+    B, d = ids.shape[0], s["decoder_wte.weight"].shape[1]
+    memories = []  # one memory per chunk 0..C-2: last position, then the bottleneck, then decoder_proj
+    for c in range(C - 1):
+        h = ref_stack(s, "encoderblocks", s["wte.weight"][ids[:, c * L:(c + 1) * L]], depth, heads)
+        m = ref_bottleneck(s, h[:, -1])
+        if "decoder_proj.weight" in s:
+            m = F.linear(m, s["decoder_proj.weight"], s["decoder_proj.bias"])
+        memories.append(m)
+    out = []
+    for c in range(C):
+        slots = [memories[j] if j < c else torch.zeros(B, d) for j in range(C)]  # zero pad slots
+        x = torch.cat([torch.stack(slots, 1), s["decoder_wte.weight"][ids[:, c * L:(c + 1) * L]]], dim=1)
+        out.append(F.linear(ref_stack(s, "decoderblocks", x, depth, 0), s["lm_head.weight"]))
+    return out
 
 
 def convert(tmp_path, state: dict, arch: str, *flags: str):
@@ -185,29 +235,99 @@ def test_variable_memory_mixer_converts_with_its_chunked_memories(tmp_path):
     reference runs chunk by chunk; memtrain folds chunks into the batch; the decoder outputs agree."""
     gen = torch.Generator().manual_seed(3)
     e, d, L, C, depth = 16, 24, 6, 3, 2
-    state = {"wte.weight": torch.randn(V, e, generator=gen), "decoder_wte.weight": torch.randn(V, d, generator=gen),
-             "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
-             "decoder_proj.weight": torch.randn(d, e, generator=gen) * 0.3,
-             "decoder_proj.bias": torch.randn(d, generator=gen) * 0.1}
-    for i in range(depth):
-        state.update(mixer_block_state(f"encoderblocks.{i}", e, L, 4, 2, gen))
-        state.update(mixer_block_state(f"decoderblocks.{i}", d, L + C, 1, 0, gen))
+    state = variable_memory_mixer(e, d, L, C, 4, 2, depth, gen)
     model, cfg, converted = convert(tmp_path, state, "variable-memory-mixer")
     assert cfg.model.kind == "memory" and (cfg.model.chunk_len, cfg.model.n_chunks) == (L, C)
+    assert cfg.model.compression == 1 and "encoder.down.weight" not in converted
     assert_causal_mixing(converted)
     ids = torch.randint(0, V, (2, C * L), generator=gen)
     with torch.no_grad():
-        memories = []  # docs/reference.md §4.1: one memory per chunk 0..C-2, last position, then decoder_proj
-        for c in range(C - 1):
-            h = ref_stack(state, "encoderblocks", state["wte.weight"][ids[:, c * L:(c + 1) * L]], depth, 2)
-            memories.append(F.linear(h[:, -1], state["decoder_proj.weight"], state["decoder_proj.bias"]))
+        expect = ref_memory_mixer(state, ids, L, C, depth, 2)
         got = model.logits(model(ids))  # [B, C*L, V]; position c*L + j predicts token j of chunk c
-        for c in range(C):
-            slots = [memories[j] if j < c else torch.zeros(2, d) for j in range(C)]  # zero pad slots
-            x = torch.cat([torch.stack(slots, 1), state["decoder_wte.weight"][ids[:, c * L:(c + 1) * L]]], dim=1)
-            logits = F.linear(ref_stack(state, "decoderblocks", x, depth, 0), state["lm_head.weight"])
-            # reference: decoder position C + j (j < L-1) predicts token j + 1 of the chunk
-            torch.testing.assert_close(got[:, c * L + 1:(c + 1) * L], logits[:, C:C + L - 1], rtol=1e-4, atol=1e-4)
+    for c in range(C):
+        torch.testing.assert_close(got[:, c * L + 1:(c + 1) * L], expect[c][:, C:C + L - 1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, e, d, compression", [("variable-memory-mixer", 16, 24, 2),
+                                                     ("variable-memory-mixer", 16, 16, 4),
+                                                     ("autoencoding-mixer", 16, 16, 2)])
+def test_reference_bottleneck_converts_to_compression_with_the_same_logits(tmp_path, arch, e, d, compression):
+    """A reference built with compression = c > 1 (the VariableMemoryMixer default is 4) has down = Linear(e, e/c)
+    and up = Linear(e/c, e) on its memories: they become memtrain's encoder.down / encoder.up, compression is
+    read from their shapes, and the converted model computes the reference's logits."""
+    gen = torch.Generator().manual_seed(11 + compression + d)
+    L, C, depth, heads = 6, 3, 2, 2
+    if arch == "variable-memory-mixer":
+        state = variable_memory_mixer(e, d, L, C, 4, heads, depth, gen, compression=compression)
+    else:
+        state = autoencoding_mixer(d, L, 3, heads, depth, gen, compression=compression)
+    assert state["down.weight"].shape == (e // compression, e)
+    model, cfg, converted = convert(tmp_path, state, arch)
+    assert cfg.model.compression == compression and cfg.model.final_norm is False
+    for key in ("down.weight", "down.bias", "up.weight", "up.bias"):
+        torch.testing.assert_close(converted[f"encoder.{key}"], state[key], rtol=0, atol=0)
+    assert_causal_mixing(converted)
+    with torch.no_grad():
+        if arch == "variable-memory-mixer":
+            ids = torch.randint(0, V, (2, C * L), generator=gen)
+            expect = ref_memory_mixer(state, ids, L, C, depth, heads)
+            plain = ref_memory_mixer({k: v for k, v in state.items() if not k.startswith(("down.", "up."))},
+                                     ids, L, C, depth, heads)
+            got = model.logits(model(ids))
+            for c in range(C):
+                torch.testing.assert_close(got[:, c * L + 1:(c + 1) * L], expect[c][:, C:C + L - 1],
+                                           rtol=1e-4, atol=1e-4)
+            expect, plain = torch.stack(expect), torch.stack(plain)
+        else:
+            ids = torch.randint(0, V, (3, L), generator=gen)
+            expect = ref_autoencoder(state, ids, depth, heads, unroll=True)
+            plain = ref_autoencoder({k: v for k, v in state.items() if not k.startswith(("down.", "up."))},
+                                    ids, depth, heads, unroll=True)
+            torch.testing.assert_close(model.logits(model(ids)), expect, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(expect, plain, rtol=1e-3, atol=1e-3)  # the bottleneck really shapes the logits
+
+
+def test_unsupported_reference_bottleneck_is_refused_with_what_was_found(tmp_path, capsys):
+    """A bottleneck memtrain cannot hold (a width that does not divide e: the reference's e//c with c not
+    dividing e) or one whose tensors disagree is refused in one line naming the tensor and its shape, never
+    as a wrong --arch."""
+    gen = torch.Generator().manual_seed(5)
+    base = variable_memory_mixer(16, 24, 6, 3, 1, 0, 1, gen)
+    r5 = {"down.weight": torch.randn(5, 16), "down.bias": torch.randn(5), "up.weight": torch.randn(16, 5),
+          "up.bias": torch.randn(16)}  # VariableMemoryMixer(encoder_dim=16, compression=3): 16 // 3 = 5
+    r8 = dict(bottleneck_state(16, 2, gen))
+    cases = [
+        (r5, "down.weight has shape (5, 16)", "widths e/c with an integer model.compression c > 1 dividing e = 16"),
+        (dict(r8, **{"up.weight": torch.randn(16, 4)}), "up.weight has shape (16, 4), expected (16, 8)", ""),
+        (dict(r8, **{"down.weight": torch.randn(8, 24)}), "down.weight has shape (8, 24), expected (e/c, e)",
+         "e = 16"),
+        ({k: v for k, v in r8.items() if k != "up.bias"}, "but no up.bias", "down = Linear(e, e/c)"),
+    ]
+    src = tmp_path / "vmm.safetensors"
+    for extra, needle, also in cases:
+        save_file(dict(base, **extra), str(src))
+        capsys.readouterr()
+        assert main(["convert", "reference", str(src), "--arch", "variable-memory-mixer",
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("memtrain: error: ") and needle in err[0] and also in err[0], err
+        assert "--arch" not in err[0], err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    # a tensor no reference class of this kind holds is reported with its shape; --arch only when it fits another
+    same_width = variable_memory_mixer(16, 16, 6, 3, 1, 0, 1, gen)  # e == d: the reference builds no decoder_proj
+    ae = autoencoding_mixer(16, 6, 1, 0, 1, gen)
+    for arch, state, needles in [
+        ("variable-memory-mixer", dict(same_width, **{"decoder_proj.weight": torch.randn(16, 16)}),
+         ["decoder_proj.weight (16, 16)", "memtrain maps only", "this variant is not supported"]),
+        ("autoencoding-mixer", dict(ae, **{"decoder_wte.weight": torch.randn(V, 16)}),
+         [f"decoder_wte.weight ({V}, 16)", "they belong to a variable-memory-mixer: check --arch"]),
+    ]:
+        save_file(state, str(src))
+        capsys.readouterr()
+        assert main(["convert", "reference", str(src), "--arch", arch, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(n in err[0] for n in needles), err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_reference_input_is_one_line_and_writes_nothing(tmp_path, capsys):

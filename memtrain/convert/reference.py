@@ -4,13 +4,19 @@ The reference saves the state dict of one class (docs/reference.md §3.3 gives n
 
 =========================  ===================================================================================
 ``autoencoding-mixer``     ``AutoencodingMixer``: ``wte``, ``encoderblocks.{i}``, ``decoderblocks.{i}``,
-                           ``lm_head``, ``projection`` -> memtrain ``kind: autoencoder``
+                           ``lm_head``, ``projection`` (+ ``down``, ``up``) -> memtrain ``kind: autoencoder``
 ``language-mixer``         ``LanguageMixer``: ``wte``, ``mixerblocks.{i}``, ``lm_head`` -> ``kind: clm`` with a
                            mixer decoder over one chunk of L tokens
 ``variable-memory-mixer``  ``VariableMemoryMixer``: ``wte``, ``encoderblocks.{i}``, ``decoder_wte``,
-                           ``decoderblocks.{i}`` (L + C positions), ``decoder_proj``, ``lm_head`` ->
-                           ``kind: memory``
+                           ``decoderblocks.{i}`` (L + C positions), ``decoder_proj``, ``lm_head`` (+ ``down``,
+                           ``up``) -> ``kind: memory``
 =========================  ===================================================================================
+
+The bottleneck (``compression = c > 1``, docs/reference.md §3.1 and §4.1; the ``VariableMemoryMixer`` default is
+4): ``down = Linear(e, e//c)`` and ``up = Linear(e//c, e)`` with biases, applied to the memory before
+``decoder_proj`` and before the unroll or repeat, exactly where memtrain's ``ChunkEncoder`` applies its
+``down`` / ``up``; they map to ``encoder.down`` / ``encoder.up`` and ``model.compression`` is read from their
+shapes. memtrain needs c to divide e, so a bottleneck width that does not divide e is refused.
 
 Blocks map name for name (memtrain's mixer block keeps the reference's names: ``seq_layernorm``,
 ``conv.weight`` [L, L, k], ``conv.bias`` [L], ``patch_layernorm``, ``patch_ff.0``/``patch_ff.2``). The
@@ -122,6 +128,43 @@ def _map_blocks(state: dict, src: str, dst: str, heads: int, out: dict) -> set[s
     return used
 
 
+#: the bottleneck's tensors in the reference (``down = Linear(e, e//c)``, ``up = Linear(e//c, e)``)
+_BOTTLENECK = ("down.weight", "down.bias", "up.weight", "up.bias")
+
+
+def _bottleneck(state: dict, e: int) -> tuple[int, dict[str, str]]:
+    """(compression c, reference key -> memtrain key) of the memory bottleneck; (1, {}) when there is none.
+
+    Every shape is checked against the encoder width ``e``: down.weight (e/c, e), down.bias (e/c,),
+    up.weight (e, e/c), up.bias (e,), with an integer c > 1 (memtrain's model.compression must divide e).
+    """
+    present = [k for k in _BOTTLENECK if k in state]
+    if not present:
+        return 1, {}
+    missing = [k for k in _BOTTLENECK if k not in state]
+    if missing:
+        raise UserError(f"reference checkpoint: has {', '.join(present)} but no {', '.join(missing)}; a reference "
+                        "bottleneck (compression > 1) is down = Linear(e, e/c) and up = Linear(e/c, e), with biases")
+    w = state["down.weight"]
+    if w.dim() != 2 or w.shape[1] != e:
+        raise UserError(f"reference checkpoint: down.weight has shape {tuple(w.shape)}, expected (e/c, e) with the "
+                        f"encoder width e = {e} (the memory bottleneck down = Linear(e, e/c))")
+    r = int(w.shape[0])
+    if not 0 < r < e or e % r:
+        widths = [str(e // c) for c in range(2, e + 1) if e % c == 0]
+        ref_c = [c for c in range(2, e + 1) if e // c == r]  # the reference's width is e // c, c not dividing e
+        was = f" (= {e} // {ref_c[0]})" if ref_c else ""
+        raise UserError(f"reference checkpoint: down.weight has shape {tuple(w.shape)}, a bottleneck of width {r}{was} "
+                        f"on memories of width {e}; memtrain supports only widths e/c with an integer "
+                        f"model.compression c > 1 dividing e = {e} ({', '.join(widths[:8])}"
+                        f"{', ...' if len(widths) > 8 else ''})")
+    for key, shape in (("down.bias", (r,)), ("up.weight", (e, r)), ("up.bias", (e,))):
+        if tuple(state[key].shape) != shape:
+            raise UserError(f"reference checkpoint: {key} has shape {tuple(state[key].shape)}, expected {shape} "
+                            f"for the bottleneck down.weight {tuple(w.shape)} (compression {e // r} of width {e})")
+    return e // r, {k: f"encoder.{k}" for k in _BOTTLENECK}
+
+
 def _model_config(arch: str, state: dict, injection: str, memory_position: int) -> tuple[dict, dict[str, str]]:
     """(the ``model`` section, reference key -> memtrain key for the non-block tensors)."""
     if arch == "language-mixer":
@@ -132,12 +175,14 @@ def _model_config(arch: str, state: dict, injection: str, memory_position: int) 
     enc, L = _stack_config(state, "encoderblocks", arch)
     dec, L_dec = _stack_config(state, "decoderblocks", arch)
     vocab = _need(state, "wte.weight", arch).shape[0]
-    common = {"vocab_size": vocab, "chunk_len": L, "encoder": enc, "decoder": dec, "memory_position": memory_position}
+    compression, bottleneck = _bottleneck(state, enc["d_model"])
+    common = {"vocab_size": vocab, "chunk_len": L, "encoder": enc, "decoder": dec, "memory_position": memory_position,
+              "compression": compression}
     if arch == "autoencoding-mixer":
         if L_dec != L:
             raise UserError(f"reference checkpoint: decoder blocks mix {L_dec} positions, the encoder's {L}; an "
                             "AutoencodingMixer has one length (is this a variable-memory-mixer?)")
-        names = {"wte.weight": "encoder.wte.weight", "lm_head.weight": "lm_head.weight"}
+        names = {"wte.weight": "encoder.wte.weight", "lm_head.weight": "lm_head.weight", **bottleneck}
         if injection == "unroll":
             names.update({"projection.weight": "projection.weight", "projection.bias": "projection.bias"})
         return dict(common, kind="autoencoder", n_chunks=1, injection=injection), names
@@ -146,11 +191,17 @@ def _model_config(arch: str, state: dict, injection: str, memory_position: int) 
         raise UserError(f"reference checkpoint: decoder blocks mix {L_dec} positions for chunks of {L}; a "
                         "VariableMemoryMixer's decoder mixes L + n_chunks (n_chunks >= 2) positions")
     names = {"wte.weight": "encoder.wte.weight", "decoder_wte.weight": "decoder_wte.weight",
-             "lm_head.weight": "lm_head.weight"}
+             "lm_head.weight": "lm_head.weight", **bottleneck}
     if enc["d_model"] != dec["d_model"]:
         names.update({"decoder_proj.weight": "decoder_proj.weight", "decoder_proj.bias": "decoder_proj.bias"})
     return dict(common, kind="memory", n_chunks=n_chunks), names
 
+
+#: top-level names of each reference class's state dict (docs/reference.md §3.3), bottleneck included
+_TOP_LEVEL = {"autoencoding-mixer": {"wte", "encoderblocks", "decoderblocks", "lm_head", "projection", "down", "up"},
+              "language-mixer": {"wte", "mixerblocks", "lm_head"},
+              "variable-memory-mixer": {"wte", "decoder_wte", "encoderblocks", "decoderblocks", "decoder_proj",
+                                        "lm_head", "down", "up"}}
 
 #: reference tensors that exist but that the reference never uses in the converted configuration
 _UNUSED = {"projection.weight", "projection.bias"}
@@ -174,8 +225,18 @@ def reference_to_memtrain(state: dict[str, torch.Tensor], arch: str, injection: 
         used |= _map_blocks(state, "decoderblocks", "decoder.blocks", model["decoder"]["n_heads"], out)
     left = sorted(set(state) - used - _UNUSED)
     if left:
-        raise UserError(f"reference checkpoint: tensors {left[:3]} have no place in a memtrain {model['kind']} "
-                        f"model converted from {arch}; check --arch")
+        found = ", ".join(f"{k} {tuple(state[k].shape)}" for k in left[:3]) + (
+            f" and {len(left) - 3} more" if len(left) > 3 else "")
+        tops = {k.split(".")[0] for k in left}
+        others = [a for a in ARCHS if a != arch and tops <= _TOP_LEVEL[a]]
+        if not tops <= _TOP_LEVEL[arch] and others:
+            hint = f"they belong to a {' or '.join(others)}: check --arch"
+        else:
+            mapped = sorted({k.split(".")[0] for k in used})
+            hint = (f"memtrain maps only {', '.join(mapped)} of a {arch} (docs/reference.md §3.3); this variant is "
+                    "not supported")
+        raise UserError(f"reference checkpoint: {found} have no place in a memtrain {model['kind']} model converted "
+                        f"from {arch}; {hint}")
     raw = {"run": {"name": f"reference-{arch}"}, "model": dict(model, final_norm=False, tie_embeddings=False),
            "objective": {"weights": {"reconstruction": 1.0} if model["kind"] == "autoencoder" else {"causal": 1.0}}}
     if shards:
