@@ -95,3 +95,32 @@ def test_accuracy_chart_groups_memory_variants_side_by_side():
     # without altered memories: one series, one bar per (model, objective)
     groups, series = accuracy_groups({"m": {"causal": {"accuracy": 0.2}, "copy": {"accuracy": 0.6}}})
     assert groups == ["m: causal", "m: copy"] and series == {"token accuracy": [0.2, 0.6]}
+
+
+def test_per_chunk_follows_the_dual_row_layout_of_an_hf_decoder(tmp_path_factory, tmp_path):
+    """An HF-decoder memory model's rows hold C*(L + L_dec) positions: per-chunk metrics cover chunk c's L
+    encoder ids and L_dec decoder slots (not L-position slices), and pool back to the whole-row metrics."""
+    from memtrain.eval.evaluate import evaluate
+    from memtrain.models import build_model
+    from memtrain.objectives import SpecialTokens, make_task, task_chunks
+    from test_hf_helpers import C, L, L_DEC, dual_shards, first_rows, hf_config, tiny_llm
+
+    special = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=1, filler_id=5)
+    cfg = hf_config(dual_shards(tmp_path_factory), tiny_llm(tmp_path_factory), tmp_path / "run")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 420).eval()
+    rows = first_rows(tmp_path_factory, "llama", 2)
+    assert rows.shape[1] == C * (L + L_DEC)
+    results = evaluate(model, [rows], ["causal", "copy"], special, torch.device("cpu"), per_chunk=True)
+    for name, r in results.items():
+        per = r["per_chunk"]
+        assert [c["chunk"] for c in per] == list(range(C)), name
+        _, targets = make_task(name, rows, special, task_chunks(model))
+        labels = model.align_labels(targets).view(rows.shape[0], C, L + L_DEC)
+        assert [c["tokens"] for c in per] == [int((labels[:, c] != -100).sum()) for c in range(C)], name
+        assert sum(c["tokens"] for c in per) == r["tokens"]
+        pooled = sum(c["ce"] * c["tokens"] for c in per if c["tokens"]) / r["tokens"]
+        assert pooled == pytest.approx(r["ce"], rel=1e-5)
+        hits = sum(c["accuracy"] * c["tokens"] for c in per if c["tokens"]) / r["tokens"]
+        assert hits == pytest.approx(r["accuracy"], rel=1e-5)
+    assert results["copy"]["per_chunk"][0]["tokens"] == 0 < results["copy"]["per_chunk"][C - 1]["tokens"]

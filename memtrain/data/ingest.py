@@ -42,6 +42,15 @@ FORMAT_VERSION = 1
 INFO_FILE = "memtrain_shards.json"
 SPLITS = ("train", "val")
 
+#: longest piece of text (characters) ingest ever holds for one document: a longer document is read and
+#: yielded in consecutive pieces of at most this many characters, cut after the last newline (else the last
+#: whitespace) of each piece where there is one, so memory stays bounded whatever the input (a .txt file
+#: without blank lines is one document). Shards keep the pieces of a document contiguous, with one EOS after
+#: the last; the pieces of a document share its id (same train/val split).
+MAX_PIECE_CHARS = 1 << 20
+#: longest jsonl line accepted (a line is one JSON object and is parsed whole)
+MAX_JSONL_LINE_CHARS = 64 << 20
+
 _KIND_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".txt": "txt",
                    ".txt.gz": "txt"}
 _PARQUET_BATCH_ROWS = 1024
@@ -173,7 +182,7 @@ def _open_text(path: Path):
     return open(path, "r", encoding="utf-8", newline="\n")
 
 
-def _iter_parquet(f: SourceFile) -> Iterator[tuple[str, str]]:
+def _iter_parquet(f: SourceFile) -> Iterator[tuple[str, str, bool]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -195,17 +204,24 @@ def _iter_parquet(f: SourceFile) -> Iterator[tuple[str, str]]:
             ids = batch.column(1).to_pylist() if len(columns) == 2 else [None] * len(texts)
             for text, doc_id in zip(texts, ids):
                 if text and text.strip():
-                    yield (str(doc_id) if doc_id is not None else f"{f.name}#{row}"), text
+                    yield from _pieces((str(doc_id) if doc_id is not None else f"{f.name}#{row}"), text)
                 row += 1
     except (pa.ArrowException, OSError) as err:
         raise UserError(f"{f.path}: cannot read parquet row {row} onwards ({err})") from None
 
 
-def _iter_jsonl(f: SourceFile) -> Iterator[tuple[str, str]]:
+def _iter_jsonl(f: SourceFile) -> Iterator[tuple[str, str, bool]]:
     lineno = 0
     try:
         with _open_text(f.path) as fh:
-            for lineno, line in enumerate(fh, start=1):
+            while True:
+                line = fh.readline(MAX_JSONL_LINE_CHARS + 1)
+                if not line:
+                    break
+                lineno += 1
+                if len(line) > MAX_JSONL_LINE_CHARS and not line.endswith("\n"):
+                    raise UserError(f"{f.path}:{lineno}: line longer than {MAX_JSONL_LINE_CHARS} characters; split "
+                                    "the document over several lines or use a .txt file")
                 if not line.strip():
                     continue
                 try:
@@ -222,29 +238,67 @@ def _iter_jsonl(f: SourceFile) -> Iterator[tuple[str, str]]:
                 if not text.strip():
                     continue
                 doc_id = obj.get("id")
-                yield (str(doc_id) if doc_id is not None else f"{f.name}:{lineno}"), text
+                yield from _pieces((str(doc_id) if doc_id is not None else f"{f.name}:{lineno}"), text)
     except UnicodeDecodeError as err:
         raise UserError(f"{f.path}:{lineno + 1}: not UTF-8 text ({err.reason})") from None
     except (OSError, EOFError) as err:
         raise UserError(f"{f.path}: cannot read ({err})") from None
 
 
-def _iter_txt(f: SourceFile) -> Iterator[tuple[str, str]]:
+def _cut(text: str, limit: int) -> int:
+    """Where to end a piece of ``text`` (longer than ``limit``): after its last newline, else its last
+    whitespace, within the first ``limit`` characters (else exactly at ``limit``)."""
+    k = text.rfind("\n", 0, limit)
+    if k <= 0:
+        k = max(text.rfind(" ", 0, limit), text.rfind("\t", 0, limit))
+    return k + 1 if k > 0 else limit
+
+
+def _pieces(doc_id: str, text: str, limit: int = MAX_PIECE_CHARS) -> Iterator[tuple[str, str, bool]]:
+    """``(doc_id, piece, is_last)`` for a document held in memory, in pieces of at most ``limit`` characters."""
+    while len(text) > limit:
+        k = _cut(text, limit)
+        yield doc_id, text[:k], False
+        text = text[k:]
+    yield doc_id, text, True
+
+
+def _iter_txt(f: SourceFile, limit: int = MAX_PIECE_CHARS) -> Iterator[tuple[str, str, bool]]:
+    """Documents separated by blank lines, read in lines of at most ``limit`` characters and yielded in pieces
+    of at most ``limit`` characters (a file without blank lines is one document, held only piece by piece)."""
     index = 0
     lineno = 0
     buf: list[str] = []
+    size = 0
+    at_line_start = True
     try:
         with _open_text(f.path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if line.strip():
-                    buf.append(line)
+            while True:
+                line = fh.readline(limit)
+                if not line:
+                    break
+                complete = line.endswith("\n")
+                if at_line_start:
+                    lineno += 1
+                if at_line_start and complete and not line.strip():  # a blank line ends the document
+                    if buf:
+                        yield f"{f.name}#{index}", "".join(buf).rstrip("\n"), True
+                        index += 1
+                        buf, size = [], 0
+                    at_line_start = True
                     continue
-                if buf:
-                    yield f"{f.name}#{index}", "".join(buf).rstrip("\n")
-                    index += 1
-                    buf = []
+                at_line_start = complete
+                buf.append(line)
+                size += len(line)
+                if size > limit:  # emit a full piece, keep the rest (less than one line) for the next
+                    text = "".join(buf)
+                    while len(text) > limit:
+                        k = _cut(text, limit)
+                        yield f"{f.name}#{index}", text[:k], False
+                        text = text[k:]
+                    buf, size = [text], len(text)
         if buf:
-            yield f"{f.name}#{index}", "".join(buf).rstrip("\n")
+            yield f"{f.name}#{index}", "".join(buf).rstrip("\n"), True
     except UnicodeDecodeError as err:
         raise UserError(f"{f.path}:{lineno + 1}: not UTF-8 text ({err.reason})") from None
     except (OSError, EOFError) as err:
@@ -261,7 +315,17 @@ def iter_documents(sources: Sequence[str | Path] | Sequence[SourceFile]) -> Iter
     :class:`SourceFile` objects. Parquet is read in batches of row groups (never whole files); ids come from
     the ``id`` column/field when present, else ``<file>#<row>`` (parquet), ``<file>:<line>`` (jsonl) or
     ``<file>#<index>`` (txt). Malformed input raises :class:`UserError` naming the file (and line).
+    A document longer than :data:`MAX_PIECE_CHARS` characters is yielded as consecutive pieces of at most that
+    many characters, all with the document's id (memory stays bounded; see :func:`iter_document_pieces`).
     """
+    for doc_id, text, _ in iter_document_pieces(sources):
+        yield doc_id, text
+
+
+def iter_document_pieces(sources: Sequence[str | Path] | Sequence[SourceFile]) -> Iterator[tuple[str, str, bool]]:
+    """Like :func:`iter_documents`, with ``is_last``: ``(doc_id, piece, is_last)``. A document longer than
+    :data:`MAX_PIECE_CHARS` characters comes in consecutive pieces with the same id, ``is_last`` True on its
+    final piece only (every other document is one piece with ``is_last`` True)."""
     files = list(sources) if sources and all(isinstance(s, SourceFile) for s in sources) else expand_sources(sources)
     for f in files:
         yield from _READERS[f.kind](f)
@@ -294,18 +358,23 @@ def _init_worker(model_bytes: bytes) -> None:
     _worker_sp.LoadFromSerializedProto(model_bytes)
 
 
-def _encode_chunk(args: tuple[list[str], int, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize a chunk of documents: returns (all ids with EOS after each document, per-document lengths)."""
-    texts, eos_id, dtype = args
+def _encode_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a chunk of documents (or document pieces): returns (all ids with EOS after each document,
+    per-text lengths). ``args``: ``(texts, eos_id, dtype)`` or ``(texts, eos_id, dtype, lasts)`` where
+    ``lasts[i]`` False marks a piece continued by the next text (no EOS after it)."""
+    texts, eos_id, dtype = args[:3]
+    lasts = args[3] if len(args) > 3 else [True] * len(texts)
     pieces = _worker_sp.Encode(texts, out_type=int)
-    lengths = np.fromiter((len(p) + 1 for p in pieces), dtype=np.int64, count=len(pieces))
+    lengths = np.fromiter((len(p) + int(last) for p, last in zip(pieces, lasts)), dtype=np.int64,
+                          count=len(pieces))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0
-    for p in pieces:
+    for p, last in zip(pieces, lasts):
         flat[pos:pos + len(p)] = p
         pos += len(p)
-        flat[pos] = eos_id
-        pos += 1
+        if last:
+            flat[pos] = eos_id
+            pos += 1
     return flat, lengths
 
 
@@ -427,20 +496,24 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _doc_chunks(docs: Iterator[tuple[str, str]], chunk_bytes: int, chunk_docs: int,
-                ) -> Iterator[tuple[list[str], list[str]]]:
+def _doc_chunks(docs: Iterator[tuple[str, str, bool]], chunk_bytes: int, chunk_docs: int,
+                ) -> Iterator[tuple[list[str], list[str], list[bool]]]:
+    """Group ``(doc_id, piece, is_last)`` into chunks of about ``chunk_bytes`` characters / ``chunk_docs``
+    pieces: ``(ids, texts, lasts)``."""
     ids: list[str] = []
     texts: list[str] = []
+    lasts: list[bool] = []
     size = 0
-    for doc_id, text in docs:
+    for doc_id, text, last in docs:
         ids.append(doc_id)
         texts.append(text)
+        lasts.append(last)
         size += len(text)
         if size >= chunk_bytes or len(ids) >= chunk_docs:
-            yield ids, texts
-            ids, texts, size = [], [], 0
+            yield ids, texts, lasts
+            ids, texts, lasts, size = [], [], [], 0
     if ids:
-        yield ids, texts
+        yield ids, texts, lasts
 
 
 def build_shards(sources: Sequence[str], tokenizer_path: str | Path, out_dir: str | Path, row_len: int,
@@ -499,9 +572,9 @@ def build_shards(sources: Sequence[str], tokenizer_path: str | Path, out_dir: st
         bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5)
         total_tokens = 0
-        chunks = _doc_chunks(iter_documents(files), chunk_bytes=1 << 20, chunk_docs=512)
-        jobs = ((ids, (texts, tok.eos_id, dtype)) for ids, texts in chunks)
-        for ids, (flat, lengths) in pool.imap(jobs):
+        chunks = _doc_chunks(iter_document_pieces(files), chunk_bytes=1 << 20, chunk_docs=512)
+        jobs = (((ids, lasts), (texts, tok.eos_id, dtype, lasts)) for ids, texts, lasts in chunks)
+        for (ids, lasts), (flat, lengths) in pool.imap(jobs):
             ends = np.cumsum(lengths)
             starts = ends - lengths
             val_mask = np.fromiter((is_val_document(i, val_fraction, seed) for i in ids), dtype=bool,
@@ -513,9 +586,10 @@ def build_shards(sources: Sequence[str], tokenizer_path: str | Path, out_dir: st
                     part = flat
                 else:
                     part = np.concatenate([flat[s:e] for s, e in zip(starts[mask], ends[mask])])
-                writers[split].add(part, int(mask.sum()))
+                # pieces of one document share its id, hence its split: they stay contiguous in that split
+                writers[split].add(part, int(np.asarray(lasts, dtype=bool)[mask].sum()))
             total_tokens += int(flat.size)
-            bar.update(len(ids))
+            bar.update(int(sum(lasts)))
             bar.set_postfix_str(f"{total_tokens / 1e6:.2f}M tokens", refresh=False)
         bar.close()
         pool.close()

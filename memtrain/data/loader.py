@@ -35,7 +35,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memtrain.data.ingest import FORMAT_VERSION, INFO_FILE
-from memtrain.data.streaming_compat import clean_stale_shared_memory_once, import_streaming
+from memtrain.data.streaming_compat import (clean_stale_shared_memory_once, closing_prefix_probes,
+                                            import_streaming)
 from memtrain.data.tokenizer import TOKENIZER_FILE, file_sha256
 from memtrain.errors import UserError
 
@@ -159,26 +160,82 @@ def _remote_join(remote: str, name: str) -> str:
     return remote.rstrip("/") + "/" + name if "://" in remote else os.path.join(remote, name)
 
 
+def _part_name(local_file: Path) -> Path:
+    """A temporary name next to ``local_file`` that no other process or thread uses (same directory, so the
+    final ``os.replace`` is atomic)."""
+    return local_file.with_name(f".{local_file.name}.{os.getpid()}.{threading.get_ident()}."
+                                f"{os.urandom(4).hex()}.part")
+
+
 def _download(remote_file: str, local_file: Path, what: str, shards: str) -> None:
-    """Download one file with streaming's downloader into ``local_file`` (atomically)."""
+    """Download one file with streaming's downloader into ``local_file``: into a temporary file of this
+    process and thread first, then renamed into place (atomic, so concurrent starts never see or remove
+    each other's partial files)."""
     import_streaming()
     from streaming.base.storage import CloudDownloader
 
-    local_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_file.with_name(f".{local_file.name}.{os.getpid()}.{threading.get_ident()}.part")
-    if tmp.exists():
-        tmp.unlink()
+    local_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = _part_name(local_file)
     try:
         CloudDownloader.direct_download(remote_file, str(tmp))
+        os.replace(tmp, local_file)
     except FileNotFoundError:
         raise UserError(f"{shards}: no {what} there; {NOT_SHARDS_HINT}") from None
     except Exception as err:  # boto/gcs/... errors, missing client libraries
         raise UserError(f"{shards}: cannot download {what} ({type(err).__name__}: {err})") from None
-    os.replace(tmp, local_file)
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def _default_cache_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "memtrain-shard-cache"
+    """The default remote-shard cache: ``memtrain-<uid>/shard-cache`` in the system temp directory
+    (``$TMPDIR``, else ``/tmp``): node-local (ranks of different nodes never share it) and private to the user
+    (``memtrain-<uid>`` is created mode 0700 and checked by :func:`_private_cache_root`)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"memtrain-{uid}" / "shard-cache"
+
+
+def _check_private_dir(path: Path, what: str) -> None:
+    """Raise UserError unless ``path`` is a real directory (not a symlink) of this user that no one else can
+    write to."""
+    import stat
+
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{what} {path}: is a symbolic link; refusing it as a cache (use a real directory)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{what} {path}: is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UserError(f"{what} {path}: is owned by another user (uid {st.st_uid}); refusing it as a cache, "
+                        "use a directory of your own")
+    if st.st_mode & 0o022:
+        raise UserError(f"{what} {path}: is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+                        f"refusing it as a cache: `chmod go-w {path}` or use a private directory")
+
+
+def _private_cache_root(cache_dir: str | Path | None) -> Path:
+    """The cache root for remote shards (``cache_dir``, or :func:`_default_cache_dir`), created mode 0700
+    when missing. The root (and for the default, its ``memtrain-<uid>`` parent in the shared temp directory)
+    must be a real directory owned by this user and not writable by group or others: another user could
+    otherwise plant shards, indexes or symlinks in it."""
+    explicit = cache_dir is not None and str(cache_dir) != ""
+    root = Path(cache_dir) if explicit else _default_cache_dir()
+    what = "data.cache_dir" if explicit else "the shard cache"
+    check = [root] if explicit else [root.parent, root]
+    for d in check:
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as err:
+            raise UserError(f"{what} {d}: cannot create it ({err.strerror or err})") from None
+        _check_private_dir(d, what)
+    return root
 
 
 def _parse_manifest(text: str, where: str) -> _Manifest:
@@ -200,8 +257,8 @@ def read_shard_info(shards: str | Path, cache_dir: str | Path | None = None) -> 
     """Read and validate a shard directory's ``memtrain_shards.json``.
 
     ``shards``: a local directory, or a URL streaming supports (``s3://…``, ``gs://…``, ``file://…``, …);
-    for a URL the json and ``tokenizer.model`` are downloaded into ``cache_dir`` (default: a
-    ``memtrain-shard-cache`` folder in the temp directory), in a subfolder specific to that URL and that
+    for a URL the json and ``tokenizer.model`` are downloaded into ``cache_dir`` (default: the private
+    ``memtrain-<uid>/shard-cache`` folder in the temp directory, see :func:`_private_cache_root`), in a subfolder specific to that URL and that
     version of the shards. Raises :class:`UserError` when the directory is missing, is not a shard
     directory, its json is malformed, or it was written by a newer memtrain.
     """
@@ -219,16 +276,24 @@ def read_shard_info(shards: str | Path, cache_dir: str | Path | None = None) -> 
         text = info_path.read_text(encoding="utf-8", errors="replace")
         manifest = _parse_manifest(text, str(info_path))
     else:
-        base = Path(cache_dir) if cache_dir else _default_cache_dir()
+        base = _private_cache_root(cache_dir)
         base = base / hashlib.blake2s(remote.encode("utf-8"), digest_size=8).hexdigest()
-        fetched = base / f"{INFO_FILE}.latest"
-        _download(_remote_join(remote, INFO_FILE), fetched, INFO_FILE, shards)
-        text = fetched.read_text(encoding="utf-8", errors="replace")
-        manifest = _parse_manifest(text, f"{shards}/{INFO_FILE}")
-        # one cache folder per version of the shards, so a rebuilt remote never mixes with old cached shards
-        local_dir = base / hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-        local_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(fetched, local_dir / INFO_FILE)
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # fetched under a name of this process only: concurrent starts (ranks of a node) never share it
+        fetched = _part_name(base / f"{INFO_FILE}.fetch")
+        try:
+            _download(_remote_join(remote, INFO_FILE), fetched, INFO_FILE, shards)
+            text = fetched.read_text(encoding="utf-8", errors="replace")
+            manifest = _parse_manifest(text, f"{shards}/{INFO_FILE}")
+            # one cache folder per version of the shards, so a rebuilt remote never mixes with old cached shards
+            local_dir = base / hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+            local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(fetched, local_dir / INFO_FILE)
+        finally:
+            try:
+                fetched.unlink()
+            except OSError:
+                pass
         tok = local_dir / TOKENIZER_FILE
         if not tok.is_file() or file_sha256(tok) != manifest.tokenizer_sha256:
             _download(_remote_join(remote, TOKENIZER_FILE), tok, TOKENIZER_FILE, shards)
@@ -375,11 +440,27 @@ class ShardLoader:
             from memtrain.data.memories import JoinedDataset
 
             dataset_cls, collate, extra = JoinedDataset, memories.collate, {"memories": memories}
+        from memtrain.data.checked_stream import CheckedStream
+
+        def fetch(remote_file: str, local_file: Path) -> None:
+            _download(remote_file, Path(local_file), f"{split}/index.json", info.path)
+
+        self._key = key
+        self._closed = False
         try:
-            self.dataset = _retry_shm_race(lambda: dataset_cls(
-                remote=remote, local=local, split=split, batch_size=self.batch_size, shuffle=self.shuffle,
-                shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes(), **extra))
+            # every index goes through memtrain's check before streaming uses a name or encoding in it
+            with closing_prefix_probes() as probes:
+                try:
+                    self.dataset = _retry_shm_race(lambda: dataset_cls(
+                        streams=[CheckedStream(remote=remote, local=local, split=split, where=info.path,
+                                               fetch=fetch)],
+                        batch_size=self.batch_size, shuffle=self.shuffle,
+                        shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes(), **extra))
+                finally:
+                    probes.release(keep=getattr(getattr(self, "dataset", None), "_locals_shm", None))
         except UserError:
+            if key:
+                _release_local(key)
             raise
         except FileNotFoundError as err:
             if key:
@@ -407,7 +488,8 @@ class ShardLoader:
                             f"{self.batch_size}; use a smaller data.batch_size or more data")
         self.dataloader = streaming.StreamingDataLoader(
             self.dataset, batch_size=self.batch_size, num_workers=int(num_workers), collate_fn=collate,
-            drop_last=self.drop_last, persistent_workers=False)
+            drop_last=self.drop_last, persistent_workers=False,
+            worker_init_fn=ignore_stop_signals if int(num_workers) > 0 else None)
 
     @property
     def row_len(self) -> int:
@@ -462,8 +544,37 @@ class ShardLoader:
             self._stop_prefetch()
 
     def close(self) -> None:
-        """Stop background prefetching; the loader can still be iterated again afterwards."""
+        """Release everything the loader holds: prefetch threads, worker processes, streaming's shared
+        memory segments and their file descriptors, and its claim on a cache directory. Idempotent; the
+        loader cannot be iterated afterwards. Also ``with make_loader(...) as loader:``."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
         self._stop_prefetch()
+        dl = getattr(self, "dataloader", None)
+        it = getattr(dl, "_iterator", None) if dl is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            try:
+                it._shutdown_workers()
+            except Exception:  # noqa: BLE001 (best effort)
+                pass
+        if dl is not None:
+            dl._iterator = None
+        _release_streaming_shm(self.dataset)
+        if self._key:
+            _release_local(self._key)
+            self._key = None
+        gc.collect()
+
+    def __enter__(self) -> "ShardLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"{self.info.path}: this loader of split '{self.split}' was closed")
 
     def _take(self, n: int) -> Iterator[torch.Tensor]:
         it = self.infinite()
@@ -475,6 +586,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Batches ``torch.long [batch_size, row_len]``: forever, or ``max_batches`` of them."""
+        self._check_open()
         if self.max_batches is not None:
             return self._take(self.max_batches)
         return self.infinite()
@@ -497,6 +609,60 @@ class ShardLoader:
                             f"rows of {state.get('row_len')}) than {self.info.path} (tokenizer "
                             f"{self.info.tokenizer_sha256[:12]}…, rows of {self.info.row_len})")
         self.dataloader.load_state_dict(dict(state["streaming"]))
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: worker processes ignore SIGTERM, SIGINT and SIGUSR1.
+
+    torchrun, the DeepSpeed launcher and Slurm send those to the whole process group; the main process
+    handles them (checkpoint, then exit 75, :mod:`memtrain.launch.preempt`) and shuts its workers down itself,
+    so a worker dying first would only turn a clean preemption into a crash."""
+    import signal
+
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _release_streaming_shm(dataset: Any) -> None:
+    """Close (and, where this process created them, unlink) the shared-memory segments a StreamingDataset
+    holds, and drop streaming's atexit references to them, so their file descriptors and mappings are freed
+    now rather than at interpreter exit (streaming keeps them until then: about a dozen per dataset)."""
+    import atexit
+
+    import_streaming()
+    from streaming.base.shared import SharedMemory
+
+    found: list = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, SharedMemory):
+            found.append(obj)
+            return
+        d = getattr(obj, "__dict__", None)
+        if isinstance(d, dict):
+            for v in list(d.values()):
+                if isinstance(v, (SharedMemory,)) or hasattr(v, "__dict__"):
+                    walk(v, depth + 1)
+
+    walk(dataset, 0)
+    locals_shm = dataset.__dict__.get("_locals_shm")
+    if locals_shm is not None:  # what streaming's __del__ does: mark its local directories released
+        try:
+            locals_shm.buf[:4] = np.int32(0).tobytes()
+        except Exception:  # noqa: BLE001
+            pass
+    for shm in found:
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except (BufferError, OSError):  # a numpy view still maps it: leave it to interpreter exit
+            atexit.register(shm.cleanup)
 
 
 def make_loader(shards: str | Path, split: str, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,

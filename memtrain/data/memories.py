@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memtrain.data.index_check import read_index
 from memtrain.data.memory_batch import MemoryBatch, unpack  # noqa: F401 (re-exported)
 from memtrain.data.streaming_compat import import_streaming
 from memtrain.data.tokenizer import file_sha256
@@ -58,15 +59,16 @@ class MemoryShards:
         if file_sha256(index_path) != s["index_sha256"]:
             raise UserError(f"{index_path}: differs from the index the manifest records (edited or replaced); "
                             f"re-run `memtrain precompute --merge {self.dir}`")
-        shards = mf.read_json(index_path)["shards"]
+        # checked like every index: plain <unit>/<file> names, only the encodings memtrain writes (never pkl)
+        shards = read_index(index_path, max_depth=2)["shards"]
         if len(shards) != len(s["units"]):
             raise UserError(f"{index_path}: {len(shards)} shards, the manifest records {len(s['units'])} units")
         self.readers, self.starts, start = [], [], 0
         for shard, rec in zip(shards, s["units"]):
-            path = self.dir / split / rec["unit"] / rec["shard"]
             if shard["raw_data"]["basename"] != f"{rec['unit']}/{rec['shard']}" or shard["samples"] != rec["samples"] \
                     or rec["first_sample"] != start:
                 raise UserError(f"{index_path}: shard {rec['unit']} does not match the manifest's unit record")
+            path = self.dir / split / shard["raw_data"]["basename"]  # a checked <unit>/<file> name
             if not path.is_file():
                 raise UserError(f"{path}: memory shard missing")
             size = path.stat().st_size

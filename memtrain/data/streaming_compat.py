@@ -137,3 +137,58 @@ def clean_stale_shared_memory_safely() -> str:
         except OSError:
             continue
     return f"stale-only: {removed} removed"
+
+
+_probe_lock = threading.Lock()
+
+
+class closing_prefix_probes:
+    """Context manager around the construction of a ``StreamingDataset``: closes the shared-memory segments
+    streaming opens only to look at other datasets' prefixes.
+
+    ``streaming.base.shared.prefix._check_and_find`` attaches to the ``locals`` segment of every live
+    dataset of the machine to pick a free prefix, and never closes those attachments (each one is also held
+    by an ``atexit`` handler, so not even garbage collection frees it): every new dataset costs one file
+    descriptor and one mapping per dataset alive at that moment, for the life of the process. Inside this
+    context the probes are recorded; :meth:`release` closes those the new dataset does not keep (the one it
+    keeps is its own ``_locals_shm``)."""
+
+    def __enter__(self) -> "closing_prefix_probes":
+        import_streaming()
+        import streaming.base.shared.prefix as prefix
+
+        self._prefix = prefix
+        self._probes: list = []
+        base = prefix.SharedMemory
+        probes = self._probes
+
+        class _Recorded(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                probes.append(self)
+
+        _probe_lock.acquire()
+        self._base = base
+        prefix.SharedMemory = _Recorded
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prefix.SharedMemory = self._base
+        _probe_lock.release()
+
+    def release(self, keep: object = None) -> int:
+        """Close every recorded attach-only probe except ``keep``; returns how many were closed."""
+        import atexit
+
+        closed = 0
+        for shm in self._probes:
+            if shm is keep or shm.created_shms:
+                continue
+            atexit.unregister(shm.cleanup)
+            try:
+                shm.cleanup()  # attach-only: closes, never unlinks
+                closed += 1
+            except (BufferError, OSError):
+                atexit.register(shm.cleanup)
+        self._probes.clear()
+        return closed

@@ -32,9 +32,10 @@ def eval_objectives(cfg: Config) -> list[str]:
 def take_batches(shards: str, split: str, batch_size: int, n_batches: int, cache_dir: str | None = None,
                  ) -> list[torch.Tensor]:
     """The first ``n_batches`` batches ``torch.long [batch_size, row_len]`` of a split, unshuffled (the same
-    every time)."""
-    return list(make_loader(shards, split, batch_size=batch_size, shuffle=False, seed=0, num_workers=0,
-                            cache_dir=cache_dir, max_batches=n_batches))
+    every time). The loader is closed before returning (its shared memory and file descriptors are freed)."""
+    with make_loader(shards, split, batch_size=batch_size, shuffle=False, seed=0, num_workers=0,
+                     cache_dir=cache_dir, max_batches=n_batches) as loader:
+        return list(loader)
 
 
 #: what the decoder is given as memories: the encoder's, all zero, or another row's (rolled by one row)
@@ -61,6 +62,13 @@ def result_key(objective: str, mode: str = "normal") -> str:
     return objective if mode == "normal" else f"{objective} (memories {mode})"
 
 
+def chunk_span(model) -> int:
+    """Row positions per chunk of ``model``: L + L_dec for a memory model with an HF decoder (its dual rows
+    hold, per chunk, L encoder ids then L_dec decoder slots: ``model.layout``), else L (``cfg.chunk_len``)."""
+    layout = getattr(model, "layout", None)
+    return layout.block_len if layout is not None else model.cfg.chunk_len
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[torch.Tensor], objectives: list[str], special: SpecialTokens,
              device: torch.device, info: DistInfo | None = None, greedy: bool = False, per_chunk: bool = False,
@@ -70,13 +78,14 @@ def evaluate(model, batches: list[torch.Tensor], objectives: list[str], special:
 
     ``greedy``: also regenerate causal/copy spans free-running and report exact match from that (with the
     encoder's own memories only). ``per_chunk``: add ``per_chunk`` = [{chunk, ce, accuracy, tokens}] for each
-    chunk position c (tokens c*L .. c*L+L-1 of a row; in a memory model chunk c reads c memories).
+    chunk position c (positions c*S .. c*S+S-1 of a row, S = :func:`chunk_span`: L, or L + L_dec for dual rows
+    of an HF-decoder memory model; in a memory model chunk c reads c memories).
     ``memories``: modes of :data:`MEMORY_MODES`; ``zero`` and ``shuffle`` run the encoder on the task inputs
     and alter its memories before the decoder reads them (models with an encoder only).
     """
     acc = MetricAccumulator(model.vocab_size)
     n_chunks = task_chunks(model)
-    L = model.cfg.chunk_len
+    span = chunk_span(model)
     for name in objectives:
         for mode in memories:
             key = result_key(name, mode)
@@ -91,8 +100,10 @@ def evaluate(model, batches: list[torch.Tensor], objectives: list[str], special:
                     hidden = model(inputs, memories=altered_memories(model.encode(inputs), mode))
                 acc.update_from_stats(key, supervised_loss(model, hidden, labels))
                 if per_chunk:
-                    for c in range(labels.shape[1] // L):
-                        part = slice(c * L, (c + 1) * L)
+                    if labels.shape[1] % span:
+                        raise ValueError(f"rows of {labels.shape[1]} positions are not whole chunks of {span}")
+                    for c in range(labels.shape[1] // span):
+                        part = slice(c * span, (c + 1) * span)
                         acc.update(f"{key}@chunk{c}", model.logits(hidden[:, part]), labels[:, part])
                 if free_running:
                     acc.update(f"{key}@greedy", greedy_regenerate(model, inputs, labels, feed_back=True), labels)

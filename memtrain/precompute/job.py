@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from memtrain.data.index_check import read_index
 from memtrain.data.streaming_compat import import_streaming
 from memtrain.data.tokenizer import file_sha256
 from memtrain.errors import UserError
@@ -118,9 +119,8 @@ def _token_index(shards_dir: Path, split: str) -> tuple[dict, str]:
     path = shards_dir / split / "index.json"
     if not path.is_file():
         raise UserError(f"{shards_dir}: {split}/index.json is missing; the shard directory is incomplete")
-    obj = mf.read_json(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("shards"), list) or not obj["shards"]:
-        raise UserError(f"{path}: not a streaming index with shards")
+    # the one index check (plain shard file names, only memtrain's encodings and compressions), then ours
+    obj = read_index(path)
     for shard in obj["shards"]:
         if shard.get("format") != "mds" or "input_ids" not in shard.get("column_names", []):
             raise UserError(f"{path}: shards are not memtrain token shards (MDS with an input_ids column)")
@@ -563,6 +563,8 @@ def merge_memories(out: str | Path, require_complete: bool = True) -> bool:
         split_dir = out / split
         units = [split_dir / mf.unit_name(i) for i in range(s["shards"])]
         records = [mf.read_json(u / mf.UNIT_FILE) for u in units]
+        for u in units:  # merge_index copies their shard names into the split's index: check them first
+            read_index(u / "index.json")
         staging = Path(tempfile.mkdtemp(prefix=".merge-", dir=split_dir))
         try:
             logging.disable(logging.WARNING)  # merge_index announces its temporary folder on the root logger
