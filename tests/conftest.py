@@ -6,6 +6,7 @@ same row length) for mismatch tests.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +87,13 @@ def write_yaml(path: Path, raw: dict) -> Path:
 
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def tree_hash(root: Path) -> str:
+    """Hash of every path and file content under ``root``."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

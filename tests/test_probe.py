@@ -120,7 +120,9 @@ def hand_built_encoder(tiny_data, root: Path, constant: bool) -> Path:
             lin.bias.zero_()
         enc.blocks[0].patch_ff[2].weight.zero_()
         enc.blocks[0].patch_ff[2].bias.zero_()
-    save_model(model, str(ckpt.resolve_checkpoint(run) / "model.safetensors"))
+    folder = ckpt.resolve_checkpoint(run)
+    save_model(model, str(folder / "model.safetensors"))
+    ckpt.write_manifest(folder)  # the hand-built weights are this checkpoint's own now
     return run
 
 

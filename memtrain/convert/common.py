@@ -51,14 +51,18 @@ def output_dir(out: Path) -> Iterator[Path]:
 
 
 def write_memtrain_checkpoint(folder: Path, model: torch.nn.Module, cfg: Config, meta: dict) -> None:
-    """``model.safetensors`` (tied weights once), ``config.yaml`` and ``meta.json`` into ``folder``."""
+    """``model.safetensors`` (tied weights once), ``config.yaml``, ``meta.json`` and, last, ``manifest.json``
+    (their sizes and sha256) into ``folder``."""
     from safetensors.torch import save_model
+
+    from memtrain.engine.checkpoint import write_manifest
 
     save_model(model, str(folder / "model.safetensors"))
     (folder / "config.yaml").write_text(dump_config(cfg))
-    meta = dict(meta, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    meta = dict(meta, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"), manifest="manifest.json")
     meta.setdefault("n_params", sum(p.numel() for p in model.parameters()))
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_manifest(folder)
 
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

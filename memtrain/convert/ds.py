@@ -13,6 +13,13 @@ alone, so it also serves a checkpoint whose consolidated file is missing:
   layers the run built (:func:`memtrain.engine.pipeline.pipeline_layers`). A bf16 pipeline run's layer files
   hold bf16 weights; they are widened to fp32 (the ``model.safetensors`` written at save time has the exact
   fp32 master weights).
+
+What is unpickled: the checkpoint must first match its ``manifest.json`` (every file memtrain and DeepSpeed
+wrote, with its sha256; nothing missing, nothing extra) or nothing is read. ``mp_rank_00_model_states.pt``
+and the pipeline layer files are then read with ``torch.load(weights_only=True)``; the objects DeepSpeed
+pickles beside the weights (its LR-schedule functions, ...) are read as inert placeholders, never called.
+Only ZeRO 1-3 and bf16 ZeRO-0 go through DeepSpeed's consolidator, which unpickles the optimizer
+partitions fully (``weights_only=False``): the manifest check is what guards that path.
 """
 from __future__ import annotations
 
@@ -51,8 +58,12 @@ def consolidated_state_dict(ck: Path) -> tuple[dict[str, torch.Tensor], dict]:
                         "its model.safetensors already holds the whole model)")
     ds_dir = ck / engine.get("ds_dir", "ds")
     tag = engine.get("ds_tag", "state")
+    if not all(isinstance(x, str) and x not in ("", ".", "..") and "/" not in x and os.sep not in x
+               for x in (engine.get("ds_dir", "ds"), tag)):
+        raise UserError(f"{ck / 'meta.json'}: engine.ds_dir / engine.ds_tag must name folders inside the checkpoint")
     if not (ds_dir / tag).is_dir():
         raise UserError(f"{ds_dir / tag}: missing; the checkpoint has no DeepSpeed state")
+    ckpt.verify_checkpoint(ck, require_manifest=True)  # before anything in it is unpickled
     try:
         if int(engine.get("pipeline_stages", 1)) > 1:
             state = _pipeline_state(ck, ds_dir / tag, int(meta["vocab_size"]))
@@ -69,12 +80,46 @@ def consolidated_state_dict(ck: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _zero_state(ds_dir: Path, tag: str, zero_stage: int, bf16: bool) -> dict[str, torch.Tensor]:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     if zero_stage == 0 and not bf16:
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = load_inert(ds_dir / tag / "mp_rank_00_model_states.pt")
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise UserError(f"{ds_dir / tag / 'mp_rank_00_model_states.pt'}: holds no module state")
         return dict(states["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # DeepSpeed's consolidator unpickles the ZeRO partitions with weights_only=False; the caller verified
+    # every file against the checkpoint's manifest first (consolidated_state_dict)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag))
+
+
+class _Inert:
+    """Stands in for every object a DeepSpeed file pickles that is not a tensor or plain data: built from any
+    arguments, ignores its state, does nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_inert(path: Path):
+    """``torch.load(path, weights_only=True)`` with every global the file names beyond torch's safe set
+    mapped to :class:`_Inert` (the file's own classes and functions are never looked up, let alone run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the DeepSpeed checkpoint is incomplete") from None
+    except Exception as exc:  # zip, pickle and EOF errors of a damaged file
+        refused = ckpt.unpickling_refusal(path, exc)  # a global torch blocks outright (os, sys, ...)
+        if refused is not None:
+            raise refused from None
+        raise UserError(f"{path}: unreadable, the file is damaged ({type(exc).__name__})") from None
 
 
 def _pipeline_state(ck: Path, folder: Path, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -93,7 +138,7 @@ def _pipeline_state(ck: Path, folder: Path, vocab_size: int) -> dict[str, torch.
         if not files:
             raise UserError(f"{folder}: layer_{idx:02d}-model_states.pt is missing; the pipeline checkpoint is "
                             "incomplete")
-        layer_state = torch.load(files[0], map_location="cpu", weights_only=True)
+        layer_state = load_inert(files[0])
         for local, name in names.items():
             if local not in layer_state:
                 raise UserError(f"{files[0]}: has no {local} (model parameter {name})")

@@ -15,8 +15,14 @@ Checkpoints (one folder per step, renamed into place when complete, like the pla
                         client_state; per-layer files under a pipeline
     model.safetensors   the consolidated fp32 weights (gathered from ZeRO partitions or pipeline stages)
     config.yaml, meta.json
+    manifest.json       size and sha256 of every file above, DeepSpeed's included; written last
 
 so ``memtrain eval``, frozen encoders and ``memtrain convert`` read a DeepSpeed checkpoint like any other.
+
+DeepSpeed reads its own files with ``torch.load(weights_only=False)`` (full unpickling: a crafted file runs
+code). memtrain therefore lets DeepSpeed load a checkpoint only after every file in it matches the
+checkpoint's manifest (:func:`memtrain.engine.checkpoint.verify_checkpoint`): a missing, extra, planted or
+modified file is refused before anything is unpickled, and a checkpoint without a manifest is incomplete.
 """
 from __future__ import annotations
 
@@ -212,6 +218,7 @@ class DeepSpeedEngine:
         tmp = Path(name[0])
         self.ds.save_checkpoint(str(tmp / "ds"), tag=TAG, client_state=client_state, save_latest=False)
         state = self.full_state_dict()
+        barrier(self.info)  # every rank's DeepSpeed files are complete before rank 0 records them in the manifest
         if self.info.is_main:
             save_model(self._shadow_with(state, self._shadow_device()), str(tmp / "model.safetensors"))
             ckpt.commit_checkpoint(run_dir, tmp, step, config_yaml, dict(meta, engine=self.engine_meta()), keep)
@@ -224,9 +231,13 @@ class DeepSpeedEngine:
         """Restore weights, optimizer, schedule and engine state; returns the loop's client_state."""
         saved = ckpt.read_meta(path).get("engine", {})
         self._check_resumable(path, saved)
+        if saved.get("ds_dir", "ds") != "ds" or saved.get("ds_tag", TAG) != TAG:
+            raise UserError(f"{path / 'meta.json'}: engine.ds_dir / engine.ds_tag must be 'ds' / '{TAG}'")
         ds_dir = path / saved.get("ds_dir", "ds")
         if not (ds_dir / saved.get("ds_tag", TAG)).is_dir():
             raise UserError(f"{path}: its DeepSpeed state {ds_dir / TAG} is missing; the checkpoint is incomplete")
+        # DeepSpeed unpickles its files with weights_only=False: only files the manifest vouches for
+        ckpt.verify_checkpoint(path, require_manifest=True)
         try:
             loaded, client = self.ds.load_checkpoint(str(ds_dir), tag=saved.get("ds_tag", TAG),
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
