@@ -27,7 +27,7 @@ def _cmd_train(args) -> int:
 
     adopt_slurm_env()  # an srun task per rank: RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID
     cfg = load_config(args.config, args.set)
-    summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    summary = train(cfg, resume=args.resume, stop_after=args.stop_after, preemption=getattr(args, "preemption", None))
     if summary.get("preempted"):
         from memtrain.launch.preempt import PREEMPTED_EXIT_CODE
 
@@ -158,8 +158,15 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = None
+    if argv[:1] == ["train"]:  # before the parser's imports (torch): a preemption signal in start-up is remembered
+        from memtrain.launch.preempt import Preemption
+
+        early = Preemption()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.preemption = early
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -24,12 +24,13 @@ descriptions, the class docstrings and the notes in :mod:`memtrain.config_docs` 
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memtrain.errors import UserError
 
@@ -41,6 +42,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control(value: str) -> str:
+    """Refuse control characters (newline, carriage return, tab, escape, NUL ...) in a one-line text."""
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ValueError("must be one line of printable text (no newline or other control character)")
+    return value
+
+
 class RunConfig(_Strict):
     name: str = Field("run", description="Label of the run in logs, results tables and reports, and its Slurm job "
                                          "name.")
@@ -50,6 +61,8 @@ class RunConfig(_Strict):
         "needs `--resume`."))
     seed: int = Field(0, description="Seed of the model's initialisation and of the data order (the loader's "
                                      "shuffle).")
+
+    _one_line = field_validator("name", "out_dir")(_no_control)
 
 
 class StackConfig(_Strict):
@@ -181,7 +194,9 @@ class ModelConfig(_Strict):
         "reference has neither)."))
     tie_embeddings: bool = Field(False, description=(
         "The LM head shares the token embedding (the decoder's; an autoencoder's encoder embedding); their "
-        "shapes must match. Not with `dist.pipeline_stages` > 1."))
+        "shapes must match. Not with `dist.pipeline_stages` > 1, nor for an autoencoder whose encoder or head "
+        "alone is frozen (`model.frozen_encoder`, a stage's `freeze`): the shared weight would freeze on both "
+        "sides."))
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description=(
         "Implementation of the mixer blocks and of the output head + loss: `auto` = the Triton kernels when the "
         "tensors are on CUDA and Triton imports, the pure-torch reference otherwise; `triton` = Triton (on CPU "
@@ -387,6 +402,11 @@ class DistConfig(_Strict):
     activation_checkpointing: bool = Field(False, description=(
         "Recompute each block's activations in the backward pass instead of storing them (every engine; an HF "
         "decoder's LLM has `model.hf_decoder.gradient_checkpointing`)."))
+    timeout_s: int = Field(600, ge=1, description=(
+        "Seconds a rank waits in the process group's start-up and in any collective (all-reduce, barrier, "
+        "checkpoint) for the other ranks before it fails. A rank that dies or hangs then ends the whole run "
+        "within about this time instead of leaving the others waiting; keep it above the longest "
+        "checkpoint write or evaluation."))
     micro_batch_size: Optional[int] = Field(None, ge=1, description=(
         "Rows per forward/backward pass (a micro-batch; the pipeline's unit). Each loaded batch of "
         "`data.batch_size` rows runs as `data.batch_size / micro_batch_size` micro-batches (it must divide "
@@ -414,6 +434,12 @@ class DistConfig(_Strict):
         return self
 
 
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_SLURM_NAMES = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
+_SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+_SBATCH_OPTION = re.compile(r"^--?[A-Za-z][A-Za-z0-9-]*(=[^\s'\"\\`\x00-\x1f\x7f]+)?$")
+
+
 class SlurmConfig(_Strict):
     """Resources and launch for ``memtrain submit`` / ``memtrain sweep``; their flags override these."""
 
@@ -433,11 +459,58 @@ class SlurmConfig(_Strict):
         "`srun`: one task per rank (signals reach every rank); `torchrun`: one torchrun per node (c10d "
         "rendezvous on the head node); `deepspeed`: the deepspeed launcher with a hostfile from the node list."))
     signal_seconds: int = Field(120, ge=0, description=(
-        "Seconds before the time limit at which Slurm signals the ranks (USR1 with `srun`, TERM with `torchrun` "
-        "and `deepspeed`): they finish the step, checkpoint and the job requeues; 0 = no signal."))
+        "Seconds before the time limit at which Slurm sends USR1 to the training ranks (with every launcher; "
+        "`torchrun` and the DeepSpeed launcher ignore it and only the ranks act on it): they finish the step, "
+        "checkpoint and the job requeues. The ranks have all of this time; 0 = no signal."))
     requeue: bool = Field(True, description="Let Slurm requeue the job (`--requeue`); false = `--no-requeue`.")
+    max_requeues: int = Field(20, ge=0, description=(
+        "Most times a preempted job requeues itself (Slurm's `SLURM_RESTART_COUNT` is compared with it); after "
+        "that a preempted job stops with a log line, and resubmitting continues from the newest checkpoint. "
+        "0 = never requeue."))
     extra_sbatch: list[str] = Field([], description=(
-        "Further `#SBATCH` options, one per item, written as given (e.g. `--qos=high`)."))
+        "Further `#SBATCH` options, one per item, e.g. `--qos=high`: each an option starting with `-`, with an "
+        "optional `=value`, and no spaces, quotes or control characters."))
+
+    @field_validator("partition", "account", mode="before")
+    @classmethod
+    def _name_as_text(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # YAML reads `account: 12345` as a number
+        return value
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value):
+        if value is not None and not _SLURM_NAMES.match(value):
+            raise ValueError("expected a Slurm partition name (letters, digits, '.', '_', '-'; several "
+                             "separated by commas)")
+        return value
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, value):
+        if value is not None and not _SLURM_NAME.match(value):
+            raise ValueError("expected a Slurm account name (letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError("write the time limit as a quoted string, e.g. '10:00:00' (YAML reads 10:00:00 "
+                             "unquoted as a number of seconds)")
+        if isinstance(value, str) and not _SLURM_TIME.match(value):
+            raise ValueError(f"{value!r} is not a Slurm time limit (e.g. 01:00:00 or 2-00:00:00)")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, value):
+        for item in value:
+            if not _SBATCH_OPTION.match(item):
+                raise ValueError(f"{item!r} is not one sbatch option (e.g. --qos=high: starts with '-', an "
+                                 "optional =value, no spaces, quotes or control characters)")
+        return value
 
     @property
     def ranks_per_node(self) -> int:
@@ -480,6 +553,7 @@ class Config(_Strict):
         else:
             _check_objectives_fit(self.model.kind, self.objective.weights, where="objective.weights")
         _check_dist(self)
+        _check_tied_autoencoder(self)
         return self
 
     def stages(self) -> list[StageConfig]:
@@ -531,6 +605,23 @@ def _check_dist(cfg: "Config") -> None:
                              "of this model that train; every stage needs one, so use fewer stages")
 
 
+def _check_tied_autoencoder(cfg: "Config") -> None:
+    """An autoencoder's tied LM head *is* its encoder's token embedding: freezing one side freezes the other."""
+    m = cfg.model
+    if m.kind != "autoencoder" or not m.tie_embeddings:
+        return
+    if m.frozen_encoder is not None:
+        raise ValueError("model.tie_embeddings: an autoencoder's tied LM head is its encoder's token embedding, so "
+                         "model.frozen_encoder would freeze the head too; set tie_embeddings: false")
+    for s in cfg.curriculum:
+        encoder, head = "encoder" in s.freeze, "head" in s.freeze
+        if encoder != head:
+            frozen, other = ("encoder", "head") if encoder else ("head", "encoder")
+            raise ValueError(f"model.tie_embeddings: curriculum stage {s.name!r} freezes the {frozen} but not the "
+                             f"{other}, and an autoencoder's tied LM head is its encoder's token embedding, so both "
+                             "would freeze; set tie_embeddings: false or freeze both")
+
+
 def _check_objectives_fit(kind: str, weights: ObjectiveWeights, where: str) -> None:
     active = set(weights.active())
     if kind == "autoencoder" and active - {"reconstruction"}:
@@ -579,8 +670,25 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {dotted}: {msg}{got_s}"
 
 
+def _is_text_field(path: list[str]) -> bool:
+    """The field at ``path`` holds text (``str`` or ``Optional[str]``), so an override's value is taken as
+    written: ``--set slurm.time=10:00:00`` or ``slurm.account=12345`` are not YAML numbers."""
+    model: Any = Config
+    ann: Any = None
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        model = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    args = set(getattr(ann, "__args__", ())) - {type(None)}
+    return ann is str or (bool(args) and args <= {str})
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
+    """``a.b.c=value`` -> (["a","b","c"], value): the value alone parsed as YAML (``3e-4``, ``true``, ``[1, 2]``,
+    ``null``), except for text fields, which take it as written."""
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
     key, _, raw = text.partition("=")
@@ -591,21 +699,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text_field(path):
+        value = raw.strip()
     return path, value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for p in path[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise UserError(f"--set {text!r}: '{p}' is not a section")
-            node = nxt
-        node[path[-1]] = value
+def set_path(raw: dict, path: list[str], value: Any, what: str = "") -> dict:
+    """Set ``value`` (a Python value, never re-read as YAML) at the dotted ``path`` of a config dict."""
+    node = raw
+    for p in path[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"{what or '.'.join(path)}: '{p}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list) -> dict:
+    """Apply overrides in order: ``"a.b=value"`` texts (``--set``, see :func:`parse_override`) or
+    ``("a.b", value)`` pairs, whose value is set as it is."""
+    for item in overrides:
+        if isinstance(item, tuple):
+            key, value = item
+            path = [p for p in str(key).split(".") if p]
+            set_path(raw, path, value, what=str(key))
+        else:
+            path, value = parse_override(item)
+            set_path(raw, path, value, what=f"--set {item!r}")
     return raw
 
 

@@ -2,7 +2,6 @@
 with nothing already written changed."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import TINY_YAML, tiny_config, tiny_raw, write_yaml
+from conftest import TINY_YAML, tiny_config, tiny_raw, tree_hash, write_yaml
 from memtrain.cli import main
 from memtrain.config import dump_config
 from memtrain.engine.trainer import train
@@ -25,16 +25,6 @@ def trained(tiny_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trained") / "run"
     train(tiny_config(tiny_data.shards, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0"))
     return run
-
-
-def tree_hash(root: Path) -> str:
-    """Hash of every path and file content under ``root``."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def fails(capsys, argv: list[str], *needles: str) -> str:
@@ -183,16 +173,20 @@ def test_damaged_checkpoint_files(trained, tiny_data, tmp_path, capsys):
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[:1000])
     fails(capsys, ["eval", ck], str(ck / "model.safetensors"), "damaged")
-    # a run whose newest checkpoint has a damaged trainer state cannot resume
+    # a run whose newest checkpoint has a damaged trainer state resumes from the previous complete one
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "config.yaml").write_text(dump_config(tiny_config(tiny_data.shards, run, "train.steps=8",
                                                              "train.ckpt_every=4", "train.eval_every=0")))
     (run / "checkpoints" / "step_0000008" / "trainer.pt").write_bytes(b"not a torch file")
-    before = tree_hash(run)
-    fails(capsys, train_args(tiny_data, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0",
-                             "train.progress=false") + ["--resume"], "step_0000008/trainer.pt", "damaged")
-    assert tree_hash(run) == before
+    good = tree_hash(run / "checkpoints" / "step_0000004")
+    assert main(train_args(tiny_data, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0",
+                           "train.progress=false") + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "step_0000008" in err and "damaged" in err and err.count("\n") == 1
+    assert "step_0000004" in out
+    assert tree_hash(run / "checkpoints" / "step_0000004") == good  # the good checkpoint is never touched
+    assert torch.load(run / "checkpoints" / "step_0000008" / "trainer.pt", weights_only=True)  # written anew
 
 
 def test_resume_from_a_checkpoint_of_another_model_config(trained, tiny_data, tmp_path, capsys):
@@ -320,3 +314,20 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     out = subprocess.run(f"'{sys.executable}' -m memtrain configs list | head -1; exit ${{PIPESTATUS[0]}}",
                          shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and out.stderr == "" and out.stdout.startswith("# shipped configs")
+
+
+@pytest.mark.faults
+def test_preemption_signal_during_the_first_imports_of_train_is_honoured(tiny_data, tmp_path):
+    """USR1 while `memtrain train` is still importing torch: remembered, the run stops before its first step
+    with the marker and exit code 75 (requeue), instead of dying by the signal's default action."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "memtrain", *train_args(tiny_data, tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    time.sleep(0.5)  # the parser's imports (torch) take a few seconds
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, err[-2000:]
+    assert (tmp_path / "run" / "PREEMPTED").is_file()

@@ -104,3 +104,25 @@ def test_every_shipped_config_validates():
         load_config(f)
         checked += 1
     assert checked >= 10
+
+
+def test_tied_autoencoder_cannot_freeze_its_encoder_without_its_head():
+    """An autoencoder's tied LM head is its encoder's token embedding: freezing the encoder alone would
+    silently freeze the head too, so the combination is refused, naming the stage."""
+    ae = {"kind": "autoencoder", "n_chunks": 1, "tie_embeddings": True}
+    stages = lambda freeze: [{"name": "s", "steps": 10, "weights": {"reconstruction": 1}, "freeze": freeze}]  # noqa: E731
+    with pytest.raises(UserError, match="stage 's' freezes the encoder but not the head"):
+        config_from_dict({"model": ae, "train": {"steps": 10}, "curriculum": stages(["encoder"])})
+    with pytest.raises(UserError, match="stage 's' freezes the head but not the encoder"):
+        config_from_dict({"model": ae, "train": {"steps": 10}, "curriculum": stages(["head"])})
+    with pytest.raises(UserError, match="model.frozen_encoder would freeze the head too"):
+        config_from_dict({"model": {**ae, "frozen_encoder": {}}, "objective": {"weights": {"reconstruction": 1}}})
+    config_from_dict({"model": ae, "train": {"steps": 10}, "curriculum": stages(["encoder", "head"])})
+    config_from_dict({"model": {**ae, "tie_embeddings": False}, "train": {"steps": 10},
+                      "curriculum": stages(["encoder"])})
+    # the model itself: with the tie, the head's weight is the encoder's embedding
+    from memtrain.models import build_model
+
+    cfg = config_from_dict({"model": ae, "objective": {"weights": {"reconstruction": 1}}})
+    model = build_model(cfg.model, 64)
+    assert model.lm_head.weight is model.encoder.wte.weight

@@ -38,7 +38,7 @@ def test_render_srun_script(tmp_path, fake_cluster, capsys):
                  "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=04:00:00",
                  "#SBATCH --signal=USR1@120", "#SBATCH --requeue"):
         assert line in out
-    assert "srun --kill-on-bad-exit=0" in out and "memtrain_finish $?" in out
+    assert "srun --kill-on-bad-exit=1" in out and "memtrain_finish $?" in out
     (job,) = list((tmp_path / "slurm-jobs").iterdir())
     frozen = load_config(job / "config.yaml")
     assert frozen.slurm.nodes == 2 and frozen.slurm.gpus_per_node == 8  # flags are frozen into the job's config
@@ -48,8 +48,8 @@ def test_render_srun_script(tmp_path, fake_cluster, capsys):
 
 
 @pytest.mark.parametrize("launcher,signal_name,needle", [
-    ("torchrun", "TERM", "torch.distributed.run --nnodes"),
-    ("deepspeed", "TERM", "deepspeed.launcher.runner --hostfile")])
+    ("torchrun", "USR1", "torch.distributed.run --nnodes"),
+    ("deepspeed", "USR1", "deepspeed.launcher.runner --hostfile")])
 def test_render_other_launchers(tmp_path, fake_cluster, capsys, launcher, signal_name, needle):
     assert main(["submit", str(ROOT / "yaml/tiny.yaml"), "--partition", "gpu", "--gpus-per-node", "4",
                  "--launcher", launcher, "--dry-run", "--workdir", str(tmp_path)]) == 0

@@ -7,6 +7,7 @@ process group, and would otherwise look for MPI).
 """
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
 import socket
@@ -47,13 +48,20 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_request: str = "auto", backend: str = "auto", engine: str = "plain") -> DistInfo:
+#: default of ``dist.timeout_s``
+DEFAULT_TIMEOUT_S = 600
+
+
+def init_distributed(device_request: str = "auto", backend: str = "auto", engine: str = "plain",
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the process group when launched by torchrun; otherwise describe a single process.
 
+    ``timeout_s``: how long the rendezvous and every collective wait for the other ranks before failing (so
+    one rank that dies or hangs ends the run instead of stalling the others).
     ``engine="deepspeed"``: initialise DeepSpeed's communication instead (see :func:`init_deepspeed`)."""
     own = adopt_launcher_env()
     if engine == "deepspeed":
-        return init_deepspeed(device_request, backend, own)
+        return init_deepspeed(device_request, backend, own, timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,7 +71,7 @@ def init_distributed(device_request: str = "auto", backend: str = "auto", engine
             backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own,
                     own_group=world > 1)
 
@@ -124,7 +132,8 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def init_deepspeed(device_request: str = "auto", backend: str = "auto", own: list[str] | None = None) -> DistInfo:
+def init_deepspeed(device_request: str = "auto", backend: str = "auto", own: list[str] | None = None,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """DeepSpeed's process group, from the launcher's variables, or for one in-process rank when there are
     none (RANK=0, WORLD_SIZE=1 and a free MASTER_PORT are set here and removed at :func:`shutdown`)."""
     own = list(own or [])
@@ -143,6 +152,7 @@ def init_deepspeed(device_request: str = "auto", backend: str = "auto", own: lis
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own,
                     own_group=True)

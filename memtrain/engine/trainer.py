@@ -24,7 +24,7 @@ from memtrain.data.loader import check_compatible, make_loader, read_shard_info
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from memtrain.engine.engines import ModelView, autocast_for, build_engine  # noqa: F401 (re-exported)
-from memtrain.engine.rundir import prepare_run_dir
+from memtrain.engine.rundir import prepare_run_dir, release_run_dir
 from memtrain.engine.tracking import Tracker
 from memtrain.errors import UserError
 from memtrain.launch.preempt import Preemption, clear_marker, write_marker
@@ -52,29 +52,40 @@ def build_for_run(cfg: Config, device: torch.device, vocab_size: int) -> tuple[t
     return model.to(device), always_frozen
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None, batch_transform=None) -> dict:
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None, batch_transform=None,
+          preemption: Preemption | None = None) -> dict:
     """Train ``cfg`` to ``train.steps``; returns the final summary (also written to ``summary.json``).
 
     ``stop_after``: run at most this many steps in this invocation, then checkpoint and return (for jobs with
     a time limit that continue with ``resume=True``). ``batch_transform``: a pure function of a batch,
     token ids [B, T] -> [B, T], applied to every training and held-out batch (e.g. the retention probe's
-    random-token control); being pure, it keeps resumed runs exact."""
-    if stop_after is not None and stop_after < 1:
-        raise UserError(f"--stop-after: expected a number of steps >= 1, got {stop_after}")
-    if cfg.dist.engine == "deepspeed":  # ranks vs pipeline stages, before any process group starts
-        from memtrain.engine.ds_config import layout
-
-        layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.engine)
+    random-token control); being pure, it keeps resumed runs exact. ``preemption``: a handler installed
+    earlier (``memtrain train`` installs one before its imports), else one is installed here."""
+    # USR1/TERM from here on only ask the run to stop (finish the step, checkpoint, exit 75): a signal during
+    # the start-up below (process group, data, model) is remembered and honoured before the first step
+    preemption = preemption or Preemption()
     try:
-        with contextlib.ExitStack() as cleanup:  # closes the loader and the tracker, also on errors
-            return _train(cfg, resume, info, stop_after, cleanup, batch_transform)
+        if stop_after is not None and stop_after < 1:
+            raise UserError(f"--stop-after: expected a number of steps >= 1, got {stop_after}")
+        if cfg.dist.engine == "deepspeed":  # ranks vs pipeline stages, before any process group starts
+            from memtrain.engine.ds_config import layout
+
+            layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        info = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.engine, cfg.dist.timeout_s)
+        try:
+            with contextlib.ExitStack() as cleanup:  # closes the loader and the tracker, also on errors
+                return _train(cfg, resume, info, stop_after, cleanup, batch_transform, preemption)
+        finally:
+            shutdown(info)
     finally:
-        shutdown(info)
+        preemption.restore()
 
 
 def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
-           cleanup: contextlib.ExitStack, batch_transform=None) -> dict:
+           cleanup: contextlib.ExitStack, batch_transform=None, preemption: Preemption | None = None) -> dict:
+    if preemption is None:
+        preemption = Preemption()
+        cleanup.callback(preemption.restore)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run.out_dir)
@@ -110,6 +121,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     engine = build_engine(cfg, model, info, always_frozen, shards.vocab_size)
     if info.is_main:  # everything above was checked without writing anything
         prepare_run_dir(run_dir, cfg, resume)
+        cleanup.callback(release_run_dir, run_dir)  # an in-process train() hands the directory back when done
     barrier(info)
 
     step = 0
@@ -167,10 +179,22 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     stop_at = min(cfg.train.steps, start_step + stop_after) if stop_after else cfg.train.steps
     it = iter(loader)
     model.train()
-    preemption = Preemption()  # USR1/TERM: finish the step, checkpoint, exit for a requeue
-    cleanup.callback(preemption.restore)
     if info.is_main:
-        clear_marker(run_dir)
+        clear_marker(run_dir)  # a marker of an earlier attempt; this attempt writes its own if preempted
+
+    def preempted(at_step: int, checkpointed: bool) -> dict:
+        """Leave the marker, then wait for every rank, so no rank exits (75) while another still writes."""
+        if info.is_main:
+            write_marker(run_dir, at_step, preemption.requested or "?")
+            tracker.write(f"preempted ({preemption.requested}) after step {at_step}; "
+                          + ("checkpoint written" if checkpointed else "signal came during start-up, nothing new "
+                             "to checkpoint") + ", continue with --resume")
+        tracker.close()
+        barrier(info)
+        return {"step": at_step, "eval": {}, "run_dir": str(run_dir), "complete": False, "preempted": True}
+
+    if step < cfg.train.steps and preemption.should_stop(info.distributed, device):
+        return preempted(step, checkpointed=False)  # signalled during start-up: the first point all ranks agree
     t_last, steps_since = time.perf_counter(), 0
     sums: dict[str, list] = {}  # objective -> [ce_sum, tokens, correct] since the last log step
     while step < stop_at:
@@ -221,12 +245,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
             save(step)
         if step < cfg.train.steps and preemption.should_stop(info.distributed, device):
             save(step)
-            if info.is_main:
-                write_marker(run_dir, step, preemption.requested or "?")
-                tracker.write(f"preempted ({preemption.requested}) after step {step}; checkpoint written, "
-                              "continue with --resume")
-            tracker.close()
-            return {"step": step, "eval": {}, "run_dir": str(run_dir), "complete": False, "preempted": True}
+            return preempted(step, checkpointed=True)
 
     if step < cfg.train.steps:  # stopped early on request: checkpoint and leave the rest for --resume
         save(step)

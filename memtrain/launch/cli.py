@@ -7,25 +7,28 @@ from pathlib import Path
 from memtrain.errors import UserError
 
 
-def _slurm_overrides(args) -> list[str]:
-    """--nodes etc. as config overrides (flags win over the config's slurm section)."""
-    out = []
+def _slurm_overrides(args) -> list[tuple[str, object]]:
+    """--nodes etc. as config overrides (flags win over the config's slurm section), set as values: argparse
+    has already typed them (``--time 10:00:00`` and ``--account 12345`` stay text, never YAML)."""
+    out: list[tuple[str, object]] = []
     for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("tasks_per_node", "tasks_per_node"),
                       ("cpus_per_task", "cpus_per_task"), ("time", "time"), ("partition", "partition"),
-                      ("account", "account"), ("launcher", "launcher"), ("signal_seconds", "signal_seconds")):
+                      ("account", "account"), ("launcher", "launcher"), ("signal_seconds", "signal_seconds"),
+                      ("max_requeues", "max_requeues")):
         v = getattr(args, flag, None)
         if v is not None:
-            out.append(f"slurm.{key}={v}")
+            out.append((f"slurm.{key}", v))
     if getattr(args, "no_requeue", False):
-        out.append("slurm.requeue=false")
+        out.append(("slurm.requeue", False))
     return out
 
 
 def cmd_submit(args) -> int:
     from memtrain.config import load_config
-    from memtrain.launch.slurm import check_resources, partitions_to_check, prepare_job, sbatch
+    from memtrain.launch.slurm import check_resources, check_workdir, partitions_to_check, prepare_job, sbatch
 
     cfg = load_config(args.config, args.set + _slurm_overrides(args))
+    check_workdir(Path(args.workdir or "."))
     partitions = partitions_to_check(args.dry_run)
     check_resources(cfg.slurm, partitions)
     script, text = prepare_job(cfg, Path(args.workdir or ".").resolve())
@@ -64,7 +67,7 @@ def cmd_sweep(args) -> int:
         print(f"{len(rows)} run(s): {root / 'results.csv'}, {root / 'results.md'}, {root / 'scaling.png'}, "
               f"{root / 'loss_vs_compute.png'}")
         return 0
-    from memtrain.launch.slurm import check_resources, new_job_dir, partitions_to_check, render, sbatch
+    from memtrain.launch.slurm import check_resources, check_workdir, new_job_dir, partitions_to_check, render, sbatch
     from memtrain.launch.sweep import expand, resource_groups, run_local, write_points
 
     grid, points = expand(args.target)
@@ -79,8 +82,9 @@ def cmd_sweep(args) -> int:
     partitions = partitions_to_check(args.dry_run, hint="use --local or --dry-run")
     for p in points:  # every point is checked before anything is submitted
         check_resources(p.cfg.slurm, partitions)
-    root = write_points(grid, points)
     workdir = Path(args.workdir or ".").resolve()
+    check_workdir(workdir)
+    root = write_points(grid, points)
     for gi, (_, group) in enumerate(resource_groups(points).items()):
         job_dir = new_job_dir(workdir, f"{grid.name}-g{gi}")
         listing = job_dir / "configs.txt"
@@ -141,6 +145,8 @@ def _add_slurm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal-seconds", dest="signal_seconds", type=int,
                    help="checkpoint-and-requeue signal this many seconds before the limit (0: none)")
     p.add_argument("--no-requeue", dest="no_requeue", action="store_true")
+    p.add_argument("--max-requeues", dest="max_requeues", type=int,
+                   help="most times a preempted job requeues itself (slurm.max_requeues)")
 
 
 def register(sub) -> None:

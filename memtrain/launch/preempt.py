@@ -6,17 +6,21 @@ should_stop` after every step, which agrees across ranks (an all-reduce of one f
 after the same step even when the signal reached them at different moments. The loop then writes a complete
 checkpoint, leaves a ``PREEMPTED`` marker in the run directory and exits with code 75; the batch script sees
 the marker and requeues the job, which resumes from the newest complete checkpoint.
+
+The handler is installed first thing in :func:`memtrain.engine.trainer.train`, before the process group, the
+data or the model: a signal received during start-up is remembered and the run stops at the first point where
+all ranks can agree (before the first step: exit 75 without a new checkpoint, so the job still requeues).
+The marker names the attempt that wrote it (``MEMTRAIN_ATTEMPT``: job id and restart count, set by the batch
+script), so a later attempt never requeues on the strength of an old marker.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 75
 MARKER = "PREEMPTED"
@@ -35,10 +39,13 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
 
-    def should_stop(self, distributed: bool, device: torch.device) -> bool:
+    def should_stop(self, distributed: bool, device) -> bool:
         """True on every rank when any rank has received a signal (collective when ``distributed``)."""
         if not distributed:
             return self.requested is not None
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.requested is None:
@@ -52,8 +59,11 @@ class Preemption:
 
 
 def write_marker(run_dir: Path, step: int, reason: str) -> None:
-    (Path(run_dir) / MARKER).write_text(json.dumps({"step": step, "signal": reason,
-                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    """``PREEMPTED``: the step of the newest checkpoint, the signal, and this attempt (the batch script
+    requeues only for a marker of its own attempt)."""
+    (Path(run_dir) / MARKER).write_text(json.dumps({
+        "step": step, "signal": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "attempt": os.environ.get("MEMTRAIN_ATTEMPT", "")}))
 
 
 def clear_marker(run_dir: Path) -> None:

@@ -18,13 +18,52 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from memtrain.config import Config, SlurmConfig, dump_config
+from pydantic import ValidationError
+
+from memtrain.config import Config, SlurmConfig, dump_config, format_validation_error
 from memtrain.errors import UserError
 from memtrain.shipped import slurm_dir
 
 TEMPLATES = {"srun": "train_srun.sbatch", "torchrun": "train_torchrun.sbatch", "deepspeed": "train_deepspeed.sbatch"}
-SIGNALS = {"srun": "USR1", "torchrun": "TERM", "deepspeed": "TERM"}
+#: the preemption signal per launcher: always USR1, which the launchers ignore (memtrain.launch.node) and
+#: only the ranks act on, so they get the whole ``slurm.signal_seconds``
+SIGNALS = {"srun": "USR1", "torchrun": "USR1", "deepspeed": "USR1"}
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+#: what may stand in a #SBATCH value or a job folder name unquoted: no spaces, quotes or shell metacharacters
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9._+,:@%/=-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _job_name(name: str) -> str:
+    """``name`` as a Slurm job name and folder name: every character other than letters, digits and ``._+-``
+    becomes ``_`` (so spaces, quotes, ``$``, backticks, ``;`` and ``/`` are inert), at most 64 characters."""
+    slug = re.sub(r"[^A-Za-z0-9._+-]", "_", name)[:64].lstrip(".")
+    return slug or "memtrain"
+
+
+def _check_path(path: Path, what: str) -> None:
+    """A folder written into ``#SBATCH --output`` (which sbatch reads without shell quoting)."""
+    if not _SAFE_PATH.match(str(path)):
+        raise UserError(f"{what}: {str(path)!r} cannot be written into an #SBATCH line; use a folder whose path has "
+                        "only letters, digits and . _ + , : @ % / = - (no spaces, quotes or control characters)")
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse a job working directory that cannot be written into ``#SBATCH --output`` (before anything is
+    written)."""
+    _check_path(workdir.resolve(), "--workdir")
+
+
+def _check_script_values(cfg: Config, name: str) -> None:
+    """Every config value that reaches the script, checked again where it is used (the config's validators
+    refuse them when a config is read; a Config built or changed in code passes through here too)."""
+    s = cfg.slurm
+    for field, value in (("run.name", name), ("run.out_dir", cfg.run.out_dir), ("slurm.time", s.time),
+                         ("slurm.partition", s.partition or ""), ("slurm.account", s.account or ""),
+                         *((f"slurm.extra_sbatch[{i}]", x) for i, x in enumerate(s.extra_sbatch))):
+        if _CONTROL.search(value):
+            raise UserError(f"{field}: must be one line of printable text (no newline or other control "
+                            f"character), got {value!r}")
 
 
 @dataclass
@@ -101,7 +140,7 @@ def default_partition() -> str | None:
 def check_resources(s: SlurmConfig, partitions: dict[str, Partition] | None) -> None:
     """Refuse a request the cluster cannot run, before anything is submitted."""
     if not _TIME.match(s.time):
-        raise UserError(f"slurm.time: '{s.time}' is not a Slurm time limit (e.g. 01:00:00 or 2-00:00:00)")
+        raise UserError(f"slurm.time: {s.time!r} is not a Slurm time limit (e.g. 01:00:00 or 2-00:00:00)")
     if s.launcher == "srun" and s.gpus_per_node and s.tasks_per_node not in (1, s.gpus_per_node):
         raise UserError("slurm.tasks_per_node: with the srun launcher there is one task per GPU; leave it at 1")
     if partitions is None:
@@ -142,7 +181,14 @@ def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
     then ``config_file`` is None."""
     s = cfg.slurm
     tasks = s.ranks_per_node if s.launcher == "srun" else 1
-    name = job_name or cfg.run.name
+    raw_name = job_name if job_name is not None else cfg.run.name
+    _check_script_values(cfg, raw_name)
+    try:
+        SlurmConfig.model_validate(s.model_dump())
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, "slurm").replace("slurm: ", "slurm.", 1)) from None
+    _check_path(job_dir, "--workdir")
+    name = _job_name(raw_name)
     log = "%x-%A_%a.out" if array_list else "%x-%j.out"
     head = ["#!/bin/bash", f"# memtrain: {name}, rendered {time.strftime('%Y-%m-%d %H:%M:%S')}",
             f"#SBATCH --job-name={name}", f"#SBATCH --nodes={s.nodes}",
@@ -162,7 +208,8 @@ def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
     head.append("#SBATCH --requeue" if s.requeue else "#SBATCH --no-requeue")
     head += [f"#SBATCH {x}" for x in s.extra_sbatch]
     env = {"MEMTRAIN_WORKDIR": str(workdir), "MEMTRAIN_LOG_DIR": str(job_dir / "logs"),
-           "MEMTRAIN_PYTHON": sys.executable, "MEMTRAIN_REQUEUE": "1" if s.requeue else "0"}
+           "MEMTRAIN_PYTHON": sys.executable, "MEMTRAIN_REQUEUE": "1" if s.requeue else "0",
+           "MEMTRAIN_MAX_REQUEUES": str(s.max_requeues)}
     if config_file is not None:
         env["MEMTRAIN_CONFIG"] = str(config_file)
         env["MEMTRAIN_RUN_DIR"] = str((workdir / cfg.run.out_dir).resolve())
@@ -181,7 +228,7 @@ def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
 
 def new_job_dir(workdir: Path, name: str) -> Path:
     """A fresh ``<workdir>/slurm-jobs/<name>-<time>`` folder with a logs/ subfolder."""
-    base = (workdir / "slurm-jobs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    base = (workdir / "slurm-jobs" / f"{_job_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     job_dir, n = base, 1
     while job_dir.exists():
         n += 1
@@ -192,6 +239,8 @@ def new_job_dir(workdir: Path, name: str) -> Path:
 
 def prepare_job(cfg: Config, workdir: Path) -> tuple[Path, str]:
     """Write the frozen config and rendered script into a new job folder; returns (script path, text)."""
+    _check_script_values(cfg, cfg.run.name)
+    _check_path(workdir.resolve(), "--workdir")
     job_dir = new_job_dir(workdir, cfg.run.name)
     config_file = job_dir / "config.yaml"
     config_file.write_text(dump_config(cfg))

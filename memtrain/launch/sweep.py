@@ -16,6 +16,7 @@ or on Slurm as one job array per group of points that ask for the same resources
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import json
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memtrain.config import Config, apply_overrides, config_from_dict, dump_config, read_yaml
@@ -112,9 +112,11 @@ def expand(path: str | Path) -> tuple[GridFile, list[Point]]:
         values = dict(zip(keys, combo))
         name = f"{grid.name}-{i:03d}"
         run_dir = Path(grid.out_dir) / name
-        overrides = [f"{k}={json.dumps(v)}" for k, v in {**grid.set, **values}.items()]
-        overrides += [f"run.name={name}", f"run.out_dir={run_dir}"]
-        raw = apply_overrides(yaml.safe_load(yaml.safe_dump(base_raw)), overrides)
+        # values are set as values: never written into YAML text and read back (an out_dir with ' #' in it,
+        # a time of 10:00:00 or an account of 12345 stay what they are)
+        overrides = [(k, copy.deepcopy(v)) for k, v in {**grid.set, **values}.items()]
+        overrides += [("run.name", name), ("run.out_dir", str(run_dir))]
+        raw = apply_overrides(copy.deepcopy(base_raw), overrides)
         cfg = config_from_dict(raw, source=f"{path} (point {i}: {_slug(values)})")
         points.append(Point(i, name, values, cfg, run_dir))
     return grid, points
