@@ -59,7 +59,8 @@ PROCESS = [
 ALLOW = {
     "work session": ("match", r"scope\s*=\s*[\"']session[\"']|\b(?:per |one |a )?test sessions?\b"
                               r"|\bpytest sessions?\b|\bsessions? of (?:its|their) own\b|\bprocess sessions?\b"
-                              r"|\blogin sessions?\b|\w\.Session\b|\bSession\(|\bsession-scoped\b"),
+                              r"|\blogin sessions?\b|\w\.Session\b|\bSession\(|\bsession-scoped\b"
+                              r"|\b(?:a |in a )?new sessions?\b|\b(?:their|its) own sessions?\b"),
     "private issue number": ("line", r"github\.com|[\w.-]+/[\w.-]+#\d+"),
 }
 #: what the checks must flag, and legitimate uses they must pass
