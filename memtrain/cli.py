@@ -39,6 +39,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _provenance_lines(checkpoints: list[str]) -> str:
+    """One line per evaluated checkpoint: which memtrain (version, commit) trained it."""
+    from memtrain.engine.checkpoint import read_meta, resolve_checkpoint
+    from memtrain.version import describe_meta
+
+    return "\n".join(f"# {path}: trained by {describe_meta(read_meta(path))}"
+                     for path in dict.fromkeys(resolve_checkpoint(c) for c in checkpoints))
+
+
 def _cmd_eval(args) -> int:
     from memtrain.eval.report import evaluate_checkpoints, per_chunk_table, results_table, write_eval_report
 
@@ -49,6 +58,7 @@ def _cmd_eval(args) -> int:
                                    objectives=objectives, greedy=args.greedy, device=args.device,
                                    per_chunk=args.per_chunk, memories=memories)
     print(results_table(results))
+    print(_provenance_lines(args.checkpoints))
     if args.per_chunk:
         print("\ntoken accuracy (CE) by chunk position:\n" + per_chunk_table(results))
     if args.out:

@@ -331,3 +331,29 @@ def test_preemption_signal_during_the_first_imports_of_train_is_honoured(tiny_da
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, err[-2000:]
     assert (tmp_path / "run" / "PREEMPTED").is_file()
+
+
+def test_run_metadata_names_the_code_libraries_devices_and_launcher(trained, capsys):
+    """meta.json of every checkpoint and summary.json record what produced the run; eval shows the commit."""
+    from memtrain import __version__
+    from memtrain.version import git_commit, launcher, library_versions
+
+    for ck in sorted((trained / "checkpoints").iterdir()):
+        p = json.loads((ck / "meta.json").read_text())["provenance"]
+        assert p["memtrain"] == __version__ and p["commit"] == git_commit() and p["world_size"] == 1
+        assert p["launcher"] == "single process" and p["devices"] and p["host"]
+        assert p["versions"] == library_versions()
+        assert set(p["versions"]) >= {"python", "torch", "deepspeed", "mosaicml-streaming", "triton"}
+        if git_commit() is not None and "MEMTRAIN_COMMIT" not in os.environ:
+            assert isinstance(p["dirty"], bool)
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["provenance"]["commit"] == git_commit()
+    capsys.readouterr()
+    assert main(["eval", str(trained), "--batches", "1"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# ")]
+    assert len(line) == 1 and line[0].endswith(f"step_0000008: trained by memtrain {__version__}, commit "
+                                               f"{git_commit() or 'unknown commit'}" +
+                                               (" (dirty)" if p["dirty"] else ""))
+    assert launcher({"TORCHELASTIC_RUN_ID": "x", "RANK": "0"}) == "torchrun"
+    assert launcher({"CROSS_RANK": "0", "LOCAL_SIZE": "2", "RANK": "0"}) == "deepspeed"
+    assert launcher({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "RANK": "1"}) == "srun"

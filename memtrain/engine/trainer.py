@@ -31,6 +31,7 @@ from memtrain.launch.preempt import Preemption, clear_marker, write_marker
 from memtrain.eval.evaluate import eval_objectives, evaluate, take_batches
 from memtrain.models import build_model
 from memtrain.objectives import special_tokens, stage_at
+from memtrain.version import provenance
 
 
 def build_for_run(cfg: Config, device: torch.device, vocab_size: int) -> tuple[torch.nn.Module, list[str]]:
@@ -143,7 +144,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size * cfg.model.seq_len
     meta = {"kind": cfg.model.kind, "vocab_size": shards.vocab_size, "tokenizer_sha256": shards.tokenizer_sha256,
             "special_ids": shards.special_ids, "n_params": n_params,
-            "row_len": cfg.model.seq_len}
+            "row_len": cfg.model.seq_len, "provenance": provenance(info.world_size, device.type)}
     tracker = Tracker(run_dir, info.is_main, cfg.train.steps, step, cfg.train.progress)
     cleanup.callback(tracker.close)
     if info.is_main:
@@ -255,7 +256,8 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     if latest is None or latest.step != step:
         save(step)  # before the final evaluation, so nothing trained is lost if that fails
     results = run_eval(step)
-    summary = {"step": step, "eval": results, "run_dir": str(run_dir), "complete": True}
+    summary = {"step": step, "eval": results, "run_dir": str(run_dir), "complete": True,
+               "provenance": meta["provenance"]}
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.close()
