@@ -54,24 +54,30 @@ def test_memory_model_flops_shapes_and_frozen_encoder():
 def test_bench_cli_runs_torch_and_triton_on_this_device(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = cli_main(["bench", "tiny", "--variants", "torch,triton", "--steps", "1", "--warmup", "1", "--batch-size", "2",
-                   "--vocab", "64", "--peak-size", "256", "--profile", "3", "--json", str(out)])
+                   "--vocab", "64", "--peak-size", "256", "--profile", "3", "--peak-tflops", "0.5",
+                   "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["complete"] and result["kind"] == "memory" and result["batch_size"] == 2 and result["seq_len"] == 32
     assert result["matmul_peak_TFLOPs"] > 0 and result["flops_per_token"] > 0
+    assert result["peak_TFLOPs"] == 0.5 and result["peak_source"] == "--peak-tflops"
     assert result["scored_positions"] == {"causal": 2 * 31, "copy": 2 * 15}
     torch_row, triton_row = result["results"]
     assert [torch_row["variant"], triton_row["variant"]] == ["torch", "triton"]
     for row in (torch_row, triton_row):
-        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["profile"]
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and 0 < row["vs_matmul"] and row["profile"]
         assert abs(row["tokens_per_s"] * row["ms_per_step"] / 1e3 - 2 * 32) < 0.01 * 64  # tokens per step
-        mfu = result["flops_per_token"] * row["tokens_per_s"] / (result["matmul_peak_TFLOPs"] * 1e12)
-        assert abs(row["mfu"] - mfu) < 0.01 * mfu
+        rate = result["flops_per_token"] * row["tokens_per_s"]  # model FLOP/s
+        assert abs(row["model_TFLOPs"] - rate / 1e12) < 0.01 * rate / 1e12
+        assert abs(row["mfu"] - rate / 0.5e12) < 0.01 * rate / 0.5e12  # against the given peak
+        vs = rate / (result["matmul_peak_TFLOPs"] * 1e12)  # against the matmul rate measured in the run
+        assert abs(row["vs_matmul"] - vs) < 0.01 * vs
     assert torch_row["ratio_vs_torch"] == 1.0
     assert triton_row["ratio_vs_torch"] == round(triton_row["tokens_per_s"] / torch_row["tokens_per_s"], 3)
     assert abs(triton_row["loss_last"] - torch_row["loss_last"]) < 1e-4  # the same training, other kernels
     printed = capsys.readouterr().out
     assert "| torch |" in printed and "| triton |" in printed and "GFLOP/token" in printed
+    assert "| MFU | vs measured matmul |" in printed and "MFU peak: 0.5 TFLOP/s (--peak-tflops)" in printed
 
 
 def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
@@ -93,7 +99,10 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
     failed, ok = result["results"]
     assert failed == {"variant": "triton", "error": "RuntimeError: out of memory (simulated)"}
     assert ok["variant"] == "torch" and ok["ratio_vs_torch"] == 1.0 and ok["tokens_per_s"] > 0
-    assert "| triton | failed: RuntimeError: out of memory (simulated)" in bench_mod.format_table(result)
+    assert ok["mfu"] is None and ok["vs_matmul"] > 0 and result["peak_TFLOPs"] is None  # CPU: no datasheet peak
+    table = bench_mod.format_table(result)
+    assert "| triton | failed: RuntimeError: out of memory (simulated)" in table
+    assert "MFU peak: none for this device" in table
 
 
 def test_bench_reports_an_unknown_config_as_a_user_error(capsys):

@@ -1,9 +1,11 @@
 """Gathering a sweep's runs into one table and scaling plots (``memtrain sweep collect DIR``).
 
-Per run: ranks (nodes x ranks per node), parameters, tokens/s (median over the run's logged windows after
-the first, which holds start-up), tokens/s per rank, model FLOP/s from ``6 x params`` per token (plus the
-mixing term is small and left out), MFU when the per-rank peak is given, final training loss, and the held-out
-metrics of ``summary.json``. Writes ``results.csv``, ``results.md``, ``scaling.png`` (throughput against
+Per run: ranks (the world size recorded in the run's provenance, ``meta.json`` / ``summary.json``; the config's
+slurm section only for runs that predate it), parameters, tokens/s (median over the run's logged windows after
+the first, which holds start-up), tokens/s per rank, model TFLOP/s from :func:`memtrain.bench.flops_per_token`
+(the same analytic count as ``memtrain bench``: every objective a forward + backward pass, the decoder on its
+real positions, causal mixing and attention on the lower triangle; per curriculum stage), MFU when the
+per-rank peak is given, final training loss, and the held-out metrics of ``summary.json``. Writes ``results.csv``, ``results.md``, ``scaling.png`` (throughput against
 ranks with ideal linear scaling from each model's smallest run) and ``loss_vs_compute.png``.
 """
 from __future__ import annotations
@@ -35,19 +37,18 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
     if not cfg_path.is_file():
         return None
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    slurm = cfg.get("slurm", {})
-    ranks_per_node = slurm.get("gpus_per_node") or slurm.get("tasks_per_node", 1)
-    ranks = int(slurm.get("nodes", 1)) * int(ranks_per_node)
     logs = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
     tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or \
           [r["tokens_per_s"] for r in logs if "tokens_per_s" in r]
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
-    n_params = None
-    ck = sorted((run_dir / "checkpoints").glob("step_*/meta.json"))
+    meta = {}
+    ck = sorted((run_dir / "checkpoints").glob("step_*/meta.json"), key=lambda p: _step_of(p.parent.name))
     if ck:
-        n_params = json.loads(ck[-1].read_text()).get("n_params")
+        meta = json.loads(ck[-1].read_text())
+    n_params = meta.get("n_params")
+    ranks = world_size(cfg, meta, summary)
     model = cfg.get("model", {})
     row_len = int(model.get("chunk_len", 0)) * int(model.get("n_chunks", 0))
     steps = int(summary.get("step") or (logs[-1]["step"] if logs else 0))
@@ -59,11 +60,18 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
            "final_loss": logs[-1].get("loss/total") if logs else None,
            "complete": bool(summary.get("complete"))}
     rec["tokens_per_s_per_rank"] = rec["tokens_per_s"] / ranks if rec["tokens_per_s"] else None
-    if n_params and rec["tokens_per_s"]:
-        rec["model_tflops"] = 6 * n_params * rec["tokens_per_s"] / 1e12
-        rec["compute_pflop"] = 6 * n_params * tokens / 1e15
+    per_token = stage_flops_per_token(cfg, meta.get("vocab_size"))
+    if per_token and rec["tokens_per_s"]:
+        from memtrain.bench import mfu
+
+        rates = [per_token[min(r.get("stage", 0), len(per_token) - 1)] * r["tokens_per_s"]
+                 for r in (logs[1:] or logs) if "tokens_per_s" in r]
+        rec["flops_per_token"] = per_token[0] if len(per_token) == 1 else None
+        rec["model_tflops"] = statistics.median(rates) / 1e12
+        tokens_per_step = tokens / steps if steps else 0
+        rec["compute_pflop"] = sum(f * n * tokens_per_step for f, n in zip(per_token, _stage_steps(cfg, steps))) / 1e15
         if peak_tflops:
-            rec["mfu"] = rec["model_tflops"] / (peak_tflops * ranks)
+            rec["mfu"] = mfu(rec["model_tflops"] * 1e12, peak_tflops, ranks)
     for name, metrics in (summary.get("eval") or {}).items():
         for k in ("ce", "accuracy"):
             if k in metrics:
@@ -71,6 +79,52 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
     for k, v in (sweep_values or {}).items():
         rec[k] = v
     return rec
+
+
+def _step_of(name: str) -> int:
+    try:
+        return int(name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def world_size(cfg: dict, meta: dict, summary: dict) -> int:
+    """The ranks a run trained on: ``provenance.world_size`` of its newest checkpoint's meta.json or of its
+    summary.json; for runs that predate provenance, nodes x ranks per node of the config's slurm section."""
+    for source in (meta, summary):
+        prov = source.get("provenance")
+        if isinstance(prov, dict) and prov.get("world_size"):
+            return int(prov["world_size"])
+    slurm = cfg.get("slurm", {}) or {}
+    ranks_per_node = slurm.get("gpus_per_node") or slurm.get("tasks_per_node", 1)
+    return int(slurm.get("nodes", 1)) * int(ranks_per_node)
+
+
+def stage_flops_per_token(cfg: dict, vocab: int | None) -> list[float] | None:
+    """Model FLOPs per token of each curriculum stage (:func:`memtrain.bench.flops_per_token`), or None when
+    the vocabulary is unknown or the config is not one this memtrain reads (or not counted: ``hf_decoder``)."""
+    from memtrain.bench import flops_per_token
+    from memtrain.config import config_from_dict
+
+    try:
+        run = config_from_dict(cfg, source="config.yaml")
+        vocab = vocab or run.model.vocab_size
+        if not vocab:
+            return None
+        return [flops_per_token(run, int(vocab), i) for i in range(len(run.stages()))]
+    except (UserError, ValueError):
+        return None
+
+
+def _stage_steps(cfg: dict, steps: int) -> list[int]:
+    """How many of the run's ``steps`` fell in each curriculum stage (the last stage takes any beyond the end)."""
+    lengths = [int(s.get("steps", 0)) for s in (cfg.get("curriculum") or [])] or [steps]
+    out, left = [], steps
+    for i, n in enumerate(lengths):
+        take = left if i == len(lengths) - 1 else min(n, left)
+        out.append(take)
+        left -= take
+    return out
 
 
 def collect(sweep_dir: str | Path, peak_tflops: float | None = None) -> list[dict]:
@@ -162,7 +216,7 @@ def plot_loss_vs_compute(rows: list[dict], out: Path) -> None:
         ax.scatter([x], [y])
         ax.annotate(name, (x, y), fontsize=6)
     ax.set_xscale("log")
-    ax.set_xlabel("training compute (PFLOP, 6 x params x tokens)")
+    ax.set_xlabel("training compute (PFLOP, model FLOPs as memtrain bench counts them)")
     ax.set_ylabel("final training loss")
     ax.set_title("loss against compute")
     ax.grid(alpha=0.3)
