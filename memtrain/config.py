@@ -370,6 +370,15 @@ class TrainConfig(_Strict):
     ckpt_every: int = Field(500, ge=0, description=(
         "Checkpoint every this many steps; 0 = only at the end (a run stopped early or preempted also "
         "checkpoints)."))
+    stop_check_every: int = Field(10, ge=1, description=(
+        "In a multi-rank run, the ranks agree whether a preemption signal (USR1/TERM, `slurm.signal_seconds`) "
+        "reached any of them every this many steps, and also at every checkpoint step and at the last step "
+        "(of the run, or of `--stop-after`); they then all stop after the same step, checkpoint and exit 75. "
+        "Agreeing is an all-reduce that waits for the device, so checking at every step (1) would stall a GPU "
+        "at every step; at the default 10 it coincides with the wait that `log_every: 10` already makes. A "
+        "single process checks its own flag at every step whatever this is. A signal therefore costs at most "
+        "this many steps before the checkpoint starts: send it (`slurm.signal_seconds`) at least "
+        "`stop_check_every` step times plus one checkpoint write before the time limit."))
     keep_ckpts: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted.")
     compile: bool = Field(False, description="`torch.compile` the model.")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (`torch.set_num_threads`); null = "

@@ -242,10 +242,17 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         tracker.progress(1)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             run_eval(step)
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step != stop_at:
+        saved = bool(cfg.train.ckpt_every) and step % cfg.train.ckpt_every == 0 and step != stop_at
+        if saved:
             save(step)
-        if step < cfg.train.steps and preemption.should_stop(info.distributed, device):
-            save(step)
+        # the ranks agree at the same steps only (a collective waits for the device), so a signal costs at most
+        # stop_check_every steps; also at a checkpoint step (nothing to redo) and the last one; one process
+        # checks its flag at every step
+        if step < cfg.train.steps and preemption.should_stop(
+                info.distributed, device,
+                collective=saved or step == stop_at or step % cfg.train.stop_check_every == 0):
+            if not saved:
+                save(step)
             return preempted(step, checkpointed=True)
 
     if step < cfg.train.steps:  # stopped early on request: checkpoint and leave the rest for --resume

@@ -2,8 +2,10 @@
 
 Slurm sends ``USR1`` (``--signal=USR1@T``, ``scancel --signal=USR1``) or ``TERM`` (preemption, time limit,
 torchrun forwarding). The handler only records the request; the training loop asks :meth:`Preemption.
-should_stop` after every step, which agrees across ranks (an all-reduce of one flag), so all ranks stop
-after the same step even when the signal reached them at different moments. The loop then writes a complete
+should_stop` after every step. In a multi-rank run the ranks agree (an all-reduce of one flag, which waits for
+the device) only every ``train.stop_check_every`` steps, at checkpoint steps and at the last step, the same
+steps on every rank, so all ranks stop after the same step even when the signal reached them at different
+moments; a single process reads its own flag after every step. The loop then writes a complete
 checkpoint, leaves a ``PREEMPTED`` marker in the run directory and exits with code 75; the batch script sees
 the marker and requeues the job, which resumes from the newest complete checkpoint.
 
@@ -39,18 +41,25 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
 
-    def should_stop(self, distributed: bool, device) -> bool:
-        """True on every rank when any rank has received a signal (collective when ``distributed``)."""
+    def should_stop(self, distributed: bool, device, collective: bool = True) -> bool:
+        """True on every rank when any rank has received a signal (collective when ``distributed``).
+
+        ``collective=False`` in a multi-rank run: False without communicating (the flag stays recorded for the
+        next collective check); every rank must pass the same ``collective`` at the same step. A single process
+        always answers from its own flag, which costs nothing."""
         if not distributed:
             return self.requested is not None
+        if not collective:
+            return False
         import torch
         import torch.distributed as dist
 
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.requested is None:
+        stop = bool(flag.item())  # the one wait for the device
+        if stop and self.requested is None:
             self.requested = "peer"
-        return bool(flag.item())
+        return stop
 
     def restore(self) -> None:
         for sig, old in self._old.items():
