@@ -46,10 +46,13 @@ def shipped_configs() -> dict[str, Path]:
     return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
 
 
+def _key(name: str | Path) -> str:
+    """A shipped name from what a user may write: "yaml/tiny.yaml" in a checkout names the same file as "tiny"."""
+    return str(name).replace("\\", "/").removeprefix("./").removeprefix("yaml/").strip("/")
+
+
 def _lookup(name: str) -> Path | None:
-    # "yaml/tiny.yaml", as the docs write it in a checkout, names the same shipped file as "tiny"
-    key = name.replace("\\", "/").removeprefix("./").removeprefix("yaml/").removesuffix(".yaml")
-    return shipped_configs().get(key)
+    return shipped_configs().get(_key(name).removesuffix(".yaml"))
 
 
 def resolve_config(path: str | Path) -> Path:
@@ -72,7 +75,7 @@ def resolve_config_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    key = str(path).replace("\\", "/").removeprefix("./").removeprefix("yaml/").strip("/")
+    key = _key(path)
     try:
         shipped = configs_dir() / key
     except UserError:

@@ -37,8 +37,8 @@ def git_commit() -> str | None:
     this module runs from, else None (an installed wheel, or no git)."""
     if os.environ.get("MEMTRAIN_COMMIT"):
         return os.environ["MEMTRAIN_COMMIT"]
-    out = _git("rev-parse", "--short", "HEAD")
-    return out.strip() or None if out is not None else None
+    out = (_git("rev-parse", "--short", "HEAD") or "").strip()
+    return out or None
 
 
 @functools.lru_cache(maxsize=1)

@@ -181,7 +181,7 @@ def test_convert_reads_zero0_module_states_with_weights_only(ds_run, tmp_path, c
     ck = run / "checkpoints" / "step_0000004"
     marker = tmp_path / "pwned"
     target = ck / "ds" / "state" / "mp_rank_00_model_states.pt"
-    clean = torch.load(target, map_location="cpu", weights_only=False)
+    clean = torch.load(target, map_location="cpu", weights_only=False)  # the test's own file, trusted
     for payload in (Payload(marker), SubprocessPayload(marker)):
         torch.save(dict(clean, extra=payload), target)
         (ck / ckpt.MANIFEST).unlink()

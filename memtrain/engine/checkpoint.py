@@ -262,10 +262,11 @@ def manifest_problem(folder: Path) -> str | None:
         return f"unreadable ({exc.strerror or type(exc).__name__})"
     if _verified.get(str(folder)) == signature:
         return None
+    sizes = {rel: size for rel, _, size, _, _ in signature}
+    for rel in sorted(listed):
+        if sizes[rel] != listed[rel]["size"]:
+            return f"{rel} differs from its {MANIFEST} ({sizes[rel]} bytes, not {listed[rel]['size']})"
     try:
-        for rel in sorted(listed):
-            if (folder / rel).stat().st_size != listed[rel]["size"]:
-                return f"{rel} differs from its {MANIFEST} ({(folder / rel).stat().st_size} bytes, not {listed[rel]['size']})"
         for rel in sorted(listed):
             if _sha256(folder / rel) != listed[rel]["sha256"]:
                 return f"{rel} differs from its {MANIFEST} (sha256)"

@@ -43,10 +43,10 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
-    meta = {}
-    ck = sorted((run_dir / "checkpoints").glob("step_*/meta.json"), key=lambda p: _step_of(p.parent.name))
-    if ck:
-        meta = json.loads(ck[-1].read_text())
+    from memtrain.engine.checkpoint import list_checkpoints
+
+    refs = list_checkpoints(run_dir)  # no manifest hashing: only n_params and provenance are read
+    meta = json.loads((refs[-1].path / "meta.json").read_text()) if refs else {}
     n_params = meta.get("n_params")
     ranks = world_size(cfg, meta, summary)
     model = cfg.get("model", {})
@@ -79,13 +79,6 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
     for k, v in (sweep_values or {}).items():
         rec[k] = v
     return rec
-
-
-def _step_of(name: str) -> int:
-    try:
-        return int(name.split("_", 1)[1])
-    except (IndexError, ValueError):
-        return -1
 
 
 def world_size(cfg: dict, meta: dict, summary: dict) -> int:
