@@ -114,6 +114,8 @@ def run_flops(cfg: Any, vocab: int, batch: Optional[int] = None, stage: int = 0,
     rows (default ``data.batch_size``), the objectives of curriculum stage ``stage``, the encoder frozen by
     ``model.frozen_encoder`` or the stage's ``freeze``, skipped with ``data.memories``. ``scored`` defaults to
     the positions each objective scores on rows without padding (:func:`scored_positions`)."""
+    if cfg.model.hf_decoder is not None:  # before building anything: the LLM can't be built on the meta device
+        raise ValueError("analytic FLOPs do not cover model.hf_decoder (a Hugging Face LLM decoder)")
     batch = batch or cfg.data.batch_size
     st = cfg.stages()[stage]
     if scored is None:
@@ -128,6 +130,15 @@ def flops_per_token(cfg: Any, vocab: int, stage: int = 0) -> float:
     """Model FLOPs per training token of run config ``cfg`` in curriculum stage ``stage`` (see :func:`run_flops`):
     times the logged ``tokens_per_s`` (all ranks) it is the run's model FLOP/s."""
     return run_flops(cfg, vocab, stage=stage)["per_token"]
+
+
+def stage_flops_per_token(cfg: Any, vocab: int) -> Optional[list[float]]:
+    """:func:`flops_per_token` of each curriculum stage of run config ``cfg``, or None where the analytic count
+    does not apply (``model.hf_decoder``)."""
+    try:
+        return [flops_per_token(cfg, vocab, i) for i in range(len(cfg.stages()))]
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -349,6 +349,39 @@ class OptimConfig(_Strict):
         "`gradient_accumulation_steps`, which counts micro-batches."))
 
 
+class WandbConfig(_Strict):
+    """Weights & Biases settings, used when `train.loggers` names `wandb` (docs/observability.md). W&B's own
+    environment variables (`WANDB_MODE=offline`, `WANDB_API_KEY`, `WANDB_BASE_URL` ...) apply as usual."""
+
+    project: str = Field("memtrain", description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B entity (user or team); null = the account's default.")
+    group: Optional[str] = Field(None, description="W&B run group, e.g. a sweep's name; null = none.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+
+    _one_line = field_validator("project", "entity", "group")(_no_control)
+
+
+class MlflowConfig(_Strict):
+    """MLflow settings, used when `train.loggers` names `mlflow` (docs/observability.md)."""
+
+    tracking_uri: Optional[str] = Field(None, description=(
+        "MLflow tracking URI (`http://host:5000`, `sqlite:///mlflow.db`, `file:///path/mlruns` ...); null = "
+        "MLflow's default (`MLFLOW_TRACKING_URI`)."))
+    experiment: str = Field("memtrain", description="MLflow experiment; created if missing.")
+
+    _one_line = field_validator("tracking_uri", "experiment")(_no_control)
+
+
+class ProfileConfig(_Strict):
+    """A torch.profiler trace of a few training steps (docs/observability.md)."""
+
+    start: int = Field(..., ge=1, description=(
+        "First profiled optimizer step (steps are numbered from 1, as in the logs)."))
+    steps: int = Field(5, ge=1, le=1000, description="Profiled steps: `start` .. `start + steps - 1`.")
+    memory: bool = Field(True, description=(
+        "On CUDA, also record the allocator's history over those steps and write a memory snapshot."))
+
+
 class TrainConfig(_Strict):
     steps: int = Field(1000, ge=1, description=(
         "Optimizer steps of the run (the schedule's length; `curriculum` stages must add up to it)."))
@@ -364,9 +397,24 @@ class TrainConfig(_Strict):
         "Held-out batches per evaluation: the first `eval_batches` batches of `data.batch_size` rows of the "
         "`val` split on each rank, the same at every evaluation; metrics are pooled over all ranks."))
     log_every: int = Field(10, ge=1, description=(
-        "Log every this many steps (and at the last one) to TensorBoard (`tb/`) and `metrics.jsonl`: loss and "
-        "accuracy per objective pooled over the steps since the previous log and over all ranks, learning rate, "
-        "gradient norm, tokens/s."))
+        "Log every this many steps (and at the last one) to every sink of `loggers`: loss and accuracy per "
+        "objective pooled over the steps since the previous log and over all ranks, learning rate, gradient "
+        "norm, tokens/s (all ranks and per rank), model TFLOP/s per device, MFU, peak memory, step time and "
+        "ETA (docs/observability.md). Without a progress bar, rank 0 also prints these as one plain line."))
+    loggers: list[Literal["tensorboard", "jsonl", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard", "jsonl"], description=(
+            "Where the logged numbers go: `tensorboard` (`tb/`), `jsonl` (`metrics.jsonl`, which `sweep collect`, "
+            "the plots and `repro` read), `wandb` (see `wandb`), `mlflow` (see `mlflow`). W&B and MLflow are "
+            "optional installs (`pip install wandb`, `pip install mlflow`); a resumed run continues the same W&B "
+            "and MLflow run."))
+    wandb: WandbConfig = Field(WandbConfig(), description="W&B project, entity, group and tags.")
+    mlflow: MlflowConfig = Field(MlflowConfig(), description="MLflow tracking URI and experiment.")
+    peak_tflops: Optional[float] = Field(None, gt=0, description=(
+        "Dense peak TFLOP/s of one device for the MFU column; null = the datasheet peak of a known GPU at the "
+        "run's precision (docs/performance.md), and no MFU on CPU or an unknown device."))
+    profile: Optional[ProfileConfig] = Field(None, description=(
+        "Profile a few steps: a torch.profiler trace per rank, and on CUDA a memory snapshot, under "
+        "`<run>/profile/`; training then continues. null = no profiling."))
     ckpt_every: int = Field(500, ge=0, description=(
         "Checkpoint every this many steps; 0 = only at the end (a run stopped early or preempted also "
         "checkpoints)."))
@@ -383,7 +431,16 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="`torch.compile` the model.")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (`torch.set_num_threads`); null = "
                                                            "torch's default.")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(True, description=(
+        "A progress bar on rank 0 when stderr is a terminal; in a batch log (stderr not a terminal), or with "
+        "`false`, one plain line per `log_every` steps instead."))
+
+    @field_validator("loggers")
+    @classmethod
+    def _unique_loggers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each logger at most once")
+        return value
 
 
 class DistConfig(_Strict):

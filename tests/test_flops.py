@@ -223,7 +223,7 @@ def test_collect_uses_model_flops_and_the_recorded_world_size(tmp_path):
     per_token = flops_per_token(config_from_dict(raw), V)
     assert rec["ranks"] == 3 and rec["tokens"] == 20 * 4 * 3 * 32
     assert rec["flops_per_token"] == per_token
-    assert rec["model_tflops"] == pytest.approx(per_token * 200.0 / 1e12)  # median of the windows after the first
+    assert rec["model_tflops_per_rank"] == pytest.approx(per_token * 200.0 / 3 / 1e12)  # median after the first
     assert rec["mfu"] == pytest.approx(per_token * 200.0 / (2.0e12 * 3))
     assert rec["compute_pflop"] == pytest.approx(per_token * rec["tokens"] / 1e15)
     (ck / "meta.json").write_text(json.dumps({"n_params": 1000, "vocab_size": V}))  # before provenance

@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +23,10 @@ from memtrain.data.loader import check_compatible, make_loader, read_shard_info
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from memtrain.engine.engines import ModelView, autocast_for, build_engine  # noqa: F401 (re-exported)
+from memtrain.engine.profiling import StepProfiler
+from memtrain.engine.rates import Rates
 from memtrain.engine.rundir import prepare_run_dir, release_run_dir
-from memtrain.engine.tracking import Tracker
+from memtrain.engine.tracking import Tracker, check_loggers
 from memtrain.errors import UserError
 from memtrain.launch.preempt import Preemption, clear_marker, write_marker
 from memtrain.eval.evaluate import eval_objectives, evaluate, take_batches
@@ -89,6 +90,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
         cleanup.callback(preemption.restore)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    check_loggers(cfg.train.loggers)
     run_dir = Path(cfg.run.out_dir)
     shards = read_shard_info(cfg.data.shards, cfg.data.cache_dir)
     check_compatible(shards, row_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
@@ -142,26 +144,40 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     eval_names = eval_objectives(cfg)
     autocast = engine.autocast
     tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size * cfg.model.seq_len
+    rates = Rates(cfg, shards.vocab_size, info, tokens_per_step)
     meta = {"kind": cfg.model.kind, "vocab_size": shards.vocab_size, "tokenizer_sha256": shards.tokenizer_sha256,
             "special_ids": shards.special_ids, "n_params": n_params,
-            "row_len": cfg.model.seq_len, "provenance": provenance(info.world_size, device.type)}
-    tracker = Tracker(run_dir, info.is_main, cfg.train.steps, step, cfg.train.progress)
-    cleanup.callback(tracker.close)
+            "row_len": cfg.model.seq_len, "provenance": provenance(info.world_size, device.type),
+            "flops_per_token": rates.flops_per_token, "peak_tflops": rates.peak}
+    tracker = Tracker(run_dir, info.is_main, cfg.train.steps, step, cfg.train.progress, cfg.train.loggers,
+                      cfg.model_dump(mode="json"), cfg.run.name)
+    # closed with its outcome below; an exception on the way closes it as failed
+    cleanup.push(lambda exc_type, exc, tb: tracker.close("failed") if exc_type else tracker.close())
+    profiler = StepProfiler(cfg.train.profile, run_dir, info, step, pause=rates.paused, announce=tracker.write)
+    cleanup.callback(profiler.close)
     if info.is_main:
         where = f"resumed from {latest.path} at step {step}" if latest else "from scratch"
         tracker.write(f"memtrain: {cfg.model.kind} model, {meta['n_params'] / 1e6:.2f}M params, "
                       f"{info.world_size} rank(s) on {device.type} ({engine.describe()}), {where}; run dir {run_dir}")
         if val_batches is None:
             tracker.write(f"data.shards: {cfg.data.shards} has no validation split; training without evaluation")
+        if rates.peak is None and device.type == "cuda":
+            tracker.write(f"train.peak_tflops: no datasheet peak for {rates.device_name}; MFU is not logged "
+                          "(set train.peak_tflops)")
 
     def save(at_step: int) -> None:
-        state = {"step": at_step, "loader": loader.state_dict(), "rng": ckpt.rng_state()}
-        engine.save(run_dir, at_step, state, dump_config(cfg), meta, cfg.train.keep_ckpts)
-        tracker.flush()  # the logs then hold every step up to the checkpoint, even if killed later
+        with rates.paused():
+            state = {"step": at_step, "loader": loader.state_dict(), "rng": ckpt.rng_state()}
+            engine.save(run_dir, at_step, state, dump_config(cfg), meta, cfg.train.keep_ckpts)
+            tracker.flush()  # the logs then hold every step up to the checkpoint, even if killed later
 
     def run_eval(at_step: int) -> dict:
         if val_batches is None:
             return {}
+        with rates.paused():
+            return _run_eval(at_step)
+
+    def _run_eval(at_step: int) -> dict:
         evaluated = engine.eval_model()
         evaluated.eval()
         with autocast():
@@ -190,15 +206,16 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
             tracker.write(f"preempted ({preemption.requested}) after step {at_step}; "
                           + ("checkpoint written" if checkpointed else "signal came during start-up, nothing new "
                              "to checkpoint") + ", continue with --resume")
-        tracker.close()
+        tracker.close("preempted")
         barrier(info)
         return {"step": at_step, "eval": {}, "run_dir": str(run_dir), "complete": False, "preempted": True}
 
     if step < cfg.train.steps and preemption.should_stop(info.distributed, device):
         return preempted(step, checkpointed=False)  # signalled during start-up: the first point all ranks agree
-    t_last, steps_since = time.perf_counter(), 0
+    rates.start()
     sums: dict[str, list] = {}  # objective -> [ce_sum, tokens, correct] since the last log step
     while step < stop_at:
+        profiler.before_step(step + 1)
         idx, stage, _ = stage_at(stages, step)
         if idx != stage_index:
             stage_index = idx
@@ -216,12 +233,10 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
             acc = sums.setdefault(name, [0.0, 0, 0])
             sums[name] = [acc[0] + ce_sum, acc[1] + n_tok, acc[2] + n_cor]
         step += 1
-        steps_since += 1
+        rates.steps += 1
+        profiler.after_step(step)
         if step % cfg.train.log_every == 0 or step == stop_at:
-            now = time.perf_counter()
-            tok_s = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-            t_last, steps_since = now, 0
-            logged = {"lr": engine.lr(), "tokens_per_s": tok_s, "stage": stage_index}
+            logged = {"lr": engine.lr(), "stage": stage_index}
             if result.grad_norm is not None:
                 logged["grad_norm"] = float(result.grad_norm)
             if info.distributed:  # log the global batch's numbers, not rank 0's share
@@ -235,10 +250,10 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
                 loss_total += weights.get(name, 0.0) * loss
             logged["loss/total"] = loss_total
             sums.clear()
+            logged.update(rates.window(step, stage_index))  # after the losses were read: the device is idle
             if not math.isfinite(loss_total):
                 raise UserError(f"loss became {loss_total} at step {step}; lower optim.lr or check the data")
-            tracker.scalars(step, logged)
-            tracker.postfix({"loss": f"{loss_total:.3f}", "tok/s": f"{tok_s:,.0f}"})
+            tracker.log_step(step, logged, weights)
         tracker.progress(1)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             run_eval(step)
@@ -258,7 +273,7 @@ def _train(cfg: Config, resume: bool, info: DistInfo, stop_after: int | None,
     if step < cfg.train.steps:  # stopped early on request: checkpoint and leave the rest for --resume
         save(step)
         tracker.write(f"stopped after step {step} of {cfg.train.steps}; continue with --resume")
-        tracker.close()
+        tracker.close("stopped")
         return {"step": step, "eval": {}, "run_dir": str(run_dir), "complete": False}
     if latest is None or latest.step != step:
         save(step)  # before the final evaluation, so nothing trained is lost if that fails

@@ -2,11 +2,14 @@
 
 Per run: ranks (the world size recorded in the run's provenance, ``meta.json`` / ``summary.json``; the config's
 slurm section only for runs that predate it), parameters, tokens/s (median over the run's logged windows after
-the first, which holds start-up), tokens/s per rank, model TFLOP/s from :func:`memtrain.bench.flops_per_token`
-(the same analytic count as ``memtrain bench``: every objective a forward + backward pass, the decoder on its
-real positions, causal mixing and attention on the lower triangle; per curriculum stage), MFU when the
-per-rank peak is given, final training loss, and the held-out metrics of ``summary.json``. Writes ``results.csv``, ``results.md``, ``scaling.png`` (throughput against
-ranks with ideal linear scaling from each model's smallest run) and ``loss_vs_compute.png``.
+the first, which holds start-up), tokens/s per rank, model TFLOP/s per rank from the model FLOPs per token the
+run recorded in meta.json (:func:`memtrain.bench.flops_per_token`, the same analytic count as ``memtrain bench``
+and the training log: every objective a forward + backward pass, the decoder on its real positions, causal
+mixing and attention on the lower triangle; per curriculum stage; recomputed for runs that predate it), MFU
+(against ``--peak-tflops``, else the MFU the run logged against its device's datasheet peak), final training
+loss, the held-out metrics of ``summary.json`` and the memtrain commit that trained it. Writes
+``results.csv``, ``results.md``, ``scaling.png`` (throughput against ranks with ideal linear scaling from each
+model's smallest run) and ``loss_vs_compute.png``.
 """
 from __future__ import annotations
 
@@ -60,18 +63,22 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
            "final_loss": logs[-1].get("loss/total") if logs else None,
            "complete": bool(summary.get("complete"))}
     rec["tokens_per_s_per_rank"] = rec["tokens_per_s"] / ranks if rec["tokens_per_s"] else None
-    per_token = stage_flops_per_token(cfg, meta.get("vocab_size"))
+    per_token = recorded_flops(meta) or stage_flops_per_token(cfg, meta.get("vocab_size"))
     if per_token and rec["tokens_per_s"]:
         from memtrain.bench import mfu
 
         rates = [per_token[min(r.get("stage", 0), len(per_token) - 1)] * r["tokens_per_s"]
                  for r in (logs[1:] or logs) if "tokens_per_s" in r]
         rec["flops_per_token"] = per_token[0] if len(per_token) == 1 else None
-        rec["model_tflops"] = statistics.median(rates) / 1e12
+        rec["model_tflops_per_rank"] = statistics.median(rates) / ranks / 1e12
         tokens_per_step = tokens / steps if steps else 0
         rec["compute_pflop"] = sum(f * n * tokens_per_step for f, n in zip(per_token, _stage_steps(cfg, steps))) / 1e15
+        logged_mfu = [r["mfu"] for r in (logs[1:] or logs) if isinstance(r.get("mfu"), (int, float))]
         if peak_tflops:
-            rec["mfu"] = mfu(rec["model_tflops"] * 1e12, peak_tflops, ranks)
+            rec["mfu"] = mfu(statistics.median(rates), peak_tflops, ranks)
+        elif logged_mfu:  # trained with a known peak (datasheet or train.peak_tflops)
+            rec["mfu"] = statistics.median(logged_mfu)
+    rec["commit"] = commit_of(meta, summary)
     for name, metrics in (summary.get("eval") or {}).items():
         for k in ("ce", "accuracy"):
             if k in metrics:
@@ -93,20 +100,35 @@ def world_size(cfg: dict, meta: dict, summary: dict) -> int:
     return int(slurm.get("nodes", 1)) * int(ranks_per_node)
 
 
+def recorded_flops(meta: dict) -> list[float] | None:
+    """The model FLOPs per token of each curriculum stage that the run recorded in its meta.json."""
+    per_token = meta.get("flops_per_token")
+    if isinstance(per_token, list) and per_token and all(isinstance(f, (int, float)) and f > 0 for f in per_token):
+        return [float(f) for f in per_token]
+    return None
+
+
+def commit_of(meta: dict, summary: dict) -> str | None:
+    """``9bf5601`` or ``9bf5601-dirty``: the memtrain commit that trained the run, from its provenance."""
+    for source in (meta, summary):
+        prov = source.get("provenance")
+        if isinstance(prov, dict) and prov.get("commit"):
+            return str(prov["commit"]) + ("-dirty" if prov.get("dirty") else "")
+    return None
+
+
 def stage_flops_per_token(cfg: dict, vocab: int | None) -> list[float] | None:
     """Model FLOPs per token of each curriculum stage (:func:`memtrain.bench.flops_per_token`), or None when
     the vocabulary is unknown or the config is not one this memtrain reads (or not counted: ``hf_decoder``)."""
-    from memtrain.bench import flops_per_token
+    from memtrain.bench import stage_flops_per_token as per_stage
     from memtrain.config import config_from_dict
 
     try:
         run = config_from_dict(cfg, source="config.yaml")
-        vocab = vocab or run.model.vocab_size
-        if not vocab:
-            return None
-        return [flops_per_token(run, int(vocab), i) for i in range(len(run.stages()))]
-    except (UserError, ValueError):
+    except UserError:
         return None
+    vocab = vocab or run.model.vocab_size
+    return per_stage(run, int(vocab)) if vocab else None
 
 
 def _stage_steps(cfg: dict, steps: int) -> list[int]:
