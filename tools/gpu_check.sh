@@ -3,6 +3,7 @@
 # triton-vs-torch training match), per-operator benchmarks, and the training benchmarks of the mixer
 # autoencoder and the memory model. Results go under $OUT (default runs/gpu_check):
 #   env.txt  kernels_test.log  bench_ops.{txt,json}  bench_ae.{txt,json}  bench_memory.{txt,json}  bench.json
+#   train_cuda.log and train_cuda/profile/ (a tiny run on CUDA: the log line's MFU and memory, a trace, a memory snapshot)
 # Budget: about 8 minutes on one H100, at most GPU_CHECK_BUDGET seconds (570) in all: each stage has a cap and
 # gets what is left; a stage that fails or times out is reported and the others still run; the exit code is
 # non-zero if any stage failed. Order: tests, autoencoder benchmark, operator benchmarks, memory benchmark.
@@ -63,6 +64,18 @@ timeout "$(limit 120)" "$PY" -m memtrain.kernels.bench_ops --json "$OUT/bench_op
 grep '^|' "$OUT/bench_ops.txt" | tee -a "$OUT/summary.txt" || true
 
 bench memory paper/memory_mixer_e512_d512 240
+
+echo "== training on CUDA: log line with MFU, profile trace and memory snapshot" | tee -a "$OUT/summary.txt"
+train_check() {
+  "$PY" -m memtrain data prepare-demo --out "$OUT/demo" --vocab-size 512 --row-len 32 > "$OUT/train_cuda.log" 2>&1 &&
+  "$PY" -m memtrain train tiny --set data.shards="$OUT/demo/shards" --set run.out_dir="$OUT/train_cuda" \
+    --set train.device=cuda --set train.precision=bf16 --set train.progress=false \
+    --set 'train.profile={start: 5, steps: 3}' >> "$OUT/train_cuda.log" 2>&1 &&
+  grep -q 'MFU ' "$OUT/train_cuda.log" && grep -q 'mem ' "$OUT/train_cuda.log" &&
+  test -s "$OUT"/train_cuda/profile/trace-rank0-steps5-7.json && test -s "$OUT"/train_cuda/profile/memory-rank0-steps5-7.pickle
+}
+( export -f train_check; export PY OUT; timeout "$(limit 90)" bash -c train_check ) || fail "CUDA training check (see train_cuda.log)"
+grep -E '^step (10|40)/' "$OUT/train_cuda.log" | tee -a "$OUT/summary.txt" || true
 
 "$PY" - "$OUT" <<'PY' || fail "bench.json"
 import json, sys, pathlib
