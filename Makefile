@@ -7,8 +7,10 @@ DEMO   := data/demo
 # Where torch comes from: empty = requirements.txt's pin from the default index (a CUDA build on Linux), or e.g.
 #   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu      (PyTorch's CPU-only build)
 TORCH_INDEX ?=
+# extra options of `make test`'s pytest run
+PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test clean-runs
+.PHONY: venv quickstart test lint clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,10 +32,18 @@ quickstart: venv
 	$(BIN)/memtrain eval runs/quickstart runs/quickstart-no-memory --objectives causal,copy,blank_copy \
 	    --json runs/quickstart/results.json
 
-# One pytest process per test file: streaming datasets keep about a dozen file descriptors each until the
-# interpreter exits, and the whole suite in one process can exhaust the per-process limit.
-test: venv
-	@$(BIN)/python tools/run_tests.py tests
+# The whole suite in one pytest process: a summary of skips and failures, the 15 slowest tests, and pytest's
+# exit code (5 when nothing was collected fails the target too). Extra pytest options go in PYTEST_ARGS:
+#   make test PYTEST_ARGS="-m 'not slow'"      make test PYTEST_ARGS="--lf -x"
+#   make test PYTEST_ARGS="-k loader"          make test PYTEST_ARGS="--junitxml=test-results.xml"
+test: venv lint
+	$(BIN)/python -m pytest tests -q -ra --durations=15 $(PYTEST_ARGS)
+
+# Lint, format and type checks (configured in pyproject.toml); `make test` runs them first.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pyright
 
 clean-runs:
 	rm -rf runs/quickstart runs/quickstart-no-memory

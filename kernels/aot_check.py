@@ -12,6 +12,7 @@ Triton's launcher would (16-byte alignment, unit strides). The first config of e
 when autotuning is off) is compiled; ``--all-configs`` compiles every autotuning candidate.
 Run it without ``TRITON_INTERPRET`` (the interpreter does not compile).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ def _variants() -> list[tuple[str, object]]:
     def mixing(label, B, L, H, F, k, dt):
         x = torch.randn(B, L, H, F).to(dt)
         wk = torch.randn(H, k, L, L).to(dt)
-        out.append((f"mix forward {label}", mix.plan_tri(wk, x, torch.empty(B, L, H, F), torch.zeros(H, L),
-                                                          torch.zeros(B, L, H, F), upper=False)))
+        out.append(
+            (
+                f"mix forward {label}",
+                mix.plan_tri(wk, x, torch.empty(B, L, H, F), torch.zeros(H, L), torch.zeros(B, L, H, F), upper=False),
+            )
+        )
         out.append((f"mix dX {label}", mix.plan_tri(wk, x, torch.empty_like(x), None, None, upper=True)))
         dw, reduce, _, _ = mix.plan_dw(x, x, wk, None, False)
         out.append((f"mix dW {label}", dw))
@@ -56,17 +61,27 @@ def _variants() -> list[tuple[str, object]]:
         b1, b2, res = torch.zeros(4 * d), torch.zeros(d), torch.zeros(M, d)
         name = "bf16" if dt == bf else "fp32"
         out.append((f"matmul bias+GELU (FFN in) {name}", ffn.plan_mm(x, w1.t(), g, h, b1, None, None, 1, False)[0]))
-        out.append((f"matmul bias+residual (FFN out) {name}",
-                    ffn.plan_mm(g, w2.t(), torch.empty(M, d), None, b2, res, None, 0, False)[0]))
-        out.append((f"matmul dGELU+colsum {name}", ffn.plan_mm(x, w2, torch.empty_like(h), None, None, None, h, 2,
-                                                               True)[0]))
+        out.append(
+            (
+                f"matmul bias+residual (FFN out) {name}",
+                ffn.plan_mm(g, w2.t(), torch.empty(M, d), None, b2, res, None, 0, False)[0],
+            )
+        )
+        out.append(
+            (f"matmul dGELU+colsum {name}", ffn.plan_mm(x, w2, torch.empty_like(h), None, None, None, h, 2, True)[0])
+        )
     for D in (512, 1024):
         x, w = torch.randn(M, D), torch.ones(D)
         mean, rstd = torch.empty(M), torch.empty(M)
-        out.append((f"layernorm forward d={D}", layernorm.plan_ln_forward(x, w, w, 1e-5, torch.empty(M, D).to(bf),
-                                                                          mean, rstd)))
-        out.append((f"layernorm backward d={D}", layernorm.plan_ln_backward(torch.randn(M, D).to(bf), x, w, mean,
-                                                                            rstd, torch.empty_like(x))[0]))
+        out.append(
+            (f"layernorm forward d={D}", layernorm.plan_ln_forward(x, w, w, 1e-5, torch.empty(M, D).to(bf), mean, rstd))
+        )
+        out.append(
+            (
+                f"layernorm backward d={D}",
+                layernorm.plan_ln_backward(torch.randn(M, D).to(bf), x, w, mean, rstd, torch.empty_like(x))[0],
+            )
+        )
     return out
 
 
@@ -90,8 +105,13 @@ def compile_plan(plan, config: dict, arch: int) -> dict:
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     seconds = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
-    return {"compile_s": round(seconds, 1), "shared_bytes": compiled.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), **_ptxas_report(ptx, arch)}
+    return {
+        "compile_s": round(seconds, 1),
+        "shared_bytes": compiled.metadata.shared,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
+        **_ptxas_report(ptx, arch),
+    }
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -103,16 +123,21 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+        )
     text = done.stdout + done.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     stack = re.search(r"(\d+) bytes stack frame", text)
-    return {"registers": int(regs.group(1)) if regs else None,
-            "spill_store_bytes": int(spill.group(1)) if spill else None,
-            "spill_load_bytes": int(spill.group(2)) if spill else None,
-            "stack_bytes": int(stack.group(1)) if stack else None}
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_store_bytes": int(spill.group(1)) if spill else None,
+        "spill_load_bytes": int(spill.group(2)) if spill else None,
+        "stack_bytes": int(stack.group(1)) if stack else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {label} | {cfg_text} | FAILED: {type(err).__name__}: {str(err)[:150]} | | | | | |")
                 continue
             rows.append({"kernel": label, "config": cfg, **r})
-            print(f"| {label} | {cfg_text} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
-                  f"{r['shared_bytes'] / 1024:.0f} | {r['wgmma']} | {r['mma_sync']} | {r['compile_s']} |", flush=True)
+            print(
+                f"| {label} | {cfg_text} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
+                f"{r['shared_bytes'] / 1024:.0f} | {r['wgmma']} | {r['mma_sync']} | {r['compile_s']} |",
+                flush=True,
+            )
     if args.json:
         write_json(args.json, {"triton": triton.__version__, "arch": args.arch, "rows": rows})
     return 1 if failed else 0

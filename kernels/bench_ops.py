@@ -6,7 +6,7 @@
 Operators, at the mixer autoencoder's shapes (batch 32 x n_ctx 512, d 1024; bf16 compute on CUDA):
 
 ``mix``         causal mixing y = tril(W) x + b: the Triton kernels against the masked dense torch matmul
-                (``models.mixing.causal_mix``: ``torch.matmul(torch.tril(W), x) + b``), eager and compiled
+                (``kernels.reference.causal_mix``: ``torch.matmul(torch.tril(W), x) + b``), eager and compiled
 ``layernorm``   LayerNorm of the fp32 residual stream into the bf16 matmul input
 ``ffn``         residual + Linear(GELU(Linear(x))) (d -> 4d -> d)
 ``linear_ce``   the output head + cross-entropy: chunked (``kernels/linear_ce.py``) against plain, for V = 8000
@@ -16,12 +16,13 @@ Times are medians of CUDA-event-timed repeats after warm-up, on random inputs; e
 against its torch eager and torch.compile versions measured in the same run. The Triton kernels' autotuned
 configs are listed too.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +50,18 @@ def timed(fn: Callable[[], None], dev: torch.device, reps: int, warmup: int) -> 
     return statistics.median(times)
 
 
-def fwd_bwd(f: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor, autocast: bool,
-            dev: torch.device) -> Callable[[], None]:
+def fwd_bwd(
+    f: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor, autocast: bool, dev: torch.device
+) -> Callable[[], None]:
     """A closure running forward + backward of ``f(*inputs)`` (gradients reset first)."""
+
     def run() -> None:
         for t in inputs:
             t.grad = None
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             out = f(*inputs)
         out.backward(grad.to(out.dtype))
+
     return run
 
 
@@ -78,8 +82,14 @@ def _maybe(f, inputs, grad, autocast, dev):
     return None if compiled is None else fwd_bwd(compiled, inputs, grad, autocast, dev)
 
 
-def compare(name: str, impls: dict[str, Callable[[], None]], dev: torch.device, reps: int, warmup: int,
-            extra: dict | None = None) -> dict:
+def compare(
+    name: str,
+    impls: dict[str, Callable[[], None]],
+    dev: torch.device,
+    reps: int,
+    warmup: int,
+    extra: dict | None = None,
+) -> dict:
     """Time every implementation (None: skipped); ratios of ``triton`` against the others."""
     ms = {k: timed(fn, dev, reps, warmup) for k, fn in impls.items() if fn is not None}
     row = {"op": name, "ms": {k: round(v, 4) for k, v in ms.items()}, **(extra or {})}
@@ -94,22 +104,29 @@ def bench_mix(B, L, d, gen, dev, autocast, reps, warmup) -> dict:
 
     x, w, b = leaves(gen, dev, (B, L, d), (L, L), (L,))
     with torch.no_grad():
-        w.mul_(L ** -0.5)
+        w.mul_(L**-0.5)
     grad = torch.randn(B, L, d, generator=gen).to(dev)
 
-    def dense(x, w, b):  # the model's torch path: models.mixing.causal_mix, a masked dense matmul
+    def dense(x, w, b):  # the model's torch path: kernels.reference.causal_mix, a masked dense matmul
         return reference.causal_mix(x, w.unsqueeze(-1), b)
 
     def triton_mix(x, w, b):
         return mix.causal_mix(x, w.unsqueeze(-1), b)
 
-    impls = {"torch": fwd_bwd(dense, [x, w, b], grad, autocast, dev),
-             "torch+compile": _maybe(dense, [x, w, b], grad, autocast, dev),
-             "triton": fwd_bwd(triton_mix, [x, w, b], grad, autocast, dev)}
+    impls = {
+        "torch": fwd_bwd(dense, [x, w, b], grad, autocast, dev),
+        "torch+compile": _maybe(dense, [x, w, b], grad, autocast, dev),
+        "triton": fwd_bwd(triton_mix, [x, w, b], grad, autocast, dev),
+    }
     dense_flops = 3 * 2 * B * L * L * d
-    row = compare("mix", impls, dev, reps, warmup, {"shape": f"B={B} L={L} d={d}",
-                                                    "dense_flops": dense_flops,
-                                                    "causal_flops": 3 * B * L * (L + 1) * d})
+    row = compare(
+        "mix",
+        impls,
+        dev,
+        reps,
+        warmup,
+        {"shape": f"B={B} L={L} d={d}", "dense_flops": dense_flops, "causal_flops": 3 * B * L * (L + 1) * d},
+    )
     row["tflops_triton_causal"] = round(row["causal_flops"] / (row["ms"]["triton"] * 1e9), 1)
     row["tflops_torch_dense"] = round(dense_flops / (row["ms"]["torch"] * 1e9), 1)
     return row
@@ -125,10 +142,11 @@ def bench_layernorm(M, d, gen, dev, autocast, reps, warmup) -> dict:
         y = F.layer_norm(x, (d,), w, b, 1e-5)
         return y.to(torch.bfloat16) if autocast else y
 
-    impls = {"torch": fwd_bwd(eager, [x, w, b], grad, autocast, dev),
-             "torch+compile": _maybe(eager, [x, w, b], grad, autocast, dev),
-             "triton": fwd_bwd(lambda x, w, b: layernorm.layer_norm(x, w, b, 1e-5), [x, w, b], grad, autocast,
-                               dev)}
+    impls = {
+        "torch": fwd_bwd(eager, [x, w, b], grad, autocast, dev),
+        "torch+compile": _maybe(eager, [x, w, b], grad, autocast, dev),
+        "triton": fwd_bwd(lambda x, w, b: layernorm.layer_norm(x, w, b, 1e-5), [x, w, b], grad, autocast, dev),
+    }
     return compare("layernorm", impls, dev, reps, warmup, {"shape": f"M={M} d={d}"})
 
 
@@ -139,11 +157,14 @@ def bench_ffn(M, d, gen, dev, autocast, reps, warmup) -> dict:
     x, w1, b1, w2, b2, r = leaves(gen, dev, (M, d), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (M, d), scale=0.05)
     grad = torch.randn(M, d, generator=gen).to(dev)
     args = [x, w1, b1, w2, b2, r]
-    impls = {"torch": fwd_bwd(ffn_reference, args, grad, autocast, dev),
-             "torch+compile": _maybe(ffn_reference, args, grad, autocast, dev),
-             "triton": fwd_bwd(ffn.ffn, args, grad, autocast, dev)}
-    return compare("ffn", impls, dev, reps, warmup, {"shape": f"M={M} d={d} hidden={4 * d}",
-                                                      "flops": 3 * 2 * 2 * M * d * 4 * d})
+    impls = {
+        "torch": fwd_bwd(ffn_reference, args, grad, autocast, dev),
+        "torch+compile": _maybe(ffn_reference, args, grad, autocast, dev),
+        "triton": fwd_bwd(ffn.ffn, args, grad, autocast, dev),
+    }
+    return compare(
+        "ffn", impls, dev, reps, warmup, {"shape": f"M={M} d={d} hidden={4 * d}", "flops": 3 * 2 * 2 * M * d * 4 * d}
+    )
 
 
 def bench_linear_ce(N, d, V, gen, dev, autocast, reps, warmup) -> dict:
@@ -159,6 +180,7 @@ def bench_linear_ce(N, d, V, gen, dev, autocast, reps, warmup) -> dict:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, _ = f(h, w, y)
             loss.backward()
+
         return go
 
     impls = {"torch": run(linear_cross_entropy_reference), "triton": run(linear_ce.linear_cross_entropy)}
@@ -171,7 +193,7 @@ def bench_linear_ce(N, d, V, gen, dev, autocast, reps, warmup) -> dict:
             base = torch.cuda.memory_allocated()
             fn()
             torch.cuda.synchronize()
-            extra[f"peak_extra_GiB_{k}"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 3)
+            extra[f"peak_extra_GiB_{k}"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
     return compare("linear_ce", impls, dev, reps, warmup, extra)
 
 
@@ -226,13 +248,21 @@ def main(argv: list[str] | None = None) -> int:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    from memtrain.bench import current_commit
+    from memtrain.version import git_commit
 
-    result = {"device": device, "torch": torch.__version__, "commit": current_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M"),
-              "precision": "bf16 autocast" if autocast else "fp32", "results": rows, "tuned": tuned_configs()}
-    print(f"# {device}, torch {torch.__version__}, commit {result['commit']}, {result['date']}, {result['precision']}, "
-          "forward + backward, median ms")
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "commit": git_commit() or "unknown",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "precision": "bf16 autocast" if autocast else "fp32",
+        "results": rows,
+        "tuned": tuned_configs(),
+    }
+    print(
+        f"# {device}, torch {torch.__version__}, commit {result['commit']}, {result['date']}, {result['precision']}, "
+        "forward + backward, median ms"
+    )
     print("| op | shape | torch | torch+compile | triton | triton speedup vs torch | vs compile |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -240,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {r['op']} | failed: {r['error'][:200]} | | | | | |")
             continue
-        print(f"| {r['op']} | {r['shape']} | {ms.get('torch', '-')} | {ms.get('torch+compile', '-')} | "
-              f"{ms.get('triton', '-')} | {r.get('speedup_vs_torch', '-')} | {r.get('speedup_vs_torch+compile', '-')} |")
+        print(
+            f"| {r['op']} | {r['shape']} | {ms.get('torch', '-')} | {ms.get('torch+compile', '-')} | "
+            f"{ms.get('triton', '-')} | {r.get('speedup_vs_torch', '-')} | {r.get('speedup_vs_torch+compile', '-')} |"
+        )
     if args.json:
         write_json(args.json, result)
     return 0

@@ -4,12 +4,14 @@ Nothing here imports Triton at module level, so ``memtrain.kernels`` imports on 
 The kernel modules (``mix``, ``layernorm``, ``ffn``) import Triton themselves and are imported lazily by
 :mod:`memtrain.kernels.dispatch`.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,8 +80,9 @@ class Kernel:
     that must be zeroed before each run instead (partial sums only some configs write).
     """
 
-    def __init__(self, jitted: Any, configs: list[dict], key: list[str], interp_config: dict,
-                 reset: list[str] | None = None):
+    def __init__(
+        self, jitted: Any, configs: list[dict], key: list[str], interp_config: dict, reset: list[str] | None = None
+    ):
         self.jitted, self.configs, self.key, self.interp_config = jitted, configs, key, interp_config
         self.reset = reset
         self._tuned = None
@@ -88,9 +91,14 @@ class Kernel:
         if self._tuned is None:
             import triton
 
-            cfgs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                                  num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
-                    for c in self.configs]
+            cfgs = [
+                triton.Config(
+                    {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                    num_warps=c.get("num_warps", 4),
+                    num_stages=c.get("num_stages", 3),
+                )
+                for c in self.configs
+            ]
             self._tuned = triton.autotune(cfgs, key=self.key, reset_to_zero=self.reset)(self.jitted)
         return self._tuned
 

@@ -9,9 +9,8 @@ and the model itself, for the output head); :func:`set_kernels` sets it on all o
 takes ``impl`` (one of the three) and the same tensors as its torch reference, and returns the same result
 up to rounding. Triton modules are imported on first use, so nothing here needs Triton on a CPU machine.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
@@ -33,9 +32,11 @@ def resolve(impl: str, device: torch.device) -> str:
     if impl == "triton":
         if not triton_runs_on(device):
             why = "Triton is not installed" if not triton_importable() else f"the tensors are on {device.type}"
-            raise UserError(f"model.kernels: triton needs a CUDA device with Triton installed ({why}); use "
-                            "kernels: auto (Triton on CUDA, torch elsewhere) or torch, or set TRITON_INTERPRET=1 "
-                            "to run the Triton kernels in the (slow) CPU interpreter")
+            raise UserError(
+                f"model.kernels: triton needs a CUDA device with Triton installed ({why}); use "
+                "kernels: auto (Triton on CUDA, torch elsewhere) or torch, or set TRITON_INTERPRET=1 "
+                "to run the Triton kernels in the (slow) CPU interpreter"
+            )
         return "triton"
     raise UserError(f"model.kernels: expected one of {', '.join(IMPLS)}, got {impl!r}")
 
@@ -61,9 +62,14 @@ def set_kernels(model: nn.Module, impl: str) -> nn.Module:
     return model
 
 
-def causal_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
-    """Causal token mixing plus an optional residual: ``residual + models.mixing.causal_mix(x, weight, bias)``.
+def causal_mix(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal token mixing plus an optional residual: ``residual + reference.causal_mix(x, weight, bias)``.
 
     One matrix: x [B, L, d], weight [L, L, k], bias [L], residual [B, L, d] -> [B, L, d];
     H heads: x [B, H, L, d_h], weight [H, L, L, k], bias [H, L], residual like x -> [B, H, L, d_h].
@@ -72,14 +78,15 @@ def causal_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         from memtrain.kernels import mix
 
         return mix.causal_mix(x, weight, bias, residual)
-    from memtrain.models.mixing import causal_mix as reference
+    from memtrain.kernels.reference import causal_mix as reference
 
     y = reference(x, weight, bias)
     return y if residual is None else residual + y
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               impl: str = "auto") -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "auto"
+) -> torch.Tensor:
     """LayerNorm over the last axis: x [..., d], weight/bias [d] -> [..., d]. The Triton version returns the
     matmul compute dtype (bf16 under autocast) instead of torch's fp32."""
     if resolve(impl, x.device) == "triton":
@@ -91,8 +98,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return layer_norm_reference(x, weight, bias, eps)
 
 
-def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-        residual: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+def ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """residual + Linear(w2, b2)(GELU(Linear(w1, b1)(x))): x [..., d] -> [..., d] (exact-erf GELU)."""
     if resolve(impl, x.device) == "triton":
         from memtrain.kernels import ffn as triton_ffn
@@ -103,8 +117,13 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     return ffn_reference(x, w1, b1, w2, b2, residual)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None, impl: str = "auto") -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
     """residual + Linear(w, b)(x): x [..., k], w [n, k] -> [..., n]."""
     if resolve(impl, x.device) == "triton":
         from memtrain.kernels import ffn as triton_ffn
@@ -120,10 +139,9 @@ def fused_head(model: object, device: torch.device) -> bool:
     ``kernels`` setting resolves to Triton here (so CPU training keeps the plain head unless asked) and its
     ``logits`` is the standard ``lm_head(norm(h))`` with a bias-free ``lm_head`` (a model class with its own
     head keeps the plain path)."""
-    from memtrain.models.base import MemtrainModel
-
     impl = getattr(model, "kernels", None) or getattr(getattr(model, "cfg", None), "kernels", "torch")
-    if impl == "torch" or getattr(getattr(model, "logits", None), "__func__", None) is not MemtrainModel.logits:
+    standard = getattr(model, "standard_head", None)
+    if impl == "torch" or standard is None or not standard():
         return False
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear) or head.bias is not None or partitioned(head):
@@ -131,8 +149,9 @@ def fused_head(model: object, device: torch.device) -> bool:
     return resolve(impl, device) == "triton"
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str = "auto"
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean CE of ``h @ weight^T`` against labels, argmax per row): h [N, d], weight [V, d], labels [N].
     The fast version never materialises the [N, V] logits (see ``kernels/linear_ce.py``)."""
     if resolve(impl, h.device) == "triton":
@@ -144,5 +163,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return linear_cross_entropy_reference(h, weight, labels)
 
 
-__all__ = ["IMPLS", "resolve", "set_kernels", "partitioned", "causal_mix", "layer_norm", "ffn", "linear", "fused_head",
-           "linear_cross_entropy"]
+__all__ = [
+    "IMPLS",
+    "resolve",
+    "set_kernels",
+    "partitioned",
+    "causal_mix",
+    "layer_norm",
+    "ffn",
+    "linear",
+    "fused_head",
+    "linear_cross_entropy",
+]

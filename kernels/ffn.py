@@ -11,9 +11,8 @@ so the FFN never runs a separate GELU, GELU-backward, bias or residual pass: per
 write of the [tokens, 4d] activation less in the forward and two in the backward. The weight gradients and
 the input gradient of the first matmul are plain cuBLAS matmuls (nothing to fuse there).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import triton
@@ -36,11 +35,41 @@ def _gelu_grad(h):
 
 
 @triton.jit
-def _mm_kernel(A, Bm, BIAS, RES, AUX, C, C2, CS, M, N, K,
-               s_am, s_ak, s_bk, s_bn, s_rm, s_rn, s_xm, s_xn, s_cm, s_cn, s_dm, s_dn,
-               EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, COLSUM: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _mm_kernel(
+    A,
+    Bm,
+    BIAS,
+    RES,
+    AUX,
+    C,
+    C2,
+    CS,
+    M,
+    N,
+    K,
+    s_am,
+    s_ak,
+    s_bk,
+    s_bn,
+    s_rm,
+    s_rn,
+    s_xm,
+    s_xn,
+    s_cm,
+    s_cn,
+    s_dm,
+    s_dn,
+    EPI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    COLSUM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """One [BLOCK_M, BLOCK_N] tile of C; tiles ordered in groups of GROUP_M rows for L2 reuse of B.
     The program id is widened to int64 first, so every offset is 64-bit (tensors of >= 2^31 elements)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -85,23 +114,40 @@ def _mm_kernel(A, Bm, BIAS, RES, AUX, C, C2, CS, M, N, K,
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps,
-            "num_stages": stages}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages}
 
 
 _MM_KEY = ["M", "N", "K", "EPI"]
 # bf16 candidates, the first also the untuned default. ``python -m memtrain.kernels.aot_check`` (sm_90): the
 # 128x128 / 8-warp and 64x128 / 4-warp tiles compile without register spills for all three epilogues; the
 # 128x256 tile spills 270-1200 bytes (the fp32 residual / pre-activation tiles of the epilogue).
-MM_16 = Kernel(_mm_kernel, [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
-                            _cfg(128, 256, 64, 8, 3)], _MM_KEY, _cfg(64, 64, 32, 4, 1, group=2), reset=["CS"])
-MM_32 = Kernel(_mm_kernel, [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3)],
-               _MM_KEY, _cfg(64, 64, 32, 4, 1, group=2), reset=["CS"])
+MM_16 = Kernel(
+    _mm_kernel,
+    [_cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)],
+    _MM_KEY,
+    _cfg(64, 64, 32, 4, 1, group=2),
+    reset=["CS"],
+)
+MM_32 = Kernel(
+    _mm_kernel,
+    [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3)],
+    _MM_KEY,
+    _cfg(64, 64, 32, 4, 1, group=2),
+    reset=["CS"],
+)
 
 
-def plan_mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, c2: Optional[torch.Tensor],
-            bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], aux: Optional[torch.Tensor], epi: int,
-            colsum: bool) -> tuple[Launch, Optional[torch.Tensor]]:
+def plan_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    c2: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    aux: torch.Tensor | None,
+    epi: int,
+    colsum: bool,
+) -> tuple[Launch, torch.Tensor | None]:
     """The launch of C = epilogue(a @ b), and the column-sum partials it writes (or None)."""
     M, K = a.shape
     N = b.shape[1]
@@ -118,18 +164,49 @@ def plan_mm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, c2: Optional[torc
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     pick = lambda t: t if t is not None else c  # noqa: E731  (unused pointer arguments)
-    args = (a, b, pick(bias), pick(residual), pick(aux), c, pick(c2), pick(cs), M, N, K, *a.stride(), *b.stride(),
-            *r_s, *x_s, *c.stride(), *d_s)
-    flags = dict(EPI=epi, HAS_BIAS=bias is not None, HAS_RES=residual is not None, COLSUM=colsum,
-                 UPCAST=upcast_dots(), DOT_PREC=dot_precision(b.dtype))
+    args = (
+        a,
+        b,
+        pick(bias),
+        pick(residual),
+        pick(aux),
+        c,
+        pick(c2),
+        pick(cs),
+        M,
+        N,
+        K,
+        *a.stride(),
+        *b.stride(),
+        *r_s,
+        *x_s,
+        *c.stride(),
+        *d_s,
+    )
+    flags = dict(
+        EPI=epi,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        COLSUM=colsum,
+        UPCAST=upcast_dots(),
+        DOT_PREC=dot_precision(b.dtype),
+    )
     return Launch(kernel, grid, args, flags), cs
 
 
-def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
-                    residual: Optional[torch.Tensor] = None, aux: Optional[torch.Tensor] = None,
-                    epilogue: str = "none", colsum: bool = False, out_dtype: Optional[torch.dtype] = None,
-                    out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def matmul_epilogue(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    aux: torch.Tensor | None = None,
+    epilogue: str = "none",
+    colsum: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """C = epilogue(a @ b) with Triton (no autograd).
 
     a [M, K], b [K, N] (any strides; a is cast to b's dtype in the kernel), bias [N], residual [M, N],
@@ -153,11 +230,19 @@ def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Te
 
 
 @torch.library.custom_op("memtrain::matmul_epilogue", mutates_args=())
-def _mm_op(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           aux: Optional[torch.Tensor], epilogue: str, colsum: bool, out_dtype: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c, c2, cs = matmul_epilogue(a, b, bias=bias, residual=residual, aux=aux, epilogue=epilogue, colsum=colsum,
-                                out_dtype=out_dtype)
+def _mm_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    aux: torch.Tensor | None,
+    epilogue: str,
+    colsum: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c, c2, cs = matmul_epilogue(
+        a, b, bias=bias, residual=residual, aux=aux, epilogue=epilogue, colsum=colsum, out_dtype=out_dtype
+    )
     return c, (c2 if c2 is not None else c.new_empty(0)), (cs if cs is not None else c.new_empty(0))
 
 
@@ -174,8 +259,9 @@ def _mm(a, b, bias=None, residual=None, aux=None, epilogue="none", colsum=False,
 
 
 def _mm_impl(a, b, bias, residual, aux, epilogue, colsum, out_dtype):
-    return matmul_epilogue(a, b, bias=bias, residual=residual, aux=aux, epilogue=epilogue, colsum=colsum,
-                           out_dtype=out_dtype)
+    return matmul_epilogue(
+        a, b, bias=bias, residual=residual, aux=aux, epilogue=epilogue, colsum=colsum, out_dtype=out_dtype
+    )
 
 
 class FFNFunction(torch.autograd.Function):
@@ -225,12 +311,18 @@ class LinearFunction(torch.autograd.Function):
         return dout_c @ w, dout_c.t() @ x, db, dres
 
 
-def _rows(t: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+def _rows(t: torch.Tensor | None, width: int) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1, width)
 
 
-def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Triton FFN (exact-erf GELU) with the residual fused: x [..., d], w1 [m, d], b1 [m], w2 [d, m], b2 [d],
     residual [..., d] or None -> [..., d]. Computes in the autocast dtype when autocast is on, else in x's
     dtype; the output takes the residual's dtype when one is given."""
@@ -240,8 +332,9 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     return out.view(*x.shape[:-1], w2.shape[0])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """Triton Linear with the residual fused: x [..., k], w [n, k], b [n] or None, residual [..., n] or None
     -> [..., n]; dtypes as :func:`ffn`."""
     cd = compute_dtype(x.device, x.dtype)

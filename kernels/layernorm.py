@@ -9,9 +9,8 @@ no residual input.
 
 Backward: dx per row; dweight and dbias as per-program fp32 partial sums, added by torch (deterministic).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import triton
@@ -22,8 +21,7 @@ from memtrain.kernels.reference import layer_norm_reference  # noqa: F401  (what
 
 
 @triton.jit
-def _ln_fwd_kernel(X, W, Bv, Y, MEAN, RSTD, M, D, eps, s_xm, s_ym,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_fwd_kernel(X, W, Bv, Y, MEAN, RSTD, M, D, eps, s_xm, s_ym, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: M * d may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < M
@@ -42,8 +40,24 @@ def _ln_fwd_kernel(X, W, Bv, Y, MEAN, RSTD, M, D, eps, s_xm, s_ym,
 
 
 @triton.jit
-def _ln_bwd_kernel(X, W, DY, MEAN, RSTD, DX, DWP, DBP, M, D, rows_per_prog, s_xm, s_dym, s_dxm,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_bwd_kernel(
+    X,
+    W,
+    DY,
+    MEAN,
+    RSTD,
+    DX,
+    DWP,
+    DBP,
+    M,
+    D,
+    rows_per_prog,
+    s_xm,
+    s_dym,
+    s_dxm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: M * d may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -80,17 +94,28 @@ LN_FWD = Kernel(_ln_fwd_kernel, [{"num_warps": 8}], ["D"], {})
 LN_BWD = Kernel(_ln_bwd_kernel, [{"num_warps": 8}], ["D"], {})
 
 
-def plan_ln_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, y: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor) -> Launch:
+def plan_ln_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> Launch:
     M, D = x.shape
     bm, bd = _rows_block(D), next_pow2(D)
-    return Launch(LN_FWD, lambda meta: (triton.cdiv(M, bm),),
-                  (x, weight, bias, y, mean, rstd, M, D, eps, x.stride(0), y.stride(0)),
-                  dict(BLOCK_M=bm, BLOCK_D=bd))
+    return Launch(
+        LN_FWD,
+        lambda meta: (triton.cdiv(M, bm),),
+        (x, weight, bias, y, mean, rstd, M, D, eps, x.stride(0), y.stride(0)),
+        dict(BLOCK_M=bm, BLOCK_D=bd),
+    )
 
 
-def plan_ln_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                     rstd: torch.Tensor, dx: torch.Tensor) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+def plan_ln_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dx: torch.Tensor
+) -> tuple[Launch, torch.Tensor, torch.Tensor]:
     """The launch, and the [programs, d] partial sums of dweight and dbias it writes."""
     M, D = x.shape
     bm, bd = _rows_block(D), next_pow2(D)
@@ -99,15 +124,24 @@ def plan_ln_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, me
     programs = triton.cdiv(M, rows_per_prog)
     dwp = torch.empty((programs, D), dtype=torch.float32, device=x.device)
     dbp = torch.empty((programs, D), dtype=torch.float32, device=x.device)
-    plan = Launch(LN_BWD, lambda meta: (programs,),
-                  (x, weight, dy, mean, rstd, dx, dwp, dbp, M, D, rows_per_prog, x.stride(0), dy.stride(0),
-                   dx.stride(0)), dict(BLOCK_M=bm, BLOCK_D=bd))
+    plan = Launch(
+        LN_BWD,
+        lambda meta: (programs,),
+        (x, weight, dy, mean, rstd, dx, dwp, dbp, M, D, rows_per_prog, x.stride(0), dy.stride(0), dx.stride(0)),
+        dict(BLOCK_M=bm, BLOCK_D=bd),
+    )
     return plan, dwp, dbp
 
 
-def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                       out_dtype: torch.dtype, *, out: Optional[torch.Tensor] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, d] (unit stride along d) -> (y [M, d] in out_dtype, mean [M] fp32, rstd [M] fp32). No autograd."""
     M, D = x.shape
     if D > 16384:
@@ -119,9 +153,15 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y, mean, rstd
 
 
-def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                        rstd: torch.Tensor, *, out: Optional[torch.Tensor] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dy, x [M, d], weight [d], mean/rstd [M] -> (dx [M, d] in x's dtype, dweight [d] fp32, dbias [d] fp32)."""
     dx = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     plan, dwp, dbp = plan_ln_backward(dy, x, weight, mean, rstd, dx)
@@ -130,21 +170,26 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 @torch.library.custom_op("memtrain::layer_norm_fwd", mutates_args=())
-def _ln_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ln_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer_norm_forward(x, weight, bias, eps, out_dtype)
 
 
 @_ln_fwd_op.register_fake
 def _(x, weight, bias, eps, out_dtype):
     M = x.shape[0]
-    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(M, dtype=torch.float32),
-            x.new_empty(M, dtype=torch.float32))
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(M, dtype=torch.float32),
+        x.new_empty(M, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("memtrain::layer_norm_bwd", mutates_args=())
-def _ln_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-               rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ln_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer_norm_backward(dy, x, weight, mean, rstd)
 
 

@@ -8,9 +8,8 @@ needed, the gradient at once: dlogits = softmax - onehot, dh = dlogits W, dW += 
 backward only scales those by the incoming gradient. Same matmul FLOPs as the plain head, no recompute, peak
 extra memory one chunk of logits. A pure-torch implementation: every matmul is a cuBLAS call already.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -68,8 +67,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the logits ``h @ weight^T`` against ``labels``, and the argmax of every row,
     without materialising the [N, V] logits.
 
@@ -83,6 +83,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         budget = CHUNK_ELEMENTS.get(h.device.type, CHUNK_ELEMENTS["cpu"])
         chunk_rows = max(1, budget // weight.shape[0])
     dtype = compute_dtype(h.device, h.dtype)
-    loss_sum, argmax = LinearCrossEntropyFunction.apply(h, weight, labels, int(chunk_rows), dtype,
-                                                        torch.is_grad_enabled())
+    loss_sum, argmax = LinearCrossEntropyFunction.apply(
+        h, weight, labels, int(chunk_rows), dtype, torch.is_grad_enabled()
+    )
     return loss_sum / h.shape[0], argmax

@@ -1,6 +1,6 @@
 """Triton kernels for causal token mixing, forward and backward, with bias and residual fused.
 
-The maths is :func:`memtrain.models.mixing.causal_mix` (the pure-torch reference): for every batch row b and
+The maths is :func:`memtrain.kernels.reference.causal_mix` (the pure-torch reference): for every batch row b and
 head h, with k taps along the feature axis (pad p = (k-1)//2, x zero outside 0..F-1),
 
     y[b, t, h, f] = res[b, t, h, f] + bias[h, t] + sum_{s <= t} sum_j W[h, t, s, j] * x[b, s, h, f + j - p]
@@ -21,17 +21,25 @@ Kernels
 ``_dw_reduce_kernel`` sums the partials of the lower triangle and writes the whole dW (zeros above the
                      diagonal), so no element of the result is left unwritten.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from memtrain.kernels.common import (Kernel, Launch, call_op, compute_dtype, dot_precision, interpreting,
-                                     sm_count, upcast_dots)
+from memtrain.kernels.common import (
+    Kernel,
+    Launch,
+    call_op,
+    compute_dtype,
+    dot_precision,
+    interpreting,
+    sm_count,
+    upcast_dots,
+)
 
 
 @triton.jit
@@ -42,8 +50,26 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _tri_tap(acc, a_j, x_base, a_mask, offs_m, offs_n, offs_r, r_end, j, F, s_am, s_ar, s_xl, s_xf,
-             PAD: tl.constexpr, SHIFT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _tri_tap(
+    acc,
+    a_j,
+    x_base,
+    a_mask,
+    offs_m,
+    offs_n,
+    offs_r,
+    r_end,
+    j,
+    F,
+    s_am,
+    s_ar,
+    s_xl,
+    s_xf,
+    PAD: tl.constexpr,
+    SHIFT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """acc += A_j[offs_m, offs_r] @ X[offs_r, offs_n + SHIFT * (j - PAD)] (zero outside 0..F-1 and for
     r >= r_end); ``a_j`` points at tap j of A."""
     a = tl.load(a_j + offs_m[:, None] * s_am + offs_r[None, :] * s_ar, mask=a_mask, other=0.0)
@@ -54,9 +80,30 @@ def _tri_tap(acc, a_j, x_base, a_mask, offs_m, offs_n, offs_r, r_end, j, F, s_am
 
 
 @triton.jit
-def _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, r_end, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
-               KT: tl.constexpr, PAD: tl.constexpr, SHIFT: tl.constexpr, UPPER: tl.constexpr, TRI: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr):
+def _tri_block(
+    acc,
+    a_base,
+    x_base,
+    offs_m,
+    offs_n,
+    r0,
+    r_end,
+    L,
+    F,
+    s_aj,
+    s_am,
+    s_ar,
+    s_xl,
+    s_xf,
+    KT: tl.constexpr,
+    PAD: tl.constexpr,
+    SHIFT: tl.constexpr,
+    UPPER: tl.constexpr,
+    TRI: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """acc += A[offs_m, r0:min(r0+BLOCK_R, r_end)] @ X[same rows, shifted offs_n], over all k taps.
 
     Reduction indices at or past ``r_end`` (the end of the range the caller's loop covers) are masked, so a
@@ -73,24 +120,93 @@ def _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, r_end, L, F, s_aj, s_am,
         else:
             a_mask = a_mask & (offs_r[None, :] <= offs_m[:, None])
     if KT == 1:
-        acc = _tri_tap(acc, a_base, x_base, a_mask, offs_m, offs_n, offs_r, r_end, 0, F, s_am, s_ar, s_xl,
-                       s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
+        acc = _tri_tap(
+            acc,
+            a_base,
+            x_base,
+            a_mask,
+            offs_m,
+            offs_n,
+            offs_r,
+            r_end,
+            0,
+            F,
+            s_am,
+            s_ar,
+            s_xl,
+            s_xf,
+            PAD,
+            SHIFT,
+            UPCAST,
+            DOT_PREC,
+        )
     else:
         a_j = a_base
         for j in range(KT):
-            acc = _tri_tap(acc, a_j, x_base, a_mask, offs_m, offs_n, offs_r, r_end, j, F, s_am, s_ar, s_xl,
-                           s_xf, PAD, SHIFT, UPCAST, DOT_PREC)
+            acc = _tri_tap(
+                acc,
+                a_j,
+                x_base,
+                a_mask,
+                offs_m,
+                offs_n,
+                offs_r,
+                r_end,
+                j,
+                F,
+                s_am,
+                s_ar,
+                s_xl,
+                s_xf,
+                PAD,
+                SHIFT,
+                UPCAST,
+                DOT_PREC,
+            )
             a_j += s_aj
     return acc
 
 
 @triton.jit
-def _tri_mm_kernel(A, X, BIAS, RES, Y, L, F, H,
-                   s_ah, s_aj, s_am, s_ar, s_xb, s_xl, s_xh, s_xf, s_bh, s_bl,
-                   s_rb, s_rl, s_rh, s_rf, s_yb, s_yl, s_yh, s_yf,
-                   KT: tl.constexpr, PAD: tl.constexpr, SHIFT: tl.constexpr, UPPER: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _tri_mm_kernel(
+    A,
+    X,
+    BIAS,
+    RES,
+    Y,
+    L,
+    F,
+    H,
+    s_ah,
+    s_aj,
+    s_am,
+    s_ar,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xf,
+    s_bh,
+    s_bl,
+    s_rb,
+    s_rl,
+    s_rh,
+    s_rf,
+    s_yb,
+    s_yl,
+    s_yh,
+    s_yf,
+    KT: tl.constexpr,
+    PAD: tl.constexpr,
+    SHIFT: tl.constexpr,
+    UPPER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """One [BLOCK_M rows, BLOCK_N features] tile of Y for one (batch, head). Grid: (F blocks, B*H, L blocks),
     the row block slowest so that the heaviest row blocks (most reduction blocks) are scheduled first.
     64-bit offsets: the (batch, head) offsets are int64 scalars added to the base pointers (tensors of >= 2^31
@@ -113,8 +229,30 @@ def _tri_mm_kernel(A, X, BIAS, RES, Y, L, F, H,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the diagonal blocks: reduction indices inside this row block (m_lo .. m_hi-1), triangle-masked
     for r0 in range(m_lo, m_hi, BLOCK_R):
-        acc = _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, m_hi, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
-                         KT, PAD, SHIFT, UPPER, True, UPCAST, DOT_PREC, BLOCK_R)
+        acc = _tri_block(
+            acc,
+            a_base,
+            x_base,
+            offs_m,
+            offs_n,
+            r0,
+            m_hi,
+            L,
+            F,
+            s_aj,
+            s_am,
+            s_ar,
+            s_xl,
+            s_xf,
+            KT,
+            PAD,
+            SHIFT,
+            UPPER,
+            True,
+            UPCAST,
+            DOT_PREC,
+            BLOCK_R,
+        )
     # the full blocks: before the row block (lower) or after it (upper); never the other side
     if UPPER:
         r_lo = m_hi
@@ -123,25 +261,78 @@ def _tri_mm_kernel(A, X, BIAS, RES, Y, L, F, H,
         r_lo = 0
         r_hi = m_lo
     for r0 in range(r_lo, r_hi, BLOCK_R):
-        acc = _tri_block(acc, a_base, x_base, offs_m, offs_n, r0, r_hi, L, F, s_aj, s_am, s_ar, s_xl, s_xf,
-                         KT, PAD, SHIFT, UPPER, False, UPCAST, DOT_PREC, BLOCK_R)
+        acc = _tri_block(
+            acc,
+            a_base,
+            x_base,
+            offs_m,
+            offs_n,
+            r0,
+            r_hi,
+            L,
+            F,
+            s_aj,
+            s_am,
+            s_ar,
+            s_xl,
+            s_xf,
+            KT,
+            PAD,
+            SHIFT,
+            UPPER,
+            False,
+            UPCAST,
+            DOT_PREC,
+            BLOCK_R,
+        )
     m_ok = offs_m < L
     mask = m_ok[:, None] & (offs_n[None, :] < F)
     if HAS_BIAS:
         acc += tl.load(BIAS + h * s_bh + offs_m * s_bl, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_RES:
-        acc += tl.load(RES + b * s_rb + h * s_rh + (offs_m[:, None] * s_rl + offs_n[None, :] * s_rf),
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + b * s_yb + h * s_yh + (offs_m[:, None] * s_yl + offs_n[None, :] * s_yf),
-             acc.to(Y.dtype.element_ty), mask=mask)
+        acc += tl.load(
+            RES + b * s_rb + h * s_rh + (offs_m[:, None] * s_rl + offs_n[None, :] * s_rf), mask=mask, other=0.0
+        ).to(tl.float32)
+    tl.store(
+        Y + b * s_yb + h * s_yh + (offs_m[:, None] * s_yl + offs_n[None, :] * s_yf),
+        acc.to(Y.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
-def _mix_dw_kernel(DY, X, P, DB, L, F, B, H, B_PER_SPLIT,
-                   s_yb, s_yl, s_yh, s_yf, s_xb, s_xl, s_xh, s_xf,
-                   s_ps, s_pq, s_pm, s_pn, s_ds, s_dh, s_dl,
-                   KT: tl.constexpr, PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+def _mix_dw_kernel(
+    DY,
+    X,
+    P,
+    DB,
+    L,
+    F,
+    B,
+    H,
+    B_PER_SPLIT,
+    s_yb,
+    s_yl,
+    s_yh,
+    s_yf,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_xf,
+    s_ps,
+    s_pq,
+    s_pm,
+    s_pn,
+    s_ds,
+    s_dh,
+    s_dl,
+    KT: tl.constexpr,
+    PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """Partial dW of one lower tile (t block >= s block), one (head, tap) and one batch split.
     Grid: (lower tiles, H*KT, splits). Tile p = tm (tm + 1) / 2 + tn with tn <= tm. The batch, split and
     (head, tap) offsets are int64 (tensors of >= 2^31 elements); offsets inside one slice are int32."""
@@ -173,18 +364,25 @@ def _mix_dw_kernel(DY, X, P, DB, L, F, B, H, B_PER_SPLIT,
         x_base = x_h + b64 * s_xb
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
-            dy = tl.load(dy_base + offs_m[:, None] * s_yl + offs_f[None, :] * s_yf,
-                         mask=m_ok[:, None] & (offs_f[None, :] < F), other=0.0)
+            dy = tl.load(
+                dy_base + offs_m[:, None] * s_yl + offs_f[None, :] * s_yf,
+                mask=m_ok[:, None] & (offs_f[None, :] < F),
+                other=0.0,
+            )
             cols = offs_f + (j - PAD)
-            xt = tl.load(x_base + offs_n[None, :] * s_xl + cols[:, None] * s_xf,
-                         mask=(offs_n[None, :] < L) & (cols[:, None] >= 0) & (cols[:, None] < F), other=0.0)
+            xt = tl.load(
+                x_base + offs_n[None, :] * s_xl + cols[:, None] * s_xf,
+                mask=(offs_n[None, :] < L) & (cols[:, None] >= 0) & (cols[:, None] < F),
+                other=0.0,
+            )
             if do_db:
                 row_sum += tl.sum(dy.to(tl.float32), axis=1)
             acc = _dot(dy.to(xt.dtype), xt, acc, UPCAST, DOT_PREC)
     keep = m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
     split64 = split.to(tl.int64)
-    tl.store(P + split64 * s_ps + hj.to(tl.int64) * s_pq + offs_m[:, None] * s_pm + offs_n[None, :] * s_pn, acc,
-             mask=keep)
+    tl.store(
+        P + split64 * s_ps + hj.to(tl.int64) * s_pq + offs_m[:, None] * s_pm + offs_n[None, :] * s_pn, acc, mask=keep
+    )
     if do_db:
         tl.store(DB + split64 * s_ds + h * s_dh + offs_m * s_dl, row_sum, mask=m_ok)
 
@@ -204,11 +402,12 @@ def _dw_reduce_kernel(P, OUT, S, L, s_ps, s_pq, s_pm, s_pn, s_oq, s_om, s_on, BL
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     if pn <= pm:
         p_s = P + q * s_pq + (offs_m[:, None] * s_pm + offs_n[None, :] * s_pn)
-        for s in range(0, S):
+        for _s in range(0, S):
             acc += tl.load(p_s, mask=lower, other=0.0)
             p_s += s_ps
-    tl.store(OUT + q * s_oq + (offs_m[:, None] * s_om + offs_n[None, :] * s_on), acc.to(OUT.dtype.element_ty),
-             mask=inside)
+    tl.store(
+        OUT + q * s_oq + (offs_m[:, None] * s_om + offs_n[None, :] * s_on), acc.to(OUT.dtype.element_ty), mask=inside
+    )
 
 
 def _cfg(bm, bn, br, warps, stages):
@@ -218,18 +417,38 @@ def _cfg(bm, bn, br, warps, stages):
 _TRI_KEY = ["L", "F", "KT", "UPPER"]
 # bf16 candidates; the first is also the untuned default. ``python -m memtrain.kernels.aot_check`` (sm_90):
 # 128x128 and 64x128 compile without register spills, 128x256 spills ~100 bytes, 64x256 with 4 warps ~300.
-TRI_16 = Kernel(_tri_mm_kernel, [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)],
-                _TRI_KEY, _cfg(32, 64, 32, 4, 1))
-TRI_32 = Kernel(_tri_mm_kernel, [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 4, 3)],
-                _TRI_KEY, _cfg(32, 64, 32, 4, 1))
+TRI_16 = Kernel(
+    _tri_mm_kernel,
+    [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)],
+    _TRI_KEY,
+    _cfg(32, 64, 32, 4, 1),
+)
+TRI_32 = Kernel(
+    _tri_mm_kernel,
+    [_cfg(64, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 4, 3)],
+    _TRI_KEY,
+    _cfg(32, 64, 32, 4, 1),
+)
 _DW_KEY = ["L", "F", "KT"]
-DW_16 = Kernel(_mix_dw_kernel, [{"BLOCK_M": 128, "BLOCK_F": 64, "num_warps": 8, "num_stages": 3},
-                                {"BLOCK_M": 64, "BLOCK_F": 64, "num_warps": 4, "num_stages": 4},
-                                {"BLOCK_M": 128, "BLOCK_F": 32, "num_warps": 8, "num_stages": 4}],
-               _DW_KEY, {"BLOCK_M": 32, "BLOCK_F": 32})
-DW_32 = Kernel(_mix_dw_kernel, [{"BLOCK_M": 64, "BLOCK_F": 32, "num_warps": 4, "num_stages": 3},
-                                {"BLOCK_M": 32, "BLOCK_F": 64, "num_warps": 4, "num_stages": 3}],
-               _DW_KEY, {"BLOCK_M": 32, "BLOCK_F": 32})
+DW_16 = Kernel(
+    _mix_dw_kernel,
+    [
+        {"BLOCK_M": 128, "BLOCK_F": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_F": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_F": 32, "num_warps": 8, "num_stages": 4},
+    ],
+    _DW_KEY,
+    {"BLOCK_M": 32, "BLOCK_F": 32},
+)
+DW_32 = Kernel(
+    _mix_dw_kernel,
+    [
+        {"BLOCK_M": 64, "BLOCK_F": 32, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 32, "BLOCK_F": 64, "num_warps": 4, "num_stages": 3},
+    ],
+    _DW_KEY,
+    {"BLOCK_M": 32, "BLOCK_F": 32},
+)
 REDUCE = Kernel(_dw_reduce_kernel, [{"BLOCK": 64, "num_warps": 4}], ["L"], {"BLOCK": 16})
 
 
@@ -245,7 +464,7 @@ def _alloc(shape, dtype, device, poison: bool) -> torch.Tensor:
 _OVERHANG = 512
 
 
-def check_slice_offsets(what: str, t: Optional[torch.Tensor], dims: tuple[int, ...]) -> None:
+def check_slice_offsets(what: str, t: torch.Tensor | None, dims: tuple[int, ...]) -> None:
     """The kernels add the batch / head / split / tap offsets to their base pointers in 64 bits, and index
     inside one such slice (dimensions ``dims`` of ``t``) with int32 offsets (int64 offset tiles cost registers
     and spill in the large configs). ValueError when a slice of ``t`` spans 2^31 elements or more, where those would wrap."""
@@ -253,13 +472,16 @@ def check_slice_offsets(what: str, t: Optional[torch.Tensor], dims: tuple[int, .
         return
     extent = sum((t.shape[d] + _OVERHANG) * abs(t.stride(d)) for d in dims)
     if extent >= 2**31:
-        raise ValueError(f"{what} {tuple(t.shape)} with strides {t.stride()}: one slice over dimensions {dims} "
-                         f"spans {extent} elements, past the mixing kernels' 32-bit in-slice offsets (2^31); "
-                         "use kernels: torch for this shape")
+        raise ValueError(
+            f"{what} {tuple(t.shape)} with strides {t.stride()}: one slice over dimensions {dims} "
+            f"spans {extent} elements, past the mixing kernels' 32-bit in-slice offsets (2^31); "
+            "use kernels: torch for this shape"
+        )
 
 
-def plan_tri(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor],
-             res: Optional[torch.Tensor], upper: bool) -> Launch:
+def plan_tri(
+    a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, res: torch.Tensor | None, upper: bool
+) -> Launch:
     """y = tri(a) x (+ bias + res); a = wk [H, KT, L, L]; upper: use a's transpose and the reverse tap shift.
 
     Any BLOCK_M / BLOCK_R pair is exact (each reduction block is masked to its range), so the configs need no
@@ -277,16 +499,46 @@ def plan_tri(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: Optional[t
     def grid(meta):
         return (triton.cdiv(F, meta["BLOCK_N"]), B * H, triton.cdiv(L, meta["BLOCK_M"]))
 
-    args = (a, x, bias if bias is not None else a, res if res is not None else y, y, L, F, H,
-            a.stride(0), a.stride(1), s_am, s_ar, *x.stride(), *s_b, *s_r, *y.stride())
-    flags = dict(KT=KT, PAD=(KT - 1) // 2, SHIFT=-1 if upper else 1, UPPER=upper, HAS_BIAS=bias is not None,
-                 HAS_RES=res is not None, UPCAST=upcast_dots(), DOT_PREC=dot_precision(a.dtype))
+    args = (
+        a,
+        x,
+        bias if bias is not None else a,
+        res if res is not None else y,
+        y,
+        L,
+        F,
+        H,
+        a.stride(0),
+        a.stride(1),
+        s_am,
+        s_ar,
+        *x.stride(),
+        *s_b,
+        *s_r,
+        *y.stride(),
+    )
+    flags = dict(
+        KT=KT,
+        PAD=(KT - 1) // 2,
+        SHIFT=-1 if upper else 1,
+        UPPER=upper,
+        HAS_BIAS=bias is not None,
+        HAS_RES=res is not None,
+        UPCAST=upcast_dots(),
+        DOT_PREC=dot_precision(a.dtype),
+    )
     return Launch(TRI_32 if a.dtype == torch.float32 else TRI_16, grid, args, flags)
 
 
-def mix_forward(x: torch.Tensor, wk: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None,
-                config: Optional[dict] = None) -> torch.Tensor:
+def mix_forward(
+    x: torch.Tensor,
+    wk: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Causal mixing forward (no autograd).
 
     x [B, L, H, F] (any strides), wk [H, k, L, L] (same dtype as x), bias [H, L] or None, residual
@@ -308,8 +560,9 @@ def default_split(batch: int, n_lower_tiles: int, heads_taps: int, device: torch
     return max(1, min(batch, math.ceil(2 * sm_count(device) / programs)))
 
 
-def plan_dw(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, split: Optional[int], poison: bool
-            ) -> tuple[Launch, Launch, torch.Tensor, torch.Tensor]:
+def plan_dw(
+    dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, split: int | None, poison: bool
+) -> tuple[Launch, Launch, torch.Tensor, torch.Tensor]:
     """The dW + dbias partials and their reduction: (dW launch, reduce launch, dwk [H, KT, L, L] and the
     dbias partials [S, H, L] they write)."""
     B, L, H, F = x.shape
@@ -330,9 +583,26 @@ def plan_dw(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, split: Optional
         n = triton.cdiv(L, meta["BLOCK_M"])
         return (n * (n + 1) // 2, H * KT, S)
 
-    dw = Launch(dw_kernel, dw_grid, (dy, x, partial, db_partial, L, F, B, H, b_per_split, *dy.stride(), *x.stride(),
-                                     *partial.stride(), *db_partial.stride()),
-                dict(KT=KT, PAD=(KT - 1) // 2, UPCAST=upcast_dots(), DOT_PREC=dot_precision(x.dtype)))
+    dw = Launch(
+        dw_kernel,
+        dw_grid,
+        (
+            dy,
+            x,
+            partial,
+            db_partial,
+            L,
+            F,
+            B,
+            H,
+            b_per_split,
+            *dy.stride(),
+            *x.stride(),
+            *partial.stride(),
+            *db_partial.stride(),
+        ),
+        dict(KT=KT, PAD=(KT - 1) // 2, UPCAST=upcast_dots(), DOT_PREC=dot_precision(x.dtype)),
+    )
     dwk = _alloc((H, KT, L, L), wk.dtype, x.device, poison)
     flat = dwk.view(H * KT, L, L)
 
@@ -344,10 +614,17 @@ def plan_dw(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, split: Optional
     return dw, reduce, dwk, db_partial
 
 
-def mix_backward(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, *, split: Optional[int] = None,
-                 tri_config: Optional[dict] = None, dw_config: Optional[dict] = None,
-                 reduce_config: Optional[dict] = None, poison: bool = False,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mix_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    wk: torch.Tensor,
+    *,
+    split: int | None = None,
+    tri_config: dict | None = None,
+    dw_config: dict | None = None,
+    reduce_config: dict | None = None,
+    poison: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal mixing backward (no autograd): dy, x [B, L, H, F], wk [H, k, L, L] ->
     (dx [B, L, H, F] in x's dtype, dwk [H, k, L, L] in wk's dtype, lower triangle only, dbias [H, L] fp32).
 
@@ -367,9 +644,11 @@ def mix_backward(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, *, split: 
 # ---------------------------------------------------------------------------------------------------------
 # Operators (opaque to torch.compile) and autograd
 
+
 @torch.library.custom_op("memtrain::causal_mix_fwd", mutates_args=())
-def _mix_fwd_op(x: torch.Tensor, wk: torch.Tensor, bias: Optional[torch.Tensor],
-                residual: Optional[torch.Tensor]) -> torch.Tensor:
+def _mix_fwd_op(
+    x: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+) -> torch.Tensor:
     return mix_forward(x, wk, bias, residual)
 
 
@@ -380,15 +659,13 @@ def _(x, wk, bias, residual):
 
 
 @torch.library.custom_op("memtrain::causal_mix_bwd", mutates_args=())
-def _mix_bwd_op(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mix_bwd_op(dy: torch.Tensor, x: torch.Tensor, wk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return mix_backward(dy, x, wk)
 
 
 @_mix_bwd_op.register_fake
 def _(dy, x, wk):
-    return (x.new_empty(x.shape), wk.new_empty(wk.shape),
-            x.new_empty((wk.shape[0], wk.shape[2]), dtype=torch.float32))
+    return (x.new_empty(x.shape), wk.new_empty(wk.shape), x.new_empty((wk.shape[0], wk.shape[2]), dtype=torch.float32))
 
 
 class CausalMixFunction(torch.autograd.Function):
@@ -412,8 +689,9 @@ class CausalMixFunction(torch.autograd.Function):
         return dx, dwk.movedim(1, -1), db, dres
 
 
-def causal_mix_tm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def causal_mix_tm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal mixing with Triton, token-major: x [B, L, H, F], weight [H, L, L, k], bias [H, L] or None,
     residual [B, L, H, F] or None -> [B, L, H, F]. Differentiable in all four.
 
@@ -424,9 +702,10 @@ def causal_mix_tm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return CausalMixFunction.apply(x.to(cd), weight.to(cd), bias, residual)
 
 
-def causal_mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Triton version of :func:`memtrain.models.mixing.causal_mix` (same shapes), plus a fused residual.
+def causal_mix(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Triton version of :func:`memtrain.kernels.reference.causal_mix` (same shapes), plus a fused residual.
 
     One matrix: x [B, L, d], weight [L, L, k], bias [L], residual [B, L, d] -> [B, L, d].
     H heads: x [B, H, L, d_h], weight [H, L, L, k], bias [H, L], residual [B, H, L, d_h] -> [B, H, L, d_h].

@@ -10,6 +10,7 @@ CONFIG may be a YAML file or the name of a shipped config (``tiny``, ``paper/mem
 
 Every user error ends with one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after, preemption=getattr(args, "preemption", None))
     if summary.get("preempted"):
-        from memtrain.launch.preempt import PREEMPTED_EXIT_CODE
+        from memtrain.engine.preempt import PREEMPTED_EXIT_CODE
 
         return PREEMPTED_EXIT_CODE
     if summary.get("eval") and int(os.environ.get("RANK", "0")) == 0:  # one table, not one per torchrun rank
@@ -44,8 +45,10 @@ def _provenance_lines(checkpoints: list[str]) -> str:
     from memtrain.engine.checkpoint import read_meta, resolve_checkpoint
     from memtrain.version import describe_meta
 
-    return "\n".join(f"# {path}: trained by {describe_meta(read_meta(path))}"
-                     for path in dict.fromkeys(resolve_checkpoint(c) for c in checkpoints))
+    return "\n".join(
+        f"# {path}: trained by {describe_meta(read_meta(path))}"
+        for path in dict.fromkeys(resolve_checkpoint(c) for c in checkpoints)
+    )
 
 
 def _cmd_eval(args) -> int:
@@ -53,10 +56,18 @@ def _cmd_eval(args) -> int:
 
     objectives = [o for o in (args.objectives or "").split(",") if o] or None
     memories = [m for m in (args.memories or "").split(",") if m] or None
-    results = evaluate_checkpoints(args.checkpoints, shards=args.shards, split=args.split,
-                                   batches=args.batches, batch_size=args.batch_size,
-                                   objectives=objectives, greedy=args.greedy, device=args.device,
-                                   per_chunk=args.per_chunk, memories=memories)
+    results = evaluate_checkpoints(
+        args.checkpoints,
+        shards=args.shards,
+        split=args.split,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        objectives=objectives,
+        greedy=args.greedy,
+        device=args.device,
+        per_chunk=args.per_chunk,
+        memories=memories,
+    )
     print(results_table(results))
     print(_provenance_lines(args.checkpoints))
     if args.per_chunk:
@@ -97,12 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="run config: a YAML file, or a shipped config by name (memtrain configs list)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in run.out_dir (starts fresh if there is none)")
-    t.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="train at most N steps in this invocation, then checkpoint and exit (continue with --resume)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in run.out_dir (starts fresh if there is none)",
+    )
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train at most N steps in this invocation, then checkpoint and exit (continue with --resume)",
+    )
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate checkpoints and print a metric table")
@@ -111,14 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val", choices=["train", "val"])
     e.add_argument("--batches", type=int, default=16, help="number of batches (default 16)")
     e.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's)")
-    e.add_argument("--objectives", help="comma-separated: causal,copy,blank_copy,reconstruction (default: all that apply)")
-    e.add_argument("--greedy", action="store_true",
-                   help="exact match by free-running greedy regeneration also for causal/copy (slower)")
+    e.add_argument(
+        "--objectives", help="comma-separated: causal,copy,blank_copy,reconstruction (default: all that apply)"
+    )
+    e.add_argument(
+        "--greedy",
+        action="store_true",
+        help="exact match by free-running greedy regeneration also for causal/copy (slower)",
+    )
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--per-chunk", action="store_true",
-                   help="also report loss and accuracy per chunk position (chunk c of a memory model reads c memories)")
-    e.add_argument("--memories", help="comma-separated: normal,zero,shuffle: evaluate with the encoder's memories, "
-                                      "all-zero memories, or memories of other rows of the batch (default normal)")
+    e.add_argument(
+        "--per-chunk",
+        action="store_true",
+        help="also report loss and accuracy per chunk position (chunk c of a memory model reads c memories)",
+    )
+    e.add_argument(
+        "--memories",
+        help="comma-separated: normal,zero,shuffle: evaluate with the encoder's memories, "
+        "all-zero memories, or memories of other rows of the batch (default normal)",
+    )
     e.add_argument("--out", help="write report.json, report.md and plots into this directory")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.set_defaults(func=_cmd_eval)
@@ -155,9 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     from memtrain.convert.cli import register as register_convert
 
     register_convert(sub)
-    from memtrain.inference import register as register_inference  # encode, generate, export-decoder, capability
+    from memtrain.inference import register as register_inference  # encode, generate
 
     register_inference(sub)
+    from memtrain.convert.export_decoder import register as register_export
+
+    register_export(sub)
+    from memtrain.eval.capability import register as register_capability
+
+    register_capability(sub)
     return p
 
 
@@ -171,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     early = None
     if argv[:1] == ["train"]:  # before the parser's imports (torch): a preemption signal in start-up is remembered
-        from memtrain.launch.preempt import Preemption
+        from memtrain.engine.preempt import Preemption
 
         early = Preemption()
     parser = build_parser()

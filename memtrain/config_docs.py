@@ -11,6 +11,7 @@ added to the schema appears in the document without touching this module.
     python -m memtrain.config_docs --write docs/config.md   # regenerate it
     python -m memtrain.config_docs --check docs/config.md   # exit 1 when the file is out of date
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,13 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import annotated_types as at
-import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+import yaml
 from memtrain.config import Config
 
 #: where the generated document lives in the repository, and the command that regenerates it
@@ -265,7 +266,7 @@ class _Renderer:
             parts = [self.type_text(a) for a in args if a is not _NONE]
             text = _or(parts)
             if _NONE in args:
-                text += (", or null" if (" or " in text or "," in text) else " or null")
+                text += ", or null" if (" or " in text or "," in text) else " or null"
             return text
         if origin is Literal:
             return _or([f"`{_scalar(v)}`" for v in args])
@@ -289,7 +290,7 @@ class _Renderer:
         origin, args = typing.get_origin(ann), typing.get_args(ann)
         if cons and origin in (Union, types.UnionType) and _NONE in args:
             rest = [a for a in args if a is not _NONE]
-            inner = self.type_text(rest[0] if len(rest) == 1 else Union[tuple(rest)])  # type: ignore[misc]
+            inner = self.type_text(rest[0] if len(rest) == 1 else Union[tuple(rest)])  # type: ignore[misc]  # noqa: UP007 (built at run time)
             text = f"{inner}{self._join(cons, inner)}{cons}"
             return text + (", or null" if ("," in text or " or " in text) else " or null")
         text = self.type_text(ann)
@@ -297,7 +298,7 @@ class _Renderer:
 
     @staticmethod
     def _join(cons: str, text: str) -> str:
-        """", " between a type and a compound constraint ("int, 1 to 64"), else " " ("int ≥ 1")."""
+        """ ", " between a type and a compound constraint ("int, 1 to 64"), else " " ("int ≥ 1")."""
         return ", " if ("," in cons or " to " in cons or " or " in text or "," in text) else " "
 
     @staticmethod
@@ -326,8 +327,10 @@ class _Renderer:
     def rows(self, fields: list[tuple[str, FieldInfo]]) -> None:
         self.out += ["| field | type | default | description |", "|---|---|---|---|"]
         for name, info in fields:
-            self.out.append(f"| `{name}` | {_cell(self.field_type(info))} | {_cell(self.default_text(info))} | "
-                            f"{_cell(info.description or '')} |")
+            self.out.append(
+                f"| `{name}` | {_cell(self.field_type(info))} | {_cell(self.default_text(info))} | "
+                f"{_cell(info.description or '')} |"
+            )
         self.out.append("")
 
     def place_children(self, model: type[BaseModel], path: str) -> list[tuple[list[str], type[BaseModel]]]:
@@ -419,7 +422,7 @@ def render_markdown(root: type[BaseModel] = Config) -> str:
     return _Renderer(root).render()
 
 
-def check_file(path: str | Path, root: type[BaseModel] = Config) -> Optional[str]:
+def check_file(path: str | Path, root: type[BaseModel] = Config) -> str | None:
     """None when ``path`` holds exactly :func:`render_markdown`, else a one-line message saying how to fix it."""
     p = Path(path)
     try:
@@ -432,9 +435,11 @@ def check_file(path: str | Path, root: type[BaseModel] = Config) -> Optional[str
     return f"{p} {what}; regenerate it: {regenerate_command(path)}"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m memtrain.config_docs",
-                                 description="Render the run-config reference (docs/config.md) from the schema.")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m memtrain.config_docs",
+        description="Render the run-config reference (docs/config.md) from the schema.",
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--write", metavar="PATH", help="write the document to PATH")
     mode.add_argument("--check", metavar="PATH", help="exit 1 when PATH differs from the generated document")

@@ -3,6 +3,7 @@
 Anything a person can cause (a bad config, a missing file, mismatched shards or checkpoints) raises
 :class:`UserError`. The CLI prints its one-line message and exits with code 2; nothing else is printed.
 """
+
 from __future__ import annotations
 
 

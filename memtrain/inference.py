@@ -24,14 +24,16 @@ Memory files are safetensors: tensor ``memories`` [N, e] (float32, every documen
 ``decoder_chunk_len``, ``n_chunks``, ``memory_width``, ``checkpoint`` and ``docs`` (JSON: id, character spans of
 the chunks and, unless left out, the text).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -50,15 +52,17 @@ class DocumentMemories:
     doc_id: str
     memories: torch.Tensor
     spans: list[tuple[int, int]]
-    text: Optional[str] = None
+    text: str | None = None
 
-    def span_text(self, first: int = 0, last: Optional[int] = None) -> str:
+    def span_text(self, first: int = 0, last: int | None = None) -> str:
         """The text of chunks ``first .. last-1`` (needs the text)."""
         if self.text is None:
-            raise UserError(f"document {self.doc_id!r}: its text was not stored with the memories (encoded with "
-                            "--no-text), so the full-text comparison cannot run")
+            raise UserError(
+                f"document {self.doc_id!r}: its text was not stored with the memories (encoded with "
+                "--no-text), so the full-text comparison cannot run"
+            )
         spans = self.spans[first:last]
-        return self.text[spans[0][0]: spans[-1][1]] if spans else ""
+        return self.text[spans[0][0] : spans[-1][1]] if spans else ""
 
 
 @dataclass
@@ -81,13 +85,15 @@ class Generation:
 
 def read_run_checkpoint(path: str | Path):
     """(checkpoint directory, run config, meta) of a run, checkpoint or ``memtrain export-decoder`` directory."""
-    from memtrain.eval.report import read_checkpoint
+    from memtrain.engine.checkpoint import read_checkpoint
 
     p = Path(path)
     if (p / "memory" / "meta.json").is_file() and (p / "decoder" / "config.json").is_file():
         p = p / "memory"  # an export-decoder directory
     ck, cfg, meta = read_checkpoint(p)
     if meta.get(EXPORT_KEY):  # the LLM lives beside it, wherever the export was moved
+        if cfg.model.hf_decoder is None:
+            raise UserError(f"{ck}: an export whose config has no model.hf_decoder")
         cfg.model.hf_decoder.path = str((ck / meta[EXPORT_KEY]["decoder_dir"]).resolve())
     return ck, cfg, meta
 
@@ -99,13 +105,10 @@ def load_memory_model(ck: Path, cfg, meta: dict, device: torch.device, pretraine
     from safetensors.torch import load_file
 
     from memtrain.engine import checkpoint as ckpt
-    from memtrain.models import build_model
 
     vocab = int(meta["vocab_size"])
     if cfg.model.hf_decoder is None:
-        model = build_model(cfg.model, vocab)
-        ckpt.load_model_weights(model, ck)
-        return model.to(device).eval()
+        return ckpt.load_model(ck, device)[0]
     from memtrain.models.hf_memory import HFMemoryModel
 
     export = bool(meta.get(EXPORT_KEY))
@@ -116,13 +119,15 @@ def load_memory_model(ck: Path, cfg, meta: dict, device: torch.device, pretraine
     state = load_file(str(ck / "model.safetensors"))
     own = {k for k in model.state_dict() if not k.startswith("llm.")}
     if set(state) != own:
-        raise UserError(f"{ck / 'model.safetensors'}: not the encoder and projector of this export's config "
-                        f"(missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]})")
+        raise UserError(
+            f"{ck / 'model.safetensors'}: not the encoder and projector of this export's config "
+            f"(missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]})"
+        )
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
 
 
-def find_encoder_tokenizer(ck: Path, cfg, meta: dict, tokenizer: Optional[str | Path] = None):
+def find_encoder_tokenizer(ck: Path, cfg, meta: dict, tokenizer: str | Path | None = None):
     """The checkpoint's memtrain tokenizer: ``tokenizer`` if given, else ``tokenizer.model`` beside the
     checkpoint (exports) or in its training shards; checked against the checkpoint's tokenizer hash."""
     from memtrain.data.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -133,8 +138,10 @@ def find_encoder_tokenizer(ck: Path, cfg, meta: dict, tokenizer: Optional[str | 
         if tokenizer or cand.is_file():
             tok = Tokenizer.load(cand)
             if want and tok.sha256 != want:
-                raise UserError(f"{tok.path}: tokenizer sha256 {tok.sha256[:12]}… but {ck} was trained with "
-                                f"{want[:12]}…; pass the tokenizer it was trained with (--tokenizer)")
+                raise UserError(
+                    f"{tok.path}: tokenizer sha256 {tok.sha256[:12]}… but {ck} was trained with "
+                    f"{want[:12]}…; pass the tokenizer it was trained with (--tokenizer)"
+                )
             return tok
     raise UserError(f"{ck}: no tokenizer.model beside it or in its shards ({cfg.data.shards}); pass --tokenizer PATH")
 
@@ -143,8 +150,9 @@ def find_encoder_tokenizer(ck: Path, cfg, meta: dict, tokenizer: Optional[str | 
 # Decoding
 
 
-def pick_token(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
-               generator: Optional[torch.Generator]) -> int:
+def pick_token(
+    logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
     """The next token from logits [V]: argmax when ``greedy``; else a sample from softmax(logits / temperature)
     restricted to the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus)."""
     if greedy:
@@ -178,8 +186,15 @@ class MemoryReader:
     """A trained memory model with its tokenizers, for encoding documents into memories and continuing text
     from memories plus a prompt. Build it with :meth:`from_checkpoint`."""
 
-    def __init__(self, model, cfg, tokenizer, decoder_tokenizer=None, device: str | torch.device = "cpu",
-                 checkpoint: Optional[Path] = None):
+    def __init__(
+        self,
+        model,
+        cfg,
+        tokenizer,
+        decoder_tokenizer: Any = None,
+        device: str | torch.device = "cpu",
+        checkpoint: Path | None = None,
+    ):
         self.model, self.cfg, self.tokenizer, self.decoder_tokenizer = model, cfg, tokenizer, decoder_tokenizer
         self.device = torch.device(device)
         self.checkpoint = checkpoint
@@ -187,12 +202,14 @@ class MemoryReader:
         if self.is_hf and decoder_tokenizer is None:
             raise ValueError("an HF-decoder memory model needs its decoder tokenizer")
         if getattr(model, "encoder", None) is None:
-            raise UserError(f"{checkpoint}: this memory model has no encoder (model.no_memory), so it reads no "
-                            "memories")
+            raise UserError(
+                f"{checkpoint}: this memory model has no encoder (model.no_memory), so it reads no memories"
+            )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        tokenizer: Optional[str | Path] = None) -> "MemoryReader":
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", tokenizer: str | Path | None = None
+    ) -> MemoryReader:
         """Load a run directory (its newest checkpoint), a checkpoint, or a ``memtrain export-decoder``
         directory; ``tokenizer``: the encoder's ``tokenizer.model`` when it is not beside the checkpoint or in
         its shards. Raises :class:`UserError` for anything that is not a memory model with an encoder."""
@@ -226,13 +243,14 @@ class MemoryReader:
         out, start = [], 0
         for i in range(0, len(ids), L):
             end = ends[min(i + L, len(ids)) - 1]
-            out.append((start, end, ids[i: i + L]))
+            out.append((start, end, ids[i : i + L]))
             start = end
         return out
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], ids: Optional[Sequence[str]] = None, keep_text: bool = True,
-               batch_size: int = 64) -> list[DocumentMemories]:
+    def encode(
+        self, texts: Sequence[str], ids: Sequence[str] | None = None, keep_text: bool = True, batch_size: int = 64
+    ) -> list[DocumentMemories]:
         """Memories of each document: chunks (see :meth:`chunks`) -> encoder -> [n_chunks, e] float32."""
         ids = list(ids) if ids is not None else [str(i) for i in range(len(texts))]
         if len(ids) != len(texts):
@@ -244,11 +262,14 @@ class MemoryReader:
             rows = torch.full((len(chunks), L), pad, dtype=torch.long)
             for i, (_, _, enc) in enumerate(chunks):
                 rows[i, : len(enc)] = torch.tensor(enc, dtype=torch.long)
-            parts = [self.model._run_encoder(rows[i: i + batch_size].to(self.device)).float().cpu()
-                     for i in range(0, len(chunks), batch_size)]
+            parts = [
+                self.model._run_encoder(rows[i : i + batch_size].to(self.device)).float().cpu()
+                for i in range(0, len(chunks), batch_size)
+            ]
             memories = torch.cat(parts) if parts else torch.zeros(0, self.cfg.model.encoder.d_model)
-            out.append(DocumentMemories(str(doc_id), memories, [(s, e) for s, e, _ in chunks],
-                                        text if keep_text else None))
+            out.append(
+                DocumentMemories(str(doc_id), memories, [(s, e) for s, e, _ in chunks], text if keep_text else None)
+            )
         return out
 
     def encoder_sha256(self) -> str:
@@ -258,10 +279,16 @@ class MemoryReader:
     def memory_metadata(self) -> dict[str, str]:
         """What a memory file records about the model that made it."""
         m = self.cfg.model
-        meta = {"format": MEMORY_FORMAT, "encoder_sha256": self.encoder_sha256(),
-                "tokenizer_sha256": self.tokenizer.sha256, "chunk_len": str(m.chunk_len),
-                "decoder_chunk_len": str(m.decoder_chunk_len), "n_chunks": str(m.n_chunks),
-                "memory_width": str(m.encoder.d_model), "checkpoint": str(self.checkpoint or "")}
+        meta = {
+            "format": MEMORY_FORMAT,
+            "encoder_sha256": self.encoder_sha256(),
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "chunk_len": str(m.chunk_len),
+            "decoder_chunk_len": str(m.decoder_chunk_len),
+            "n_chunks": str(m.n_chunks),
+            "memory_width": str(m.encoder.d_model),
+            "checkpoint": str(self.checkpoint or ""),
+        }
         if self.is_hf:
             from memtrain.data.dual import decoder_tokenizer_sha256
 
@@ -273,13 +300,17 @@ class MemoryReader:
         (the projector / decoder slots are built for this encoder's), or another encoder altogether."""
         width = int(meta.get("memory_width", -1))
         if width != self.cfg.model.encoder.d_model:
-            raise UserError(f"{where}: memories of width {width}, but this model's projector was built for width "
-                            f"{self.cfg.model.encoder.d_model} (model.encoder.d_model); encode the documents with "
-                            f"{self.checkpoint}")
+            raise UserError(
+                f"{where}: memories of width {width}, but this model's projector was built for width "
+                f"{self.cfg.model.encoder.d_model} (model.encoder.d_model); encode the documents with "
+                f"{self.checkpoint}"
+            )
         if meta.get("encoder_sha256") != self.encoder_sha256():
-            raise UserError(f"{where}: made by encoder {str(meta.get('encoder_sha256'))[:12]}…, but "
-                            f"{self.checkpoint}'s encoder is {self.encoder_sha256()[:12]}…; encode the documents "
-                            "with this checkpoint")
+            raise UserError(
+                f"{where}: made by encoder {str(meta.get('encoder_sha256'))[:12]}…, but "
+                f"{self.checkpoint}'s encoder is {self.encoder_sha256()[:12]}…; encode the documents "
+                "with this checkpoint"
+            )
 
     # -- generation ---------------------------------------------------------------------------------------
     def _memories_of(self, memories) -> torch.Tensor:
@@ -289,9 +320,11 @@ class MemoryReader:
         if m.shape[1] != self.cfg.model.encoder.d_model:
             from memtrain.models.hf_memory import MemoryWidthError
 
-            raise MemoryWidthError(f"memories of width {m.shape[1]}, but this model's projector was built for width "
-                                   f"{self.cfg.model.encoder.d_model} (model.encoder.d_model)")
-        return m[-(self.cfg.model.n_chunks - 1):] if m.shape[0] else m  # the chunks nearest the prompt
+            raise MemoryWidthError(
+                f"memories of width {m.shape[1]}, but this model's projector was built for width "
+                f"{self.cfg.model.encoder.d_model} (model.encoder.d_model)"
+            )
+        return m[-(self.cfg.model.n_chunks - 1) :] if m.shape[0] else m  # the chunks nearest the prompt
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The decoder's token ids of ``prompt`` (no special tokens)."""
@@ -308,9 +341,18 @@ class MemoryReader:
         return self.decoder_tokenizer.eos_token_id if self.is_hf else self.tokenizer.eos_id
 
     @torch.no_grad()
-    def generate(self, memories, prompt: str, max_new_tokens: int = 32, greedy: bool = True,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-                 stop_at_eos: bool = True) -> Generation:
+    def generate(
+        self,
+        memories,
+        prompt: str,
+        max_new_tokens: int = 32,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        use_cache: bool = True,
+        stop_at_eos: bool = True,
+    ) -> Generation:
         """Continue ``prompt`` after the memories of a document (:class:`DocumentMemories` or [n, e]).
 
         Greedy by default; ``greedy=False`` samples with ``temperature`` and nucleus ``top_p`` from a generator
@@ -320,7 +362,9 @@ class MemoryReader:
         _check_sampling(greedy, temperature, top_p)
         m = self._memories_of(memories).to(self.device)
         ids = self.prompt_ids(prompt)
-        sampler = dict(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+        sampler: dict[str, Any] = dict(
+            greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos
+        )
         if self.is_hf:
             prefix = self.model.prefix_embeddings(m[None] if m.shape[0] else None)
             out = self._hf_decode(prefix, ids, max_new_tokens, use_cache, **sampler)
@@ -330,27 +374,62 @@ class MemoryReader:
         return out
 
     @torch.no_grad()
-    def generate_from_text(self, context: str, prompt: str, max_new_tokens: int = 32, greedy: bool = True,
-                           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-                           stop_at_eos: bool = True) -> Generation:
+    def generate_from_text(
+        self,
+        context: str,
+        prompt: str,
+        max_new_tokens: int = 32,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        use_cache: bool = True,
+        stop_at_eos: bool = True,
+    ) -> Generation:
         """The baseline of an HF decoder: ``[BOS, context as tokens, prompt]`` through the same decoding loop."""
         if not self.is_hf:
-            raise UserError("feeding the full text needs an HF decoder; memtrain's own decoders read at most "
-                            f"{self.cfg.model.chunk_len} tokens per chunk")
+            raise UserError(
+                "feeding the full text needs an HF decoder; memtrain's own decoders read at most "
+                f"{self.cfg.model.chunk_len} tokens per chunk"
+            )
         _check_sampling(greedy, temperature, top_p)
         prefix = self.model.prefix_embeddings(None)
         ids = self.decoder_tokenizer.encode(context, add_special_tokens=False) + self.prompt_ids(prompt)
-        return self._hf_decode(prefix, ids, max_new_tokens, use_cache, greedy=greedy, temperature=temperature,
-                               top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+        return self._hf_decode(
+            prefix,
+            ids,
+            max_new_tokens,
+            use_cache,
+            greedy=greedy,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_at_eos=stop_at_eos,
+        )
 
-    def _hf_decode(self, prefix: torch.Tensor, ids: list[int], max_new_tokens: int, use_cache: bool, *,
-                   greedy: bool, temperature: float, top_p: float, seed: int, stop_at_eos: bool) -> Generation:
+    def _hf_decode(
+        self,
+        prefix: torch.Tensor,
+        ids: list[int],
+        max_new_tokens: int,
+        use_cache: bool,
+        *,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stop_at_eos: bool,
+    ) -> Generation:
         """prefix [1, P, d] + prompt ids -> continuation, with the LLM's KV cache or by recomputation."""
         model, backbone = self.model, self.model.backbone()
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.cat([prefix.to(self.device), model.token_embeddings(torch.tensor([ids], device=self.device,
-                                                                                  dtype=torch.long))
-                       .to(prefix.dtype)], dim=1)
+        x = torch.cat(
+            [
+                prefix.to(self.device),
+                model.token_embeddings(torch.tensor([ids], device=self.device, dtype=torch.long)).to(prefix.dtype),
+            ],
+            dim=1,
+        )
         if x.shape[1] == 0:
             raise UserError("nothing to continue from: no memories, no BOS token and an empty prompt")
         n_in, new = x.shape[1], []
@@ -362,8 +441,13 @@ class MemoryReader:
             if use_cache:
                 start = n - step_in.shape[1]
                 mask = torch.ones(1, n, dtype=torch.long, device=self.device)
-                out = backbone(inputs_embeds=step_in, attention_mask=mask, past_key_values=past, use_cache=True,
-                               position_ids=torch.arange(start, n, device=self.device)[None])
+                out = backbone(
+                    inputs_embeds=step_in,
+                    attention_mask=mask,
+                    past_key_values=past,
+                    use_cache=True,
+                    position_ids=torch.arange(start, n, device=self.device)[None],
+                )
                 past = out.past_key_values
             else:
                 out = backbone(inputs_embeds=x, position_ids=torch.arange(n, device=self.device)[None], use_cache=False)
@@ -377,8 +461,18 @@ class MemoryReader:
         seconds = time.perf_counter() - t0
         return Generation(self._decode(new), new, n_in, seconds, "kv" if use_cache else "recompute")
 
-    def _memtrain_decode(self, memories: torch.Tensor, ids: list[int], max_new_tokens: int, *, greedy: bool,
-                         temperature: float, top_p: float, seed: int, stop_at_eos: bool) -> Generation:
+    def _memtrain_decode(
+        self,
+        memories: torch.Tensor,
+        ids: list[int],
+        max_new_tokens: int,
+        *,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stop_at_eos: bool,
+    ) -> Generation:
         """Recompute the memory decoder for every token: the prompt and continuation sit in chunk k (k = the
         number of memories), which reads memories 0..k-1; at most L tokens fit in a chunk."""
         C, L = self.cfg.model.n_chunks, self.cfg.model.chunk_len
@@ -393,7 +487,7 @@ class MemoryReader:
         t0 = time.perf_counter()
         new: list[int] = []
         while len(new) < max_new_tokens and len(tokens) < L:
-            row[0, k * L: k * L + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            row[0, k * L : k * L + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
             hidden = self.model(row, memories=slots)[0, k * L + len(tokens)]
             token = pick_token(self.model.logits(hidden).float().cpu(), greedy, temperature, top_p, gen)
             if stop_at_eos and token == self._eos():
@@ -404,10 +498,12 @@ class MemoryReader:
         details = {"chunk_full": len(tokens) >= L and len(new) < max_new_tokens}
         return Generation(self._decode(new), new, (C - 1) + len(ids), seconds, "recompute", details=details)
 
-    def compare(self, doc: DocumentMemories, prompt: str, max_new_tokens: int = 32, repeats: int = 3,
-                **sampling) -> dict:
+    def compare(
+        self, doc: DocumentMemories, prompt: str, max_new_tokens: int = 32, repeats: int = 3, **sampling
+    ) -> dict:
         """Generate from the memories and from the full text they stand for (HF decoders), each ``repeats``
         times after one warm-up run, in this process; returns the report (best time of each)."""
+
         def best(fn):
             fn()
             runs = [fn() for _ in range(max(1, repeats))]
@@ -416,21 +512,36 @@ class MemoryReader:
         mem = best(lambda: self.generate(doc, prompt, max_new_tokens, **sampling))
         n_used = mem.memories_used
         first = len(doc.spans) - n_used
-        report = {"doc": doc.doc_id, "chunks": len(doc.spans), "memories_used": n_used,
-                  "chunks_used": [first, len(doc.spans) - 1] if n_used else [], "continuation": mem.text,
-                  "new_tokens": len(mem.token_ids), "cache": mem.cache, "positions_with_memories": mem.input_positions,
-                  "seconds_with_memories": mem.seconds, "prompt_tokens": len(self.prompt_ids(prompt))}
+        report = {
+            "doc": doc.doc_id,
+            "chunks": len(doc.spans),
+            "memories_used": n_used,
+            "chunks_used": [first, len(doc.spans) - 1] if n_used else [],
+            "continuation": mem.text,
+            "new_tokens": len(mem.token_ids),
+            "cache": mem.cache,
+            "positions_with_memories": mem.input_positions,
+            "seconds_with_memories": mem.seconds,
+            "prompt_tokens": len(self.prompt_ids(prompt)),
+        }
         if not self.is_hf:
             report["full_text"] = "n/a: memtrain's own decoders read at most model.chunk_len tokens"
             return report
         context = doc.span_text(first) if n_used else ""
         full = best(lambda: self.generate_from_text(context, prompt, max_new_tokens, **sampling))
         text_tokens = len(self.decoder_tokenizer.encode(context, add_special_tokens=False))
-        report.update({"text_tokens_replaced": text_tokens, "positions_with_full_text": full.input_positions,
-                       "prompt_tokens_saved": full.input_positions - mem.input_positions,
-                       "seconds_with_full_text": full.seconds, "seconds_saved": full.seconds - mem.seconds,
-                       "speedup": full.seconds / mem.seconds if mem.seconds > 0 else float("nan"),
-                       "full_text_continuation": full.text, "same_continuation": full.token_ids == mem.token_ids})
+        report.update(
+            {
+                "text_tokens_replaced": text_tokens,
+                "positions_with_full_text": full.input_positions,
+                "prompt_tokens_saved": full.input_positions - mem.input_positions,
+                "seconds_with_full_text": full.seconds,
+                "seconds_saved": full.seconds - mem.seconds,
+                "speedup": full.seconds / mem.seconds if mem.seconds > 0 else float("nan"),
+                "full_text_continuation": full.text,
+                "same_continuation": full.token_ids == mem.token_ids,
+            }
+        )
         return report
 
 
@@ -447,10 +558,14 @@ def save_memories(path: str | Path, docs: Sequence[DocumentMemories], meta: dict
     p.parent.mkdir(parents=True, exist_ok=True)
     counts = [d.memories.shape[0] for d in docs]
     width = int(meta["memory_width"])
-    tensors = {"memories": torch.cat([d.memories.float() for d in docs]) if docs else torch.zeros(0, width),
-               "offsets": torch.tensor([0] + counts, dtype=torch.long).cumsum(0)}
-    docs_meta = [{"id": d.doc_id, "spans": [list(s) for s in d.spans],
-                  **({"text": d.text} if d.text is not None else {})} for d in docs]
+    tensors = {
+        "memories": torch.cat([d.memories.float() for d in docs]) if docs else torch.zeros(0, width),
+        "offsets": torch.tensor([0] + counts, dtype=torch.long).cumsum(0),
+    }
+    docs_meta = [
+        {"id": d.doc_id, "spans": [list(s) for s in d.spans], **({"text": d.text} if d.text is not None else {})}
+        for d in docs
+    ]
     tmp = p.with_name(f".{p.name}.tmp")
     save_file(tensors, str(tmp), metadata={**meta, "docs": json.dumps(docs_meta)})
     tmp.replace(p)
@@ -468,29 +583,36 @@ def load_memories(path: str | Path) -> tuple[list[DocumentMemories], dict[str, s
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
             if meta.get("format") != MEMORY_FORMAT:
-                raise UserError(f"{p}: not a memtrain memory file (format {meta.get('format')!r}); make one with "
-                                "`memtrain encode`")
+                raise UserError(
+                    f"{p}: not a memtrain memory file (format {meta.get('format')!r}); make one with `memtrain encode`"
+                )
             memories, offsets = f.get_tensor("memories"), f.get_tensor("offsets")
     except SafetensorError as exc:
         raise UserError(f"{p}: not a readable safetensors file ({exc})") from None
     entries = json.loads(meta.pop("docs", "[]"))
-    docs = [DocumentMemories(e["id"], memories[offsets[i]: offsets[i + 1]], [tuple(s) for s in e["spans"]],
-                             e.get("text")) for i, e in enumerate(entries)]
+    docs = [
+        DocumentMemories(e["id"], memories[offsets[i] : offsets[i + 1]], [tuple(s) for s in e["spans"]], e.get("text"))
+        for i, e in enumerate(entries)
+    ]
     return docs, meta
 
 
-def find_document(docs: Sequence[DocumentMemories], doc_id: Optional[str], where: str) -> DocumentMemories:
+def find_document(docs: Sequence[DocumentMemories], doc_id: str | None, where: str) -> DocumentMemories:
     """The document ``doc_id`` (or the only one when None)."""
     if doc_id is None:
         if len(docs) == 1:
             return docs[0]
-        raise UserError(f"{where}: holds {len(docs)} documents; choose one with --doc "
-                        f"({', '.join(d.doc_id for d in docs[:5])}{', …' if len(docs) > 5 else ''})")
+        raise UserError(
+            f"{where}: holds {len(docs)} documents; choose one with --doc "
+            f"({', '.join(d.doc_id for d in docs[:5])}{', …' if len(docs) > 5 else ''})"
+        )
     for d in docs:
         if d.doc_id == doc_id:
             return d
-    raise UserError(f"{where}: no document {doc_id!r} (it holds {', '.join(d.doc_id for d in docs[:5])}"
-                    f"{', …' if len(docs) > 5 else ''})")
+    raise UserError(
+        f"{where}: no document {doc_id!r} (it holds {', '.join(d.doc_id for d in docs[:5])}"
+        f"{', …' if len(docs) > 5 else ''})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,7 +620,7 @@ def find_document(docs: Sequence[DocumentMemories], doc_id: Optional[str], where
 
 
 def _cmd_encode(args) -> int:
-    from memtrain.data.ingest import iter_documents
+    from memtrain.data.documents import iter_documents
 
     reader = MemoryReader.from_checkpoint(args.checkpoint, args.device, args.tokenizer)
     docs_in = list(iter_documents(args.input))
@@ -509,8 +631,10 @@ def _cmd_encode(args) -> int:
     seconds = time.perf_counter() - t0
     path = save_memories(args.out, docs, reader.memory_metadata())
     n = sum(d.memories.shape[0] for d in docs)
-    print(f"{path}: {len(docs)} document(s), {n} memories of width {reader.cfg.model.encoder.d_model} "
-          f"({reader.cfg.model.chunk_len}-token chunks) in {seconds:.2f} s")
+    print(
+        f"{path}: {len(docs)} document(s), {n} memories of width {reader.cfg.model.encoder.d_model} "
+        f"({reader.cfg.model.chunk_len}-token chunks) in {seconds:.2f} s"
+    )
     return 0
 
 
@@ -523,46 +647,50 @@ def _cmd_generate(args) -> int:
     doc = find_document(docs, args.doc, str(args.memories))
     if args.greedy and args.temperature is not None:
         raise UserError("--greedy and --temperature: choose greedy decoding or sampling, not both")
-    sampling = {"greedy": args.temperature is None, "temperature": args.temperature or 1.0, "top_p": args.top_p,
-                "seed": args.seed, "use_cache": not args.no_cache}
+    sampling = {
+        "greedy": args.temperature is None,
+        "temperature": args.temperature or 1.0,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "use_cache": not args.no_cache,
+    }
     report = reader.compare(doc, args.prompt, args.max_new_tokens, repeats=args.repeats, **sampling)
     print(f"continuation: {report['continuation']!r}")
     used = report["memories_used"]
     where = f"chunks {report['chunks_used'][0]}-{report['chunks_used'][1]} of {report['chunks']}" if used else "none"
-    mode = "greedy" if sampling["greedy"] else \
-        f"sampled (T={sampling['temperature']}, top-p {args.top_p}, seed {args.seed})"
+    mode = (
+        "greedy"
+        if sampling["greedy"]
+        else f"sampled (T={sampling['temperature']}, top-p {args.top_p}, seed {args.seed})"
+    )
     if "text_tokens_replaced" in report:
-        print(f"memories: {used} ({where}) stand for {report['text_tokens_replaced']} text tokens: the decoder read "
-              f"{report['positions_with_memories']} positions instead of {report['positions_with_full_text']} "
-              f"({report['prompt_tokens_saved']} prompt tokens replaced by memories)")
-        print(f"latency ({mode}, {report['new_tokens']} new tokens, {report['cache']} cache, best of {args.repeats}, "
-              f"{reader.device}): memories {report['seconds_with_memories'] * 1e3:.1f} ms, full text "
-              f"{report['seconds_with_full_text'] * 1e3:.1f} ms: {report['seconds_saved'] * 1e3:.1f} ms saved "
-              f"({report['speedup']:.2f}x); same continuation: {'yes' if report['same_continuation'] else 'no'}")
+        print(
+            f"memories: {used} ({where}) stand for {report['text_tokens_replaced']} text tokens: the decoder read "
+            f"{report['positions_with_memories']} positions instead of {report['positions_with_full_text']} "
+            f"({report['prompt_tokens_saved']} prompt tokens replaced by memories)"
+        )
+        print(
+            f"latency ({mode}, {report['new_tokens']} new tokens, {report['cache']} cache, best of {args.repeats}, "
+            f"{reader.device}): memories {report['seconds_with_memories'] * 1e3:.1f} ms, full text "
+            f"{report['seconds_with_full_text'] * 1e3:.1f} ms: {report['seconds_saved'] * 1e3:.1f} ms saved "
+            f"({report['speedup']:.2f}x); same continuation: {'yes' if report['same_continuation'] else 'no'}"
+        )
     else:
-        print(f"memories: {used} ({where}); the decoder read {report['positions_with_memories']} positions "
-              f"(memory slots + prompt)")
-        print(f"latency ({mode}, {report['new_tokens']} new tokens, recomputed per token, best of {args.repeats}): "
-              f"{report['seconds_with_memories'] * 1e3:.1f} ms; full text: {report['full_text']}")
+        print(
+            f"memories: {used} ({where}); the decoder read {report['positions_with_memories']} positions "
+            f"(memory slots + prompt)"
+        )
+        print(
+            f"latency ({mode}, {report['new_tokens']} new tokens, recomputed per token, best of {args.repeats}): "
+            f"{report['seconds_with_memories'] * 1e3:.1f} ms; full text: {report['full_text']}"
+        )
     if args.json:
         write_json(args.json, report)
     return 0
 
 
-def _cmd_export(args) -> int:
-    from memtrain.models.hf_export import export_decoder
-
-    out = export_decoder(args.run, args.out, overwrite=args.overwrite)
-    print(f"{out['decoder']}: the trained LLM as a plain Hugging Face model ({out['llm_class']}, "
-          f"{out['llm_params'] / 1e6:.2f}M params{', LoRA merged' if out['lora_merged'] else ''}; "
-          "AutoModelForCausalLM.from_pretrained loads it)")
-    print(f"{out['memory']}: encoder + projector ({out['memory_params'] / 1e6:.2f}M params) as a memtrain checkpoint "
-          f"(memtrain encode / generate read {out['root']})")
-    return 0
-
-
 def register(subparsers) -> None:
-    """Add ``encode``, ``generate``, ``export-decoder`` and ``capability`` to the ``memtrain`` subcommands."""
+    """Add ``encode`` and ``generate`` to the ``memtrain`` subcommands."""
     e = subparsers.add_parser("encode", help="turn documents into a memory file (safetensors + metadata)")
     e.add_argument("checkpoint", help="run, checkpoint or export-decoder directory of a memory model")
     e.add_argument("--input", nargs="+", required=True, metavar="SRC", help="jsonl / txt / parquet documents")
@@ -589,14 +717,3 @@ def register(subparsers) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     g.set_defaults(func=_cmd_generate)
-
-    x = subparsers.add_parser("export-decoder", help="write an HF-decoder run's LLM as a plain Hugging Face model "
-                                                     "(LoRA merged) plus its encoder + projector")
-    x.add_argument("run", help="run or checkpoint directory of a model.hf_decoder run")
-    x.add_argument("--out", required=True, metavar="DIR", help="creates DIR/decoder and DIR/memory")
-    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
-    x.set_defaults(func=_cmd_export)
-
-    from memtrain.eval.capability import register as register_capability
-
-    register_capability(subparsers)

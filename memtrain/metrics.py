@@ -13,21 +13,24 @@ Information ratios (docs/reference.md §5.2), for a CE ``H`` in nats over a voca
   (``E[exp(u)] = e - 1``; the next term is about ``-0.04 / V``). So ``H_u = ln V + ln(e-1) - 1/2 =
   ln V + 0.0413``: 9.028 for V = 8000 (ln 8000 = 8.987), the paper's "9.03".
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from memtrain.labels import IGNORE_INDEX
+
 #: ln(e - 1) - 1/2: excess CE of uniform-random U[0,1) logits over the uniform distribution's ln V
 UNIFORM_LOGIT_EXCESS = math.log(math.e - 1.0) - 0.5
 
 
 # ----------------------------------------------------------------------------------------------------
 # Token-level counts
+
 
 def token_counts(pred: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n_correct, n_tokens)`` as 0-dim int64 tensors (no host sync).
@@ -91,6 +94,7 @@ def exact_match_counts(pred: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 # ----------------------------------------------------------------------------------------------------
 # Scalars derived from a CE
 
+
 def information_ratio(ce: float, vocab_size: int) -> float:
     """``I_e = 1 - ce / ln V``: 0 for a model no better than uniform, 1 for a perfect one. ce in nats."""
     return 1.0 - ce / math.log(vocab_size)
@@ -147,7 +151,7 @@ class MetricAccumulator:
             row[_FIELDS.index(key)] = value
         self._sums[name] = self._sums[name] + row if name in self._sums else row
 
-    def update(self, name: str, logits_or_pred: Any, labels: Optional[torch.Tensor] = None) -> None:
+    def update(self, name: str, logits_or_pred: Any, labels: torch.Tensor | None = None) -> None:
         """Add one batch of objective ``name``.
 
         ``logits_or_pred``: float logits ``[B, T, V]``, integer predictions ``[B, T]`` (CE not updated), or an
@@ -168,10 +172,24 @@ class MetricAccumulator:
             exact, rows = exact_match_counts(x, labels)
         self._add(name, n_correct=correct, n_tokens=n, n_rows_exact=exact, n_rows=rows, **extra)
 
+    def ensure(self, names: Any, device: torch.device) -> None:
+        """Give every objective of ``names`` a (zero) row on ``device`` if it has none, so that ranks that saw
+        no batch of it (a pipeline stage without the loss) still take part in :meth:`all_reduce`."""
+        for name in names:
+            if name not in self._sums:
+                self._sums[name] = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
+
     def update_from_stats(self, name: str, stats: Any) -> None:
         """Add an ``ObjectiveStats`` (teacher-forced counts from the loss computation)."""
-        self._add(name, ce_sum=stats.ce_sum, ce_tokens=stats.n_tokens, n_correct=stats.n_correct,
-                  n_tokens=stats.n_tokens, n_rows_exact=stats.n_rows_exact, n_rows=stats.n_rows)
+        self._add(
+            name,
+            ce_sum=stats.ce_sum,
+            ce_tokens=stats.n_tokens,
+            n_correct=stats.n_correct,
+            n_tokens=stats.n_tokens,
+            n_rows_exact=stats.n_rows_exact,
+            n_rows=stats.n_rows,
+        )
 
     def all_reduce(self, group: Any = None) -> None:
         """Sum the pooled counts over the ranks of ``group`` (a no-op unless torch.distributed is initialised).
@@ -180,6 +198,7 @@ class MetricAccumulator:
         they live on (CUDA for NCCL).
         """
         import torch.distributed as dist
+
         if not (dist.is_available() and dist.is_initialized()):
             return
         for name in sorted(self._sums):
@@ -209,6 +228,7 @@ class MetricAccumulator:
 
 # ----------------------------------------------------------------------------------------------------
 # Free-running regeneration
+
 
 @torch.no_grad()
 def greedy_regenerate(model: Any, inputs: torch.Tensor, labels: torch.Tensor, feed_back: bool = True) -> torch.Tensor:

@@ -51,19 +51,22 @@ passing a tensor with a copy objective raises ``ValueError``. A mapping ``{objec
 each objective the memories of its own task inputs (``memtrain precompute`` stores them; see
 :mod:`memtrain.data.memories`); an active objective missing from it raises ``ValueError``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from memtrain.config import OBJECTIVES, ObjectiveConfig, StageConfig
 from memtrain.errors import UserError
-from memtrain.kernels import dispatch
+from memtrain.kernels import dispatch  # pyright: ignore[reportMissingImports]  (kernels/ installs as memtrain.kernels)
+from memtrain.kinds import KINDS
+from memtrain.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 COPY_TASKS = ("copy", "blank_copy")
 
 
@@ -77,6 +80,7 @@ class TaskShapeError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------------------------------
 # Special tokens
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -92,13 +96,14 @@ class SpecialTokens:
     filler_id: int
 
 
-def special_tokens(obj_cfg: ObjectiveConfig, tokenizer_specials: Mapping[str, Optional[int]]) -> SpecialTokens:
+def special_tokens(obj_cfg: ObjectiveConfig, tokenizer_specials: Mapping[str, int | None]) -> SpecialTokens:
     """Resolve the objective's special tokens from the config and the tokenizer.
 
     ``tokenizer_specials`` maps ``pad``, ``eos``, ``bos``, ``unk``, ``sep``, ``blank`` to token ids (or None).
     A null ``obj_cfg.delimiter_id`` falls back to the tokenizer's ``sep``, a null ``filler_id`` to ``blank``.
     Raises :class:`TaskShapeError` when a needed id is missing.
     """
+
     def need(key: str, why: str) -> int:
         value = tokenizer_specials.get(key)
         if value is None:
@@ -106,18 +111,24 @@ def special_tokens(obj_cfg: ObjectiveConfig, tokenizer_specials: Mapping[str, Op
         return int(value)
 
     pad = need("pad", "to mask padding out of the loss")
-    delim = obj_cfg.delimiter_id if obj_cfg.delimiter_id is not None else need(
-        "sep", "as the copy delimiter (or set objective.delimiter_id)")
-    filler = obj_cfg.filler_id if obj_cfg.filler_id is not None else need(
-        "blank", "as the blank-copy filler (or set objective.filler_id)")
-    return SpecialTokens(pad_id=pad, delimiter_id=int(delim), n_delimiters=obj_cfg.n_delimiters,
-                         filler_id=int(filler))
+    delim = (
+        obj_cfg.delimiter_id
+        if obj_cfg.delimiter_id is not None
+        else need("sep", "as the copy delimiter (or set objective.delimiter_id)")
+    )
+    filler = (
+        obj_cfg.filler_id
+        if obj_cfg.filler_id is not None
+        else need("blank", "as the blank-copy filler (or set objective.filler_id)")
+    )
+    return SpecialTokens(pad_id=pad, delimiter_id=int(delim), n_delimiters=obj_cfg.n_delimiters, filler_id=int(filler))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Task tensors
 
-def check_task(name: str, seq_len: int, special: SpecialTokens, n_chunks: Optional[int] = None) -> None:
+
+def check_task(name: str, seq_len: int, special: SpecialTokens, n_chunks: int | None = None) -> None:
     """Raise :class:`TaskShapeError` if objective ``name`` cannot be built for rows of ``seq_len`` tokens.
 
     ``n_chunks``: the memory model's C (rows are C chunks of ``seq_len / C`` tokens), or None for a model
@@ -130,27 +141,34 @@ def check_task(name: str, seq_len: int, special: SpecialTokens, n_chunks: Option
     if name not in COPY_TASKS:
         return
     if seq_len % 2:
-        raise TaskShapeError(f"the {name} objective repeats the first half of a row, so the row length must "
-                             f"be even; got {seq_len} tokens")
+        raise TaskShapeError(
+            f"the {name} objective repeats the first half of a row, so the row length must "
+            f"be even; got {seq_len} tokens"
+        )
     if n_chunks is not None and n_chunks % 2:
-        raise TaskShapeError(f"the {name} objective needs an even number of chunks so that the copied half "
-                             f"starts on a chunk boundary; got model.n_chunks = {n_chunks}")
+        raise TaskShapeError(
+            f"the {name} objective needs an even number of chunks so that the copied half "
+            f"starts on a chunk boundary; got model.n_chunks = {n_chunks}"
+        )
     if not 0 <= special.n_delimiters < seq_len // 2:
-        raise TaskShapeError(f"objective.n_delimiters = {special.n_delimiters} must be >= 0 and leave at least "
-                             f"one copied token in a half of {seq_len // 2} tokens")
+        raise TaskShapeError(
+            f"objective.n_delimiters = {special.n_delimiters} must be >= 0 and leave at least "
+            f"one copied token in a half of {seq_len // 2} tokens"
+        )
 
 
-def task_chunks(model: Any) -> Optional[int]:
+def task_chunks(model: Any) -> int | None:
     """The ``n_chunks`` argument of :func:`make_task` for ``model``: its C for a memory model, else None.
 
     A causal LM's ``cfg.n_chunks`` only sets its context length (C*L); its copy halves need not be whole
     chunks, so passing it would wrongly demand an even C.
     """
-    return model.cfg.n_chunks if model.kind == "memory" else None
+    return model.cfg.n_chunks if KINDS[model.kind].chunked_tasks else None
 
 
-def make_task(name: str, ids: torch.Tensor, special: SpecialTokens,
-              n_chunks: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_task(
+    name: str, ids: torch.Tensor, special: SpecialTokens, n_chunks: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Build the model inputs and sequence targets of objective ``name`` from a batch of token rows.
 
     Args:
@@ -217,6 +235,7 @@ def make_task(name: str, ids: torch.Tensor, special: SpecialTokens,
 # ----------------------------------------------------------------------------------------------------
 # Losses
 
+
 @dataclass
 class ObjectiveStats:
     """One objective's loss on one batch, with detached counts for logging.
@@ -278,13 +297,19 @@ def supervised_loss(model: Any, hidden: torch.Tensor, labels: torch.Tensor) -> O
         n_rows = supervised.sum()
         n_rows_exact = (supervised & ~wrong.view(B, T).any(1)).sum()
         ce_sum = loss.detach() * n
-    return ObjectiveStats(loss=loss, n_tokens=n, n_correct=n_correct, ce_sum=ce_sum,
-                          n_rows_exact=n_rows_exact, n_rows=n_rows)
+    return ObjectiveStats(
+        loss=loss, n_tokens=n, n_correct=n_correct, ce_sum=ce_sum, n_rows_exact=n_rows_exact, n_rows=n_rows
+    )
 
 
-def compute_losses(model: Any, ids: torch.Tensor, weights: Mapping[str, float] | Any, special: SpecialTokens,
-                   memories: Optional[torch.Tensor | Mapping[str, torch.Tensor]] = None,
-                   ) -> tuple[torch.Tensor, dict[str, ObjectiveStats]]:
+def compute_losses(
+    model: Any,
+    ids: torch.Tensor,
+    weights: Mapping[str, float] | Any,
+    special: SpecialTokens,
+    memories: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, ObjectiveStats]]:
     """Weighted sum of the active objectives' losses on one batch.
 
     Args:
@@ -296,44 +321,53 @@ def compute_losses(model: Any, ids: torch.Tensor, weights: Mapping[str, float] |
         memories: precomputed encoder outputs ``[B, C-1, e]``: a tensor for the chunks of ``ids`` (only for
             causal / reconstruction: ``ValueError`` with a copy objective, whose encoder must see the task
             inputs), or a mapping objective -> memories of that objective's task inputs.
+        forward: what runs the forward pass, ``forward(inputs, memories=...) -> hidden``, when it is not
+            ``model`` itself: a DDP or DeepSpeed wrapper (which reduces gradients) or a compiled model.
 
     Returns:
         ``(total, parts)``: ``total`` = Σ w·loss (0-dim, attached), ``parts[name]`` an :class:`ObjectiveStats`
         per active objective, in the order of ``weights``. One forward pass per objective.
     """
-    if hasattr(weights, "active"):
-        weights = weights.active()
+    active_of = getattr(weights, "active", None)  # ObjectiveWeights
+    if active_of is not None:
+        weights = active_of()
     active = {k: float(w) for k, w in weights.items() if w > 0}
     if not active:
         raise ValueError("no objective has a weight > 0")
     per_objective = isinstance(memories, Mapping)
-    if per_objective:
+    if isinstance(memories, Mapping):
         absent = [k for k in active if k not in memories]
         if absent:
-            raise ValueError(f"no precomputed memories for the {', '.join(absent)} objective "
-                             f"(memories are given for {', '.join(memories) or 'none'})")
+            raise ValueError(
+                f"no precomputed memories for the {', '.join(absent)} objective "
+                f"(memories are given for {', '.join(memories) or 'none'})"
+            )
     elif memories is not None:
         copies = sorted(set(active) & set(COPY_TASKS))
         if copies:
-            raise ValueError(f"precomputed memories encode the rows of ids, but the {', '.join(copies)} "
-                             "objective feeds the encoder different inputs; compute its memories from the "
-                             "task inputs (run without memories)")
+            raise ValueError(
+                f"precomputed memories encode the rows of ids, but the {', '.join(copies)} "
+                "objective feeds the encoder different inputs; compute its memories from the "
+                "task inputs (run without memories)"
+            )
     n_chunks = task_chunks(model)
 
-    total: Optional[torch.Tensor] = None
+    total: torch.Tensor | None = None
     parts: dict[str, ObjectiveStats] = {}
     for name, w in active.items():
         inputs, targets = make_task(name, ids, special, n_chunks)
-        hidden = model(inputs, memories=memories[name] if per_objective else memories)
+        hidden = (forward or model)(inputs, memories=memories[name] if per_objective else memories)
         stats = supervised_loss(model, hidden, model.align_labels(targets))
         stats.weight = w
         parts[name] = stats
         total = w * stats.loss if total is None else total + w * stats.loss
+    assert total is not None  # active is not empty
     return total, parts
 
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum
+
 
 def stage_at(stages: Sequence[StageConfig], step: int) -> tuple[int, StageConfig, int]:
     """The curriculum stage that global step ``step`` (0-based) belongs to.

@@ -11,6 +11,7 @@ both kinds of install find them here:
     resolve_config_dir("yaml/repro") -> the shipped yaml/repro/, unless such a folder exists here
     copy_configs(["tiny"], "out/") -> out/tiny.yaml (refuses to overwrite)
 """
+
 from __future__ import annotations
 
 import shutil
@@ -26,8 +27,10 @@ def _data_dir(installed: str, checkout: str, marker: str) -> Path:
     for d in (_PACKAGE / installed, _PACKAGE.parent / checkout):
         if (d / marker).is_file():
             return d
-    raise UserError(f"{_PACKAGE}: the shipped {checkout}/ files are missing from this memtrain install "
-                    f"(reinstall memtrain: pip install --force-reinstall memtrain)")
+    raise UserError(
+        f"{_PACKAGE}: the shipped {checkout}/ files are missing from this memtrain install "
+        f"(reinstall memtrain: pip install --force-reinstall memtrain)"
+    )
 
 
 def configs_dir() -> Path:

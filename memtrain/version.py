@@ -1,9 +1,10 @@
 """Which memtrain is running, and on what: the package version, the git commit, library versions, devices.
 
-    describe()         -> "memtrain 0.1.0 (commit 0123ca8)"   or   "memtrain 0.1.0" for an installed wheel
-    provenance(...)    -> the run metadata recorded in every checkpoint's meta.json and in summary.json
-    describe_meta(m)   -> "memtrain 0.1.0, commit 0123ca8 (dirty)" from such metadata, for reports
+describe()         -> "memtrain 0.1.0 (commit 0123ca8)"   or   "memtrain 0.1.0" for an installed wheel
+provenance(...)    -> the run metadata recorded in every checkpoint's meta.json and in summary.json
+describe_meta(m)   -> "memtrain 0.1.0, commit 0123ca8 (dirty)" from such metadata, for reports
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,9 +102,17 @@ def _cpu_name() -> str:
 def provenance(world_size: int, device_type: str) -> dict:
     """What produced a run: memtrain version, commit and dirty flag, library versions, devices, world size,
     launcher and host. Recorded in every checkpoint's ``meta.json`` and in ``summary.json``."""
-    return {"memtrain": __version__, "commit": git_commit(), "dirty": git_dirty(),
-            "versions": library_versions(), "devices": device_names(device_type), "world_size": world_size,
-            "launcher": launcher(), "host": platform.node(), "argv": [Path(sys.argv[0]).name, *sys.argv[1:]]}
+    return {
+        "memtrain": __version__,
+        "commit": git_commit(),
+        "dirty": git_dirty(),
+        "versions": library_versions(),
+        "devices": device_names(device_type),
+        "world_size": world_size,
+        "launcher": launcher(),
+        "host": platform.node(),
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+    }
 
 
 def describe_meta(meta: dict) -> str:

@@ -1,99 +1,129 @@
-"""Shared fixtures: small tokenizer + shard pairs cut from the bundled demo corpus, and tiny run configs.
+"""Shared fixtures, and the process state every test starts from.
 
-Built once per test session. ``tiny_data`` matches ``yaml/tiny.yaml`` (rows of 4 x 8 = 32 tokens);
-``other_data`` is made from a different slice of the corpus with another vocabulary (so another tokenizer,
-same row length) for mismatch tests.
+Data: small tokenizer + shard pairs cut from the bundled demo corpus, built once per test session.
+``tiny_data`` matches ``yaml/tiny.yaml`` (rows of 4 x 8 = 32 tokens); ``other_data`` is made from a different
+slice of the corpus with another vocabulary (so another tokenizer, same row length) for mismatch tests.
+Plain functions and constants (tiny configs, two-rank launches, fake Slurm tools, ...) are in ``helpers.py``.
+
+The whole suite runs in one pytest process, so a test must not leave state behind for the next one: the
+autouse fixture below restores what in-process runs change (environment variables, the stop-signal handlers,
+torch's thread count and global random generator), and loaders a test opens are closed when it ends
+(``open_loader``).
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+import os
+import signal
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+import torch
 
-from memtrain.config import Config, apply_overrides, config_from_dict, read_yaml
-from memtrain.data import demo_corpus_path
-from memtrain.data.ingest import build_shards
-from memtrain.data.tokenizer import train_tokenizer
+pytest.register_assert_rewrite("helpers")
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_YAML = REPO / "yaml" / "tiny.yaml"
-ROW_LEN = 32  # yaml/tiny.yaml: chunk_len 8 x n_chunks 4
+from helpers import BATCH, CURRICULUM, KILL_RUN, RUN, ShardSet, build_shard_set, tiny_config  # noqa: E402
+
+# Triton decides whether a kernel runs in its CPU interpreter when the kernel module is first imported, so the
+# variable must be set before any test module imports one; test_kernels.py, test_kernels_models.py and
+# test_bench.py also set it themselves (tools/gpu_check.sh runs the first two without this file).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: the signals memtrain's preemption handler takes over (memtrain.engine.preempt), with their handlers and
+#: torch's thread count as the test process starts: every test ends with them restored, whatever its fixtures
+#: of a wider scope changed
+_STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") if hasattr(signal, name)
+)
+_START_HANDLERS = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+_START_THREADS = torch.get_num_threads()
 
 
-@dataclass(frozen=True)
-class ShardSet:
-    """A tokenizer and the shard directory made with it (rows of ROW_LEN tokens, train and val splits)."""
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """Undo what a test changed in this process that the next test would otherwise inherit: environment
+    variables (libraries set their own: W&B its service address, DeepSpeed its accelerator) and torch's
+    global random generator as they were before the test; handlers of the stop signals (``memtrain train``
+    installs its preemption handler before it reads the config, and a config error returns without restoring
+    it) and ``torch.set_num_threads`` (set by runs from ``train.threads``) as they were when the process
+    started."""
+    env = dict(os.environ)
+    rng = torch.random.get_rng_state()
+    yield
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    torch.random.set_rng_state(rng)
+    for sig, handler in _START_HANDLERS.items():
+        if signal.getsignal(sig) != handler and handler is not None:
+            signal.signal(sig, handler)
+    if torch.get_num_threads() != _START_THREADS:
+        torch.set_num_threads(_START_THREADS)
 
-    corpus: Path
-    tokenizer: Path
-    shards: Path
 
-
-def _build(root: Path, offset: int, n_docs: int, vocab_size: int) -> ShardSet:
-    table = pq.read_table(demo_corpus_path(), columns=["text", "id"]).slice(offset, n_docs)
-    corpus = root / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        for row in table.to_pylist():
-            f.write(json.dumps({"id": row["id"], "text": row["text"][:2500]}) + "\n")
-    tok = train_tokenizer([str(corpus)], root / "tok", vocab_size=vocab_size, threads=1)
-    build_shards([str(corpus)], tok, root / "shards", row_len=ROW_LEN, val_fraction=0.05, workers=1,
-                 progress=False)
-    return ShardSet(corpus=corpus, tokenizer=tok, shards=root / "shards")
+# ----------------------------------------------------------------------------------------------------
+# data
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> ShardSet:
     """Tokenizer (vocab 400) + shards of the first 150 demo documents, rows of 32 tokens."""
-    return _build(tmp_path_factory.mktemp("tiny_data"), offset=0, n_docs=150, vocab_size=400)
+    return build_shard_set(tmp_path_factory.mktemp("tiny_data"), offset=0, n_docs=150, vocab_size=400)
 
 
 @pytest.fixture(scope="session")
 def other_data(tmp_path_factory) -> ShardSet:
     """Another tokenizer (vocab 420, documents 600..720) + its shards, also rows of 32 tokens."""
-    return _build(tmp_path_factory.mktemp("other_data"), offset=600, n_docs=120, vocab_size=420)
+    return build_shard_set(tmp_path_factory.mktemp("other_data"), offset=600, n_docs=120, vocab_size=420)
 
 
-def tiny_raw(shards: Path, out_dir: Path, overrides: list[str] = ()) -> dict:
-    """yaml/tiny.yaml as a dict pointed at ``shards`` and ``out_dir``: fp32, one thread, no progress bar,
-    then ``overrides`` (``a.b=value`` strings, as for ``--set``)."""
-    raw = read_yaml(TINY_YAML)
-    base = [f"data.shards={shards}", f"run.out_dir={out_dir}", "train.precision=fp32", "train.progress=false",
-            "train.threads=1", "train.device=cpu"]
-    return apply_overrides(raw, base + list(overrides))
+@pytest.fixture
+def open_loader():
+    """``make_loader`` whose loaders are closed when the test ends: a streaming dataset holds about a dozen
+    shared-memory segments and file descriptors until it is closed, for as long as the process lives."""
+    from memtrain.data.loader import make_loader
+
+    opened = []
+
+    def make(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        opened.append(loader)
+        return loader
+
+    yield make
+    for loader in opened:
+        loader.close()
 
 
-def tiny_config(shards: Path, out_dir: Path, *overrides: str) -> Config:
-    """A validated tiny :class:`Config` (see :func:`tiny_raw`)."""
-    return config_from_dict(tiny_raw(shards, out_dir, overrides), source="tiny test config")
+# ----------------------------------------------------------------------------------------------------
+# runs
 
 
-def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    """A run's metrics.jsonl records of one kind by step (a later record of a step replaces an earlier one)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            out[r["step"]] = r
-    return out
+@pytest.fixture(scope="session")
+def reference(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """Single-process plain runs on the global batch of two ranks (2 x BATCH rows): the plain schedule, the
+    curriculum, and the longer run of the kill tests; what the two-rank DeepSpeed and pipeline runs must equal."""
+    from memtrain.engine.trainer import train
+
+    root = tmp_path_factory.mktemp("reference")
+    runs = {"plain": (RUN, ()), "curriculum": (RUN, (CURRICULUM,)), "long": (KILL_RUN, ())}
+    for name, (run, extra) in runs.items():
+        train(tiny_config(tiny_data.shards, root / name, *run, f"data.batch_size={2 * BATCH}", *extra))
+    return {name: root / name for name in runs}
 
 
-def write_yaml(path: Path, raw: dict) -> Path:
-    """Write a config dict as YAML; returns ``path``."""
-    import yaml
-
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+# ----------------------------------------------------------------------------------------------------
+# Slurm
 
 
-def tree_hash(root: Path) -> str:
-    """Hash of every path and file content under ``root``."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    """A Slurm cluster of one partition ``cpu`` (2 nodes of 8 CPUs, no GPU) as ``memtrain submit`` sees it."""
+    from memtrain.launch import slurm
+
+    cluster = {"cpu": slurm.Partition("cpu", nodes=2, gpus_per_node=0, cpus_per_node=8)}
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: cluster)
+    monkeypatch.setattr(slurm, "default_partition", lambda: "cpu")

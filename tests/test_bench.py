@@ -3,6 +3,7 @@
 Without CUDA the Triton variant runs in the CPU interpreter, so these runs are tiny: they check that the tools
 work end to end and report consistent numbers, not speed.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import torch
 if not torch.cuda.is_available():  # must precede the first import of a Triton kernel module
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from memtrain.bench import model_flops, stack_flops  # noqa: E402
 from memtrain.cli import main as cli_main  # noqa: E402
 from memtrain.config import load_config  # noqa: E402
+from memtrain.flops import model_flops, stack_flops  # noqa: E402
 
 
 def test_autoencoder_flops_match_the_hand_count():
@@ -36,7 +37,7 @@ def test_mixing_is_counted_on_the_lower_triangle_per_tap_and_head():
     taps = stack_flops(cfg.model_copy(update={"kernel": 3}), rows=2, length=T)
     assert taps - base == 2 * cfg.n_layers * 2 * T * (T + 1) * cfg.d_model  # 2 more taps, 2 rows
     heads = stack_flops(cfg.model_copy(update={"n_heads": 4}), rows=2, length=T)
-    assert heads - base == 2 * cfg.n_layers * 4 * cfg.d_model ** 2 * T  # projections only: heads split d
+    assert heads - base == 2 * cfg.n_layers * 4 * cfg.d_model**2 * T  # projections only: heads split d
 
 
 def test_memory_model_flops_shapes_and_frozen_encoder():
@@ -53,9 +54,30 @@ def test_memory_model_flops_shapes_and_frozen_encoder():
 
 def test_bench_cli_runs_torch_and_triton_on_this_device(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = cli_main(["bench", "tiny", "--variants", "torch,triton", "--steps", "1", "--warmup", "1", "--batch-size", "2",
-                   "--vocab", "64", "--peak-size", "256", "--profile", "3", "--peak-tflops", "0.5",
-                   "--json", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "tiny",
+            "--variants",
+            "torch,triton",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--vocab",
+            "64",
+            "--peak-size",
+            "256",
+            "--profile",
+            "3",
+            "--peak-tflops",
+            "0.5",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["complete"] and result["kind"] == "memory" and result["batch_size"] == 2 and result["seq_len"] == 32
@@ -92,9 +114,19 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
 
     monkeypatch.setattr(bench_mod, "run_variant", run)
     seen = []
-    result = bench_mod.bench("tiny", [], ["triton", "torch"], steps=1, warmup=0, batch_size=1, precision=None,
-                             vocab=64, device="cpu", peak_size=64,
-                             on_progress=lambda r: seen.append((r["complete"], [x["variant"] for x in r["results"]])))
+    result = bench_mod.bench(
+        "tiny",
+        [],
+        ["triton", "torch"],
+        steps=1,
+        warmup=0,
+        batch_size=1,
+        precision=None,
+        vocab=64,
+        device="cpu",
+        peak_size=64,
+        on_progress=lambda r: seen.append((r["complete"], [x["variant"] for x in r["results"]])),
+    )
     assert seen == [(False, ["triton"]), (True, ["triton", "torch"])]  # written after every variant
     failed, ok = result["results"]
     assert failed == {"variant": "triton", "error": "RuntimeError: out of memory (simulated)"}
@@ -114,8 +146,7 @@ def test_operator_benchmark_runs(tmp_path, capsys):
     from memtrain.kernels import bench_ops
 
     out = tmp_path / "ops.json"
-    assert bench_ops.main(["--tiny", "--no-compile", "--ops", "mix,linear_ce", "--reps", "1",
-                           "--json", str(out)]) == 0
+    assert bench_ops.main(["--tiny", "--no-compile", "--ops", "mix,linear_ce", "--reps", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["op"] for r in rows] == ["mix", "linear_ce", "linear_ce"]
     for r in rows:

@@ -1,4 +1,5 @@
 """The general-capability check: held-out perplexity before/after memory training and the lm-eval scorer."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import corpus, tiny_llm, trained_run
 
 from memtrain.cli import main
 from memtrain.errors import UserError
 from memtrain.eval import capability
 from memtrain.eval.capability import CausalLMScorer, capability_report, lm_eval_available, perplexity
-from test_hf_helpers import corpus, tiny_llm, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,12 @@ def test_scorer_loglikelihoods_match_a_direct_computation(llama):
     scorer = CausalLMScorer(lm, tok, torch.device("cpu"), max_len=64)
     bos = tok.bos_token_id
     ctx, cont = "The table holds", " rows of data"
-    (lp, greedy), = scorer.loglikelihood([(ctx, cont)])
+    ((lp, greedy),) = scorer.loglikelihood([(ctx, cont)])
     whole = [bos] + tok.encode(ctx + cont, add_special_tokens=False)
     n_cont = len(whole) - 1 - len(tok.encode(ctx, add_special_tokens=False))
     assert (lp, greedy) == pytest.approx(_direct_logprob(lm, whole, n_cont), rel=1e-5)
     # a trailing space of the context moves to the continuation: the same text scores the same
-    (lp2, _), = scorer.loglikelihood([(ctx + " ", cont.lstrip(" "))])
+    ((lp2, _),) = scorer.loglikelihood([(ctx + " ", cont.lstrip(" "))])
     assert lp2 == pytest.approx(lp, rel=1e-5)
     text = "SELECT name FROM users WHERE id = 42; -- the documentation explains the rest"
     full = scorer.loglikelihood_rolling([(text,)])[0]
@@ -48,7 +49,7 @@ def test_scorer_loglikelihoods_match_a_direct_computation(llama):
     ids = [bos] + tok.encode(text, add_special_tokens=False)
     assert full == pytest.approx(_direct_logprob(lm, ids, len(ids) - 1)[0], rel=1e-5)
     short = CausalLMScorer(lm, tok, torch.device("cpu"), max_len=8)  # windows of 8 predictions
-    windows = sum(_direct_logprob(lm, ids[s: s + 9], len(ids[s: s + 9]) - 1)[0] for s in range(0, len(ids) - 1, 8))
+    windows = sum(_direct_logprob(lm, ids[s : s + 9], len(ids[s : s + 9]) - 1)[0] for s in range(0, len(ids) - 1, 8))
     assert short.loglikelihood_rolling([(text,)])[0] == pytest.approx(windows, rel=1e-5)
     assert short.loglikelihood_rolling([(text,)])[0] < full  # less context per prediction
 
@@ -68,8 +69,9 @@ def test_generate_until_stops_at_the_stop_string(llama):
     assert cut == free[: free.find(stop)] and stop not in cut
 
 
-@pytest.mark.skipif(not lm_eval_available(), reason="lm-eval is not installed (optional); the scorer's tests above "
-                                                    "cover the same code")
+@pytest.mark.skipif(
+    not lm_eval_available(), reason="lm-eval is not installed (optional); the scorer's tests above cover the same code"
+)
 def test_lm_eval_adapter_answers_lm_eval_instances(llama):
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import LM
@@ -95,17 +97,19 @@ def test_perplexity_before_and_after_memory_training(tmp_path_factory, llama):
         for t in texts:
             ids = tok(t)["input_ids"]
             for s in range(0, len(ids), 64):
-                w = torch.tensor([ids[s: s + 64]])
+                w = torch.tensor([ids[s : s + 64]])
                 if w.shape[1] > 1:
                     nll += float(F.cross_entropy(lm(w).logits[0, :-1], w[0, 1:], reduction="sum"))
                     n += w.shape[1] - 1
     assert base["tokens"] == n and base["perplexity"] == pytest.approx(torch.tensor(nll / n).exp().item(), rel=1e-5)
-    lora = capability_report(trained_run(tmp_path_factory), capability.default_baseline(
-        trained_run(tmp_path_factory)), texts, max_len=64)
+    lora = capability_report(
+        trained_run(tmp_path_factory), capability.default_baseline(trained_run(tmp_path_factory)), texts, max_len=64
+    )
     assert lora["models"]["before"]["held_out"]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-6)
     assert lora["perplexity_ratio"] != pytest.approx(1.0, abs=1e-6)  # the merged LoRA changed the LLM
-    frozen = capability_report(trained_run(tmp_path_factory, "frozen", "frozen", steps=2),
-                               tiny_llm(tmp_path_factory), texts, max_len=64)
+    frozen = capability_report(
+        trained_run(tmp_path_factory, "frozen", "frozen", steps=2), tiny_llm(tmp_path_factory), texts, max_len=64
+    )
     assert frozen["perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)  # a frozen LLM keeps its capability
 
 
@@ -114,8 +118,23 @@ def test_capability_command(tmp_path, tmp_path_factory, capsys, monkeypatch):
     held.write_text("".join(json.dumps(r) + "\n" for r in corpus(tmp_path_factory)[1][-3:]))
     monkeypatch.setattr(capability, "lm_eval_available", lambda: False)
     out = tmp_path / "cap.json"
-    assert main(["capability", str(trained_run(tmp_path_factory)), "--text", str(held), "--tasks",
-                 "hellaswag,arc_easy", "--max-len", "64", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "capability",
+                str(trained_run(tmp_path_factory)),
+                "--text",
+                str(held),
+                "--tasks",
+                "hellaswag,arc_easy",
+                "--max-len",
+                "64",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "after / before perplexity" in printed
     assert "tasks hellaswag,arc_easy: skipped: lm-eval is not installed" in printed

@@ -1,4 +1,5 @@
 """`memtrain capacity`: one autoencoder per chunk length on the re-packed corpus, a report with plots."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,31 @@ from memtrain.data.loader import read_shard_info
 
 def test_capacity_curve(tiny_data, tmp_path, capsys):
     out = tmp_path / "capacity"
-    argv = ["capacity", "--d-model", "16", "--lengths", "8,4", "--layers", "1", "--heads", "2", "--steps", "4",
-            "--shards", str(tiny_data.shards), "--out", str(out), "--set", "train.threads=1", "--set",
-            "train.progress=false", "--set", "train.eval_batches=2", "--set", "data.batch_size=8"]
+    argv = [
+        "capacity",
+        "--d-model",
+        "16",
+        "--lengths",
+        "8,4",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--steps",
+        "4",
+        "--shards",
+        str(tiny_data.shards),
+        "--out",
+        str(out),
+        "--set",
+        "train.threads=1",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "data.batch_size=8",
+    ]
     assert main(argv) == 0
     assert "| 4 |" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())

@@ -1,5 +1,6 @@
 """The `memtrain` command line: `eval` output, and bad input of every kind ending in one line, exit code 2,
 with nothing already written changed."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import TINY_YAML, tiny_config, tiny_raw, tree_hash, write_yaml
 
-from conftest import TINY_YAML, tiny_config, tiny_raw, tree_hash, write_yaml
+import yaml
 from memtrain.cli import main
 from memtrain.config import dump_config
 from memtrain.engine.trainer import train
@@ -41,8 +42,18 @@ def fails(capsys, argv: list[str], *needles: str) -> str:
 
 
 def train_args(tiny_data, out_dir: Path, *sets: str) -> list[str]:
-    argv = ["train", str(TINY_YAML), "--set", f"data.shards={tiny_data.shards}", "--set", f"run.out_dir={out_dir}",
-            "--set", "train.threads=1", "--set", "train.device=cpu"]
+    argv = [
+        "train",
+        str(TINY_YAML),
+        "--set",
+        f"data.shards={tiny_data.shards}",
+        "--set",
+        f"run.out_dir={out_dir}",
+        "--set",
+        "train.threads=1",
+        "--set",
+        "train.device=cpu",
+    ]
     for s in sets:
         argv += ["--set", s]
     return argv
@@ -67,15 +78,42 @@ def test_eval_prints_the_table_and_writes_json(trained, tmp_path, capsys):
         assert r["exact_match_mode"] == ("greedy" if name == "blank_copy" else "teacher_forced")
     # the newest checkpoint of a run directory is its last one
     capsys.readouterr()
-    assert main(["eval", str(trained / "checkpoints" / "step_0000008"), "--batches", "2",
-                 "--json", str(tmp_path / "ck.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(trained / "checkpoints" / "step_0000008"),
+                "--batches",
+                "2",
+                "--json",
+                str(tmp_path / "ck.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "ck.json").read_text()) == res
 
 
 def test_eval_greedy_and_objective_choice(trained, tmp_path, capsys):
     out = tmp_path / "g.json"
-    assert main(["eval", str(trained), "--batches", "1", "--batch-size", "2", "--greedy",
-                 "--objectives", "causal,copy", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(trained),
+                "--batches",
+                "1",
+                "--batch-size",
+                "2",
+                "--greedy",
+                "--objectives",
+                "causal,copy",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())["tiny"]
     assert list(res) == ["causal", "copy"]
     for r in res.values():
@@ -85,8 +123,20 @@ def test_eval_greedy_and_objective_choice(trained, tmp_path, capsys):
 
 
 def test_eval_two_checkpoints_get_their_own_rows(trained, capsys):
-    assert main(["eval", str(trained / "checkpoints" / "step_0000004"), str(trained), "--batches", "1",
-                 "--objectives", "causal"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(trained / "checkpoints" / "step_0000004"),
+                str(trained),
+                "--batches",
+                "1",
+                "--objectives",
+                "causal",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert table.count("| causal |") == 2 and f"| tiny ({trained}) | causal |" in table
 
@@ -119,8 +169,14 @@ def test_wrong_type_and_out_of_range(tiny_data, tmp_path, capsys):
 
 
 def test_row_length_must_match_the_shards(tiny_data, tmp_path, capsys):
-    fails(capsys, train_args(tiny_data, tmp_path / "run", "model.chunk_len=16"),
-          "data.shards", str(tiny_data.shards), "rows hold 32 tokens", "model.chunk_len x model.n_chunks = 16 x 4")
+    fails(
+        capsys,
+        train_args(tiny_data, tmp_path / "run", "model.chunk_len=16"),
+        "data.shards",
+        str(tiny_data.shards),
+        "rows hold 32 tokens",
+        "model.chunk_len x model.n_chunks = 16 x 4",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -131,20 +187,59 @@ def test_missing_shard_directory(tiny_data, tmp_path, capsys):
 
 
 def test_validation_split_too_small_for_a_batch_stops_before_training(tiny_data, tmp_path, capsys):
-    fails(capsys, train_args(tiny_data, tmp_path / "run", "data.batch_size=400"),
-          str(tiny_data.shards), "split 'val'", "fewer than one batch of 400")
+    fails(
+        capsys,
+        train_args(tiny_data, tmp_path / "run", "data.batch_size=400"),
+        str(tiny_data.shards),
+        "split 'val'",
+        "fewer than one batch of 400",
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_or_empty_corpus_for_data_shards(tiny_data, tmp_path, capsys):
     out = tmp_path / "shards"
     missing = tmp_path / "missing.jsonl"
-    fails(capsys, ["data", "shards", "--input", missing, "--tokenizer", tiny_data.tokenizer, "--out", out,
-                   "--row-len", "32", "--no-progress"], str(missing), "not found")
+    fails(
+        capsys,
+        [
+            "data",
+            "shards",
+            "--input",
+            missing,
+            "--tokenizer",
+            tiny_data.tokenizer,
+            "--out",
+            out,
+            "--row-len",
+            "32",
+            "--no-progress",
+        ],
+        str(missing),
+        "not found",
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    fails(capsys, ["data", "shards", "--input", empty, "--tokenizer", tiny_data.tokenizer, "--out", out,
-                   "--row-len", "32", "--no-progress", "--workers", "1"], str(empty), "no documents")
+    fails(
+        capsys,
+        [
+            "data",
+            "shards",
+            "--input",
+            empty,
+            "--tokenizer",
+            tiny_data.tokenizer,
+            "--out",
+            out,
+            "--row-len",
+            "32",
+            "--no-progress",
+            "--workers",
+            "1",
+        ],
+        str(empty),
+        "no documents",
+    )
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no temporary build left either
 
@@ -154,8 +249,9 @@ def test_missing_or_empty_corpus_for_data_shards(tiny_data, tmp_path, capsys):
 
 
 def test_eval_against_shards_of_another_tokenizer(trained, other_data, capsys):
-    fails(capsys, ["eval", trained, "--shards", other_data.shards, "--batches", "1"],
-          str(other_data.shards), "tokenizer")
+    fails(
+        capsys, ["eval", trained, "--shards", other_data.shards, "--batches", "1"], str(other_data.shards), "tokenizer"
+    )
 
 
 def test_eval_checkpoint_whose_config_has_other_shapes(trained, tmp_path, capsys):
@@ -176,12 +272,20 @@ def test_damaged_checkpoint_files(trained, tiny_data, tmp_path, capsys):
     # a run whose newest checkpoint has a damaged trainer state resumes from the previous complete one
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    (run / "config.yaml").write_text(dump_config(tiny_config(tiny_data.shards, run, "train.steps=8",
-                                                             "train.ckpt_every=4", "train.eval_every=0")))
+    (run / "config.yaml").write_text(
+        dump_config(tiny_config(tiny_data.shards, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0"))
+    )
     (run / "checkpoints" / "step_0000008" / "trainer.pt").write_bytes(b"not a torch file")
     good = tree_hash(run / "checkpoints" / "step_0000004")
-    assert main(train_args(tiny_data, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0",
-                           "train.progress=false") + ["--resume"]) == 0
+    assert (
+        main(
+            train_args(
+                tiny_data, run, "train.steps=8", "train.ckpt_every=4", "train.eval_every=0", "train.progress=false"
+            )
+            + ["--resume"]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "step_0000008" in err and "damaged" in err and err.count("\n") == 1
     assert "step_0000004" in out
@@ -192,13 +296,23 @@ def test_damaged_checkpoint_files(trained, tiny_data, tmp_path, capsys):
 def test_resume_from_a_checkpoint_of_another_model_config(trained, tiny_data, tmp_path, capsys):
     """The run directory's config matches, but its checkpoint has other shapes (copied in from elsewhere)."""
     run = tmp_path / "run"
-    sets = ("train.steps=8", "train.ckpt_every=4", "train.eval_every=0", "train.progress=false",
-            "model.encoder.d_model=64", "model.decoder.d_model=64")
+    sets = (
+        "train.steps=8",
+        "train.ckpt_every=4",
+        "train.eval_every=0",
+        "train.progress=false",
+        "model.encoder.d_model=64",
+        "model.decoder.d_model=64",
+    )
     shutil.copytree(trained, run)
     (run / "config.yaml").write_text(dump_config(tiny_config(tiny_data.shards, run, *sets)))
     before = tree_hash(run)
-    fails(capsys, train_args(tiny_data, run, *sets) + ["--resume"],
-          str(run / "checkpoints" / "step_0000008" / "model.safetensors"), "do not fit this model config")
+    fails(
+        capsys,
+        train_args(tiny_data, run, *sets) + ["--resume"],
+        str(run / "checkpoints" / "step_0000008" / "model.safetensors"),
+        "do not fit this model config",
+    )
     assert tree_hash(run) == before
 
 
@@ -208,8 +322,9 @@ def test_out_dir_holding_another_run_is_left_alone(trained, tiny_data, tmp_path,
     same = ("train.steps=8", "train.ckpt_every=4", "train.eval_every=0", "train.progress=false")
     (run / "config.yaml").write_text(dump_config(tiny_config(tiny_data.shards, run, *same)))
     before = tree_hash(run)
-    fails(capsys, train_args(tiny_data, run, *same, "optim.lr=1e-3"),
-          "run.out_dir", str(run), "different run", "optim.lr")
+    fails(
+        capsys, train_args(tiny_data, run, *same, "optim.lr=1e-3"), "run.out_dir", str(run), "different run", "optim.lr"
+    )
     fails(capsys, train_args(tiny_data, run, *same, "optim.lr=1e-3") + ["--resume"], "different run", "optim.lr")
     # the same run again without --resume
     fails(capsys, train_args(tiny_data, run, *same), "run.out_dir", "up to step 8", "--resume")
@@ -224,9 +339,13 @@ def test_out_dir_holding_another_run_is_left_alone(trained, tiny_data, tmp_path,
 
 def test_error_in_a_real_process_is_one_line_without_traceback(tiny_data, tmp_path):
     missing = tmp_path / "nowhere"
-    done = subprocess.run([sys.executable, "-m", "memtrain", *train_args(tiny_data, tmp_path / "run",
-                                                                        f"data.shards={missing}")],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(
+        [sys.executable, "-m", "memtrain", *train_args(tiny_data, tmp_path / "run", f"data.shards={missing}")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
@@ -262,8 +381,12 @@ def test_version_names_the_package_and_the_checkout_commit(capsys):
 
     assert out.startswith(f"memtrain {__version__}")
     if (Path(__file__).resolve().parents[1] / ".git").exists() and shutil.which("git"):
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
         assert out == f"memtrain {__version__} (commit {head})"
 
 
@@ -277,8 +400,10 @@ def test_shipped_configs_by_name(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.yaml").write_text(TINY_YAML.read_text().replace("name: tiny", "name: mine"))
     assert load_config("tiny.yaml").run.name == "mine"  # a file of the user's always wins over a shipped name
     assert main(["train", "no_such_config"]) == 2
-    assert "no_such_config: config file not found (shipped configs by name: memtrain configs list)" in \
-        capsys.readouterr().err
+    assert (
+        "no_such_config: config file not found (shipped configs by name: memtrain configs list)"
+        in capsys.readouterr().err
+    )
 
     assert main(["configs", "list"]) == 0
     listing = capsys.readouterr().out
@@ -305,14 +430,23 @@ def test_readme_lists_every_subcommand():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    missing = [name for name in sub.choices if f"memtrain {name}" not in readme and f"| {name} " not in readme
-               and f" {name} |" not in readme]
+    missing = [
+        name
+        for name in sub.choices
+        if f"memtrain {name}" not in readme and f"| {name} " not in readme and f" {name} |" not in readme
+    ]
     assert not missing, f"README.md's command list lacks: {', '.join(missing)}"
 
 
 def test_output_piped_into_head_ends_quietly(tmp_path):
-    out = subprocess.run(f"'{sys.executable}' -m memtrain configs list | head -1; exit ${{PIPESTATUS[0]}}",
-                         shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        f"'{sys.executable}' -m memtrain configs list | head -1; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0 and out.stderr == "" and out.stdout.startswith("# shipped configs")
 
 
@@ -323,9 +457,13 @@ def test_preemption_signal_during_the_first_imports_of_train_is_honoured(tiny_da
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "memtrain", *train_args(tiny_data, tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memtrain", *train_args(tiny_data, tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     time.sleep(0.5)  # the parser's imports (torch) take a few seconds
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=180)
@@ -351,9 +489,10 @@ def test_run_metadata_names_the_code_libraries_devices_and_launcher(trained, cap
     capsys.readouterr()
     assert main(["eval", str(trained), "--batches", "1"]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# ")]
-    assert len(line) == 1 and line[0].endswith(f"step_0000008: trained by memtrain {__version__}, commit "
-                                               f"{git_commit() or 'unknown commit'}" +
-                                               (" (dirty)" if p["dirty"] else ""))
+    assert len(line) == 1 and line[0].endswith(
+        f"step_0000008: trained by memtrain {__version__}, commit "
+        f"{git_commit() or 'unknown commit'}" + (" (dirty)" if p["dirty"] else "")
+    )
     assert launcher({"TORCHELASTIC_RUN_ID": "x", "RANK": "0"}) == "torchrun"
     assert launcher({"CROSS_RANK": "0", "LOCAL_SIZE": "2", "RANK": "0"}) == "deepspeed"
     assert launcher({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "RANK": "1"}) == "srun"

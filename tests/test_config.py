@@ -1,4 +1,5 @@
 """Config loading: overrides, strict validation, one-line messages."""
+
 import pytest
 
 from memtrain.config import PRESETS, Config, apply_overrides, config_from_dict, load_config
@@ -18,8 +19,16 @@ def test_defaults_validate_and_seq_len():
 
 def test_overrides_parse_yaml_values(tmp_path):
     p = write(tmp_path, "model: {chunk_len: 16}\n")
-    cfg = load_config(p, ["optim.lr=3e-4", "model.encoder.arch=transformer", "model.encoder.n_heads=2",
-                          "train.compile=true", "run.name=x"])
+    cfg = load_config(
+        p,
+        [
+            "optim.lr=3e-4",
+            "model.encoder.arch=transformer",
+            "model.encoder.n_heads=2",
+            "train.compile=true",
+            "run.name=x",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.model.encoder.arch == "transformer" and cfg.model.encoder.n_heads == 2
     assert cfg.train.compile is True and cfg.model.chunk_len == 16
@@ -73,9 +82,15 @@ def test_cross_field_rules():
     with pytest.raises(UserError, match="n_heads must be >= 1"):
         config_from_dict({"model": {"encoder": {"arch": "transformer", "n_heads": 0}}})
     with pytest.raises(UserError, match="curriculum stages add up to 30 steps but train.steps is 10"):
-        config_from_dict({"train": {"steps": 10}, "curriculum": [
-            {"name": "a", "steps": 10, "weights": {"blank_copy": 1}},
-            {"name": "b", "steps": 20, "weights": {"copy": 1}}]})
+        config_from_dict(
+            {
+                "train": {"steps": 10},
+                "curriculum": [
+                    {"name": "a", "steps": 10, "weights": {"blank_copy": 1}},
+                    {"name": "b", "steps": 20, "weights": {"copy": 1}},
+                ],
+            }
+        )
 
 
 def test_presets_replace_weights():
@@ -118,8 +133,9 @@ def test_tied_autoencoder_cannot_freeze_its_encoder_without_its_head():
     with pytest.raises(UserError, match="model.frozen_encoder would freeze the head too"):
         config_from_dict({"model": {**ae, "frozen_encoder": {}}, "objective": {"weights": {"reconstruction": 1}}})
     config_from_dict({"model": ae, "train": {"steps": 10}, "curriculum": stages(["encoder", "head"])})
-    config_from_dict({"model": {**ae, "tie_embeddings": False}, "train": {"steps": 10},
-                      "curriculum": stages(["encoder"])})
+    config_from_dict(
+        {"model": {**ae, "tie_embeddings": False}, "train": {"steps": 10}, "curriculum": stages(["encoder"])}
+    )
     # the model itself: with the tie, the head's weight is the encoder's embedding
     from memtrain.models import build_model
 

@@ -6,6 +6,7 @@ The reference state dicts are built here from the names and shapes of docs/refer
 forward below is written from docs/reference.md §1.1-§1.5, §3.1 and §4.1 (sequence positions
 as the channels of a 'same'-padded Conv1d whose weight is masked lower-triangular per tap, pre-norm blocks,
 last-position memories, unrolled or repeated, zero pad slots, no final norm)."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from memtrain.cli import main
 from memtrain.config import config_from_dict, dump_config
 from memtrain.convert.hf import hf_name
 from memtrain.engine import checkpoint as ckpt
-from memtrain.eval.report import load_checkpoint_model
+from memtrain.engine.checkpoint import load_model
 from memtrain.models import build_model
 
 V = 40
@@ -33,13 +34,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 def mixer_block_state(prefix: str, d: int, L: int, k: int, heads: int, gen: torch.Generator) -> dict:
     """One reference MixerBlock's tensors; mixing weights have a non-zero upper triangle, as saved."""
+
     def r(*shape, scale=0.3):
         return torch.randn(*shape, generator=gen) * scale
 
-    s = {f"{prefix}.seq_layernorm.weight": 1 + r(d, scale=0.1), f"{prefix}.seq_layernorm.bias": r(d, scale=0.1),
-         f"{prefix}.patch_layernorm.weight": 1 + r(d, scale=0.1), f"{prefix}.patch_layernorm.bias": r(d, scale=0.1),
-         f"{prefix}.patch_ff.0.weight": r(4 * d, d), f"{prefix}.patch_ff.0.bias": r(4 * d),
-         f"{prefix}.patch_ff.2.weight": r(d, 4 * d, scale=0.1), f"{prefix}.patch_ff.2.bias": r(d)}
+    s = {
+        f"{prefix}.seq_layernorm.weight": 1 + r(d, scale=0.1),
+        f"{prefix}.seq_layernorm.bias": r(d, scale=0.1),
+        f"{prefix}.patch_layernorm.weight": 1 + r(d, scale=0.1),
+        f"{prefix}.patch_layernorm.bias": r(d, scale=0.1),
+        f"{prefix}.patch_ff.0.weight": r(4 * d, d),
+        f"{prefix}.patch_ff.0.bias": r(4 * d),
+        f"{prefix}.patch_ff.2.weight": r(d, 4 * d, scale=0.1),
+        f"{prefix}.patch_ff.2.bias": r(d),
+    }
     if heads == 0:
         s[f"{prefix}.conv.weight"] = r(L, L, k)
         s[f"{prefix}.conv.bias"] = r(L)
@@ -70,14 +78,22 @@ def ref_block(s: dict, prefix: str, x: torch.Tensor, heads: int) -> torch.Tensor
     if heads == 0:
         y = ref_conv(y, s[f"{prefix}.conv.weight"], s[f"{prefix}.conv.bias"])
     else:
-        outs = [ref_conv(F.linear(y, s[f"{prefix}.conv.proj_head.{h}.weight"], s[f"{prefix}.conv.proj_head.{h}.bias"]),
-                         s[f"{prefix}.conv.convs.{h}.weight"], s[f"{prefix}.conv.convs.{h}.bias"])
-                for h in range(heads)]
+        outs = [
+            ref_conv(
+                F.linear(y, s[f"{prefix}.conv.proj_head.{h}.weight"], s[f"{prefix}.conv.proj_head.{h}.bias"]),
+                s[f"{prefix}.conv.convs.{h}.weight"],
+                s[f"{prefix}.conv.convs.{h}.bias"],
+            )
+            for h in range(heads)
+        ]
         y = F.linear(torch.cat(outs, -1), s[f"{prefix}.conv.out_proj.weight"], s[f"{prefix}.conv.out_proj.bias"])
     x = x + y
     z = F.layer_norm(x, (d,), s[f"{prefix}.patch_layernorm.weight"], s[f"{prefix}.patch_layernorm.bias"], 1e-5)
-    z = F.linear(F.gelu(F.linear(z, s[f"{prefix}.patch_ff.0.weight"], s[f"{prefix}.patch_ff.0.bias"])),
-                 s[f"{prefix}.patch_ff.2.weight"], s[f"{prefix}.patch_ff.2.bias"])
+    z = F.linear(
+        F.gelu(F.linear(z, s[f"{prefix}.patch_ff.0.weight"], s[f"{prefix}.patch_ff.0.bias"])),
+        s[f"{prefix}.patch_ff.2.weight"],
+        s[f"{prefix}.patch_ff.2.bias"],
+    )
     return x + z
 
 
@@ -92,8 +108,12 @@ def bottleneck_state(e: int, compression: int, gen: torch.Generator) -> dict:
     if compression <= 1:
         return {}
     r = e // compression
-    return {"down.weight": torch.randn(r, e, generator=gen) * 0.3, "down.bias": torch.randn(r, generator=gen) * 0.1,
-            "up.weight": torch.randn(e, r, generator=gen) * 0.3, "up.bias": torch.randn(e, generator=gen) * 0.1}
+    return {
+        "down.weight": torch.randn(r, e, generator=gen) * 0.3,
+        "down.bias": torch.randn(r, generator=gen) * 0.1,
+        "up.weight": torch.randn(e, r, generator=gen) * 0.3,
+        "up.bias": torch.randn(e, generator=gen) * 0.1,
+    }
 
 
 def ref_bottleneck(s: dict, m: torch.Tensor) -> torch.Tensor:
@@ -104,9 +124,12 @@ def ref_bottleneck(s: dict, m: torch.Tensor) -> torch.Tensor:
 
 
 def autoencoding_mixer(d, L, k, heads, depth, gen, compression: int = 1) -> dict:
-    s = {"wte.weight": torch.randn(V, d, generator=gen), "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
-         "projection.weight": torch.randn(d, d // 2, generator=gen) * 0.2,
-         "projection.bias": torch.randn(d, generator=gen) * 0.1}
+    s = {
+        "wte.weight": torch.randn(V, d, generator=gen),
+        "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
+        "projection.weight": torch.randn(d, d // 2, generator=gen) * 0.2,
+        "projection.bias": torch.randn(d, generator=gen) * 0.1,
+    }
     for i in range(depth):
         s.update(mixer_block_state(f"encoderblocks.{i}", d, L, k, heads, gen))
         s.update(mixer_block_state(f"decoderblocks.{i}", d, L, k, heads, gen))
@@ -121,7 +144,7 @@ def ref_autoencoder(s: dict, ids: torch.Tensor, depth: int, heads: int, unroll: 
     e = ref_bottleneck(s, x[:, -1, :])  # [B, d]
     d = e.shape[-1]
     if unroll:  # cyclic windows e[(t mod d) : (t mod d) + d/2], then Linear(d/2, d)
-        windows = torch.stack([torch.cat([e, e], dim=1)[:, t % d: t % d + d // 2] for t in range(L)], dim=1)
+        windows = torch.stack([torch.cat([e, e], dim=1)[:, t % d : t % d + d // 2] for t in range(L)], dim=1)
         x = F.linear(windows, s["projection.weight"], s["projection.bias"])
     else:
         x = e.unsqueeze(1).repeat(1, L, 1)
@@ -131,11 +154,18 @@ def ref_autoencoder(s: dict, ids: torch.Tensor, depth: int, heads: int, unroll: 
 
 def variable_memory_mixer(e, d, L, C, k, heads, depth, gen, compression: int = 1) -> dict:
     """VariableMemoryMixer: encoder e wide (k taps, heads), decoder d wide over L + C positions (one tap)."""
-    s = {"wte.weight": torch.randn(V, e, generator=gen), "decoder_wte.weight": torch.randn(V, d, generator=gen),
-         "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2}
+    s = {
+        "wte.weight": torch.randn(V, e, generator=gen),
+        "decoder_wte.weight": torch.randn(V, d, generator=gen),
+        "lm_head.weight": torch.randn(V, d, generator=gen) * 0.2,
+    }
     if e != d:
-        s.update({"decoder_proj.weight": torch.randn(d, e, generator=gen) * 0.3,
-                  "decoder_proj.bias": torch.randn(d, generator=gen) * 0.1})
+        s.update(
+            {
+                "decoder_proj.weight": torch.randn(d, e, generator=gen) * 0.3,
+                "decoder_proj.bias": torch.randn(d, generator=gen) * 0.1,
+            }
+        )
     for i in range(depth):
         s.update(mixer_block_state(f"encoderblocks.{i}", e, L, k, heads, gen))
         s.update(mixer_block_state(f"decoderblocks.{i}", d, L + C, 1, 0, gen))
@@ -149,7 +179,7 @@ def ref_memory_mixer(s: dict, ids: torch.Tensor, L: int, C: int, depth: int, hea
     B, d = ids.shape[0], s["decoder_wte.weight"].shape[1]
     memories = []  # one memory per chunk 0..C-2: last position, then the bottleneck, then decoder_proj
     for c in range(C - 1):
-        h = ref_stack(s, "encoderblocks", s["wte.weight"][ids[:, c * L:(c + 1) * L]], depth, heads)
+        h = ref_stack(s, "encoderblocks", s["wte.weight"][ids[:, c * L : (c + 1) * L]], depth, heads)
         m = ref_bottleneck(s, h[:, -1])
         if "decoder_proj.weight" in s:
             m = F.linear(m, s["decoder_proj.weight"], s["decoder_proj.bias"])
@@ -157,7 +187,7 @@ def ref_memory_mixer(s: dict, ids: torch.Tensor, L: int, C: int, depth: int, hea
     out = []
     for c in range(C):
         slots = [memories[j] if j < c else torch.zeros(B, d) for j in range(C)]  # zero pad slots
-        x = torch.cat([torch.stack(slots, 1), s["decoder_wte.weight"][ids[:, c * L:(c + 1) * L]]], dim=1)
+        x = torch.cat([torch.stack(slots, 1), s["decoder_wte.weight"][ids[:, c * L : (c + 1) * L]]], dim=1)
         out.append(F.linear(ref_stack(s, "decoderblocks", x, depth, 0), s["lm_head.weight"]))
     return out
 
@@ -167,7 +197,7 @@ def convert(tmp_path, state: dict, arch: str, *flags: str):
     save_file(state, str(src))
     out = tmp_path / f"{arch}-memtrain"
     assert main(["convert", "reference", str(src), "--arch", arch, "--out", str(out), *flags]) == 0
-    model, cfg, meta = load_checkpoint_model(out, torch.device("cpu"))
+    model, cfg, meta = load_model(out, torch.device("cpu"))
     return model, cfg, load_file(str(out / "model.safetensors"))
 
 
@@ -219,14 +249,30 @@ def test_language_mixer_converts_to_a_clm_with_the_same_next_token_logits(tmp_pa
     # the garbage upper triangle really was in the file, and it would change the logits if it were used
     assert state["mixerblocks.0.conv.weight"][:, :, 0].triu(1).abs().sum() > 0
     with torch.no_grad():
-        leaky = dict(converted, **{f"decoder.blocks.{i}.conv.weight": state[f"mixerblocks.{i}.conv.weight"]
-                                   for i in range(depth)})
-        unmasked = F.conv1d(F.layer_norm(state["wte.weight"][ids], (d,), state["mixerblocks.0.seq_layernorm.weight"],
-                                         state["mixerblocks.0.seq_layernorm.bias"]),
-                            leaky["decoder.blocks.0.conv.weight"], state["mixerblocks.0.conv.bias"])
-        masked = ref_conv(F.layer_norm(state["wte.weight"][ids], (d,), state["mixerblocks.0.seq_layernorm.weight"],
-                                       state["mixerblocks.0.seq_layernorm.bias"]),
-                          state["mixerblocks.0.conv.weight"], state["mixerblocks.0.conv.bias"])
+        leaky = dict(
+            converted,
+            **{f"decoder.blocks.{i}.conv.weight": state[f"mixerblocks.{i}.conv.weight"] for i in range(depth)},
+        )
+        unmasked = F.conv1d(
+            F.layer_norm(
+                state["wte.weight"][ids],
+                (d,),
+                state["mixerblocks.0.seq_layernorm.weight"],
+                state["mixerblocks.0.seq_layernorm.bias"],
+            ),
+            leaky["decoder.blocks.0.conv.weight"],
+            state["mixerblocks.0.conv.bias"],
+        )
+        masked = ref_conv(
+            F.layer_norm(
+                state["wte.weight"][ids],
+                (d,),
+                state["mixerblocks.0.seq_layernorm.weight"],
+                state["mixerblocks.0.seq_layernorm.bias"],
+            ),
+            state["mixerblocks.0.conv.weight"],
+            state["mixerblocks.0.conv.bias"],
+        )
     assert not torch.allclose(unmasked, masked)
 
 
@@ -245,12 +291,13 @@ def test_variable_memory_mixer_converts_with_its_chunked_memories(tmp_path):
         expect = ref_memory_mixer(state, ids, L, C, depth, 2)
         got = model.logits(model(ids))  # [B, C*L, V]; position c*L + j predicts token j of chunk c
     for c in range(C):
-        torch.testing.assert_close(got[:, c * L + 1:(c + 1) * L], expect[c][:, C:C + L - 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[:, c * L + 1 : (c + 1) * L], expect[c][:, C : C + L - 1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch, e, d, compression", [("variable-memory-mixer", 16, 24, 2),
-                                                     ("variable-memory-mixer", 16, 16, 4),
-                                                     ("autoencoding-mixer", 16, 16, 2)])
+@pytest.mark.parametrize(
+    "arch, e, d, compression",
+    [("variable-memory-mixer", 16, 24, 2), ("variable-memory-mixer", 16, 16, 4), ("autoencoding-mixer", 16, 16, 2)],
+)
 def test_reference_bottleneck_converts_to_compression_with_the_same_logits(tmp_path, arch, e, d, compression):
     """A reference built with compression = c > 1 (the VariableMemoryMixer default is 4) has down = Linear(e, e/c)
     and up = Linear(e/c, e) on its memories: they become memtrain's encoder.down / encoder.up, compression is
@@ -271,18 +318,21 @@ def test_reference_bottleneck_converts_to_compression_with_the_same_logits(tmp_p
         if arch == "variable-memory-mixer":
             ids = torch.randint(0, V, (2, C * L), generator=gen)
             expect = ref_memory_mixer(state, ids, L, C, depth, heads)
-            plain = ref_memory_mixer({k: v for k, v in state.items() if not k.startswith(("down.", "up."))},
-                                     ids, L, C, depth, heads)
+            plain = ref_memory_mixer(
+                {k: v for k, v in state.items() if not k.startswith(("down.", "up."))}, ids, L, C, depth, heads
+            )
             got = model.logits(model(ids))
             for c in range(C):
-                torch.testing.assert_close(got[:, c * L + 1:(c + 1) * L], expect[c][:, C:C + L - 1],
-                                           rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(
+                    got[:, c * L + 1 : (c + 1) * L], expect[c][:, C : C + L - 1], rtol=1e-4, atol=1e-4
+                )
             expect, plain = torch.stack(expect), torch.stack(plain)
         else:
             ids = torch.randint(0, V, (3, L), generator=gen)
             expect = ref_autoencoder(state, ids, depth, heads, unroll=True)
-            plain = ref_autoencoder({k: v for k, v in state.items() if not k.startswith(("down.", "up."))},
-                                    ids, depth, heads, unroll=True)
+            plain = ref_autoencoder(
+                {k: v for k, v in state.items() if not k.startswith(("down.", "up."))}, ids, depth, heads, unroll=True
+            )
             torch.testing.assert_close(model.logits(model(ids)), expect, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(expect, plain, rtol=1e-3, atol=1e-3)  # the bottleneck really shapes the logits
 
@@ -293,22 +343,27 @@ def test_unsupported_reference_bottleneck_is_refused_with_what_was_found(tmp_pat
     as a wrong --arch."""
     gen = torch.Generator().manual_seed(5)
     base = variable_memory_mixer(16, 24, 6, 3, 1, 0, 1, gen)
-    r5 = {"down.weight": torch.randn(5, 16), "down.bias": torch.randn(5), "up.weight": torch.randn(16, 5),
-          "up.bias": torch.randn(16)}  # VariableMemoryMixer(encoder_dim=16, compression=3): 16 // 3 = 5
+    r5 = {
+        "down.weight": torch.randn(5, 16),
+        "down.bias": torch.randn(5),
+        "up.weight": torch.randn(16, 5),
+        "up.bias": torch.randn(16),
+    }  # VariableMemoryMixer(encoder_dim=16, compression=3): 16 // 3 = 5
     r8 = dict(bottleneck_state(16, 2, gen))
     cases = [
         (r5, "down.weight has shape (5, 16)", "widths e/c with an integer model.compression c > 1 dividing e = 16"),
         (dict(r8, **{"up.weight": torch.randn(16, 4)}), "up.weight has shape (16, 4), expected (16, 8)", ""),
-        (dict(r8, **{"down.weight": torch.randn(8, 24)}), "down.weight has shape (8, 24), expected (e/c, e)",
-         "e = 16"),
+        (dict(r8, **{"down.weight": torch.randn(8, 24)}), "down.weight has shape (8, 24), expected (e/c, e)", "e = 16"),
         ({k: v for k, v in r8.items() if k != "up.bias"}, "but no up.bias", "down = Linear(e, e/c)"),
     ]
     src = tmp_path / "vmm.safetensors"
     for extra, needle, also in cases:
         save_file(dict(base, **extra), str(src))
         capsys.readouterr()
-        assert main(["convert", "reference", str(src), "--arch", "variable-memory-mixer",
-                     "--out", str(tmp_path / "o")]) == 2
+        assert (
+            main(["convert", "reference", str(src), "--arch", "variable-memory-mixer", "--out", str(tmp_path / "o")])
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("memtrain: error: ") and needle in err[0] and also in err[0], err
         assert "--arch" not in err[0], err
@@ -317,10 +372,16 @@ def test_unsupported_reference_bottleneck_is_refused_with_what_was_found(tmp_pat
     same_width = variable_memory_mixer(16, 16, 6, 3, 1, 0, 1, gen)  # e == d: the reference builds no decoder_proj
     ae = autoencoding_mixer(16, 6, 1, 0, 1, gen)
     for arch, state, needles in [
-        ("variable-memory-mixer", dict(same_width, **{"decoder_proj.weight": torch.randn(16, 16)}),
-         ["decoder_proj.weight (16, 16)", "memtrain maps only", "this variant is not supported"]),
-        ("autoencoding-mixer", dict(ae, **{"decoder_wte.weight": torch.randn(V, 16)}),
-         [f"decoder_wte.weight ({V}, 16)", "they belong to a variable-memory-mixer: check --arch"]),
+        (
+            "variable-memory-mixer",
+            dict(same_width, **{"decoder_proj.weight": torch.randn(16, 16)}),
+            ["decoder_proj.weight (16, 16)", "memtrain maps only", "this variant is not supported"],
+        ),
+        (
+            "autoencoding-mixer",
+            dict(ae, **{"decoder_wte.weight": torch.randn(V, 16)}),
+            [f"decoder_wte.weight ({V}, 16)", "they belong to a variable-memory-mixer: check --arch"],
+        ),
     ]:
         save_file(state, str(src))
         capsys.readouterr()
@@ -341,10 +402,30 @@ def test_bad_reference_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     cases = [
         (["convert", "reference", src, "--arch", "language-mixer", "--out", tmp_path / "o"], "no mixerblocks.* blocks"),
         (["convert", "reference", src, "--arch", "variable-memory-mixer", "--out", tmp_path / "o"], "n_chunks"),
-        (["convert", "reference", tmp_path / "nope.safetensors", "--arch", "language-mixer", "--out", tmp_path / "o"],
-         "not found"),
-        (["convert", "reference", tmp_path / "broken.safetensors", "--arch", "language-mixer", "--out",
-          tmp_path / "o"], "not a readable safetensors file"),
+        (
+            [
+                "convert",
+                "reference",
+                tmp_path / "nope.safetensors",
+                "--arch",
+                "language-mixer",
+                "--out",
+                tmp_path / "o",
+            ],
+            "not found",
+        ),
+        (
+            [
+                "convert",
+                "reference",
+                tmp_path / "broken.safetensors",
+                "--arch",
+                "language-mixer",
+                "--out",
+                tmp_path / "o",
+            ],
+            "not a readable safetensors file",
+        ),
         (["convert", "reference", src, "--arch", "autoencoding-mixer", "--out", tmp_path / "full"], "not an empty"),
     ]
     for argv, needle in cases:
@@ -366,10 +447,23 @@ def test_bad_reference_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5):
-    raw = {"model": {"kind": "clm", "chunk_len": 8, "n_chunks": 2, "tie_embeddings": tie,
-                     "decoder": {"arch": "transformer", "d_model": 32, "n_layers": 2, "n_heads": 4,
-                                 "norm_eps": eps, "rope_theta": 500.0}},
-           "objective": {"weights": {"causal": 1.0}}}
+    raw = {
+        "model": {
+            "kind": "clm",
+            "chunk_len": 8,
+            "n_chunks": 2,
+            "tie_embeddings": tie,
+            "decoder": {
+                "arch": "transformer",
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 4,
+                "norm_eps": eps,
+                "rope_theta": 500.0,
+            },
+        },
+        "objective": {"weights": {"causal": 1.0}},
+    }
     cfg = config_from_dict(raw)
     torch.manual_seed(0)
     model = build_model(cfg.model, V)
@@ -377,8 +471,13 @@ def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    meta = {"kind": "clm", "vocab_size": V, "tokenizer_sha256": None, "row_len": 16,
-            "special_ids": {"pad": 0, "eos": 3, "bos": 2}}
+    meta = {
+        "kind": "clm",
+        "vocab_size": V,
+        "tokenizer_sha256": None,
+        "row_len": 16,
+        "special_ids": {"pad": 0, "eos": 3, "bos": 2},
+    }
     ck = ckpt.save_checkpoint(tmp_path / "run", 5, model, {"step": 5}, dump_config(cfg), meta, keep=1)
     return model, ck
 
@@ -403,8 +502,15 @@ def test_clm_transformer_converts_to_llama_with_the_same_logits(tmp_path, tie):
 def test_hf_conversion_refuses_models_without_a_llama_form(tmp_path, capsys):
     raw = {"model": {"kind": "memory", "chunk_len": 4, "n_chunks": 2}, "objective": {"weights": {"causal": 1.0}}}
     cfg = config_from_dict(raw)
-    ckpt.save_checkpoint(tmp_path / "run", 1, build_model(cfg.model, V), {"step": 1}, dump_config(cfg),
-                         {"kind": "memory", "vocab_size": V}, keep=1)
+    ckpt.save_checkpoint(
+        tmp_path / "run",
+        1,
+        build_model(cfg.model, V),
+        {"step": 1},
+        dump_config(cfg),
+        {"kind": "memory", "vocab_size": V},
+        keep=1,
+    )
     capsys.readouterr()
     assert main(["convert", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

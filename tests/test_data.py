@@ -1,4 +1,5 @@
 """Data pipeline: tokenizer, ingestion to MDS shards, streaming loader, errors, demo corpus."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from memtrain.data import demo_corpus_path
-from memtrain.data.ingest import (INFO_FILE, build_shards, expand_sources, is_val_document, iter_documents,
-                                  stable_fraction)
+from memtrain.data.documents import expand_sources, is_val_document, iter_documents, stable_fraction
+from memtrain.data.ingest import INFO_FILE, build_shards
 from memtrain.data.loader import check_compatible, make_loader, read_shard_info
 from memtrain.data.tokenizer import Tokenizer, train_tokenizer
 from memtrain.errors import UserError
@@ -67,15 +68,16 @@ def tokenizer_path(corpus) -> Path:
 @pytest.fixture(scope="module")
 def shards(corpus, tokenizer_path) -> Path:
     out = corpus["root"] / "shards"
-    build_shards([str(corpus["src"])], tokenizer_path, out, row_len=ROW_LEN, val_fraction=0.1, workers=2,
-                 progress=False)
+    build_shards(
+        [str(corpus["src"])], tokenizer_path, out, row_len=ROW_LEN, val_fraction=0.1, workers=2, progress=False
+    )
     return out
 
 
 def _rows(shards_dir: Path, split: str) -> np.ndarray:
     """All rows of a split in stored order: [rows, row_len]."""
-    loader = make_loader(str(shards_dir), split, batch_size=1, shuffle=False, seed=0, drop_last=False)
-    return torch.cat(list(loader.epoch())).numpy()
+    with make_loader(str(shards_dir), split, batch_size=1, shuffle=False, seed=0, drop_last=False) as loader:
+        return torch.cat(list(loader.epoch())).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,8 +89,12 @@ def test_tokenizer_special_ids_roundtrip_and_sha(corpus, tokenizer_path, tmp_pat
     assert tok.vocab_size == VOCAB
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.sep_id, tok.blank_id) == (0, 1, 2, 3, 4, 5)
     assert [tok.id_to_piece(i) for i in range(6)] == ["<pad>", "<unk>", "<s>", "</s>", "<sep>", "<blank>"]
-    texts = ["The planner chooses a query plan.", "  two  spaces\nand a newline\tand a tab ",
-             "Ünïcödé — “quotes”, emoji 😀 and 中文 via byte fallback", ""]
+    texts = [
+        "The planner chooses a query plan.",
+        "  two  spaces\nand a newline\tand a tab ",
+        "Ünïcödé — “quotes”, emoji 😀 and 中文 via byte fallback",
+        "",
+    ]
     ids = tok.encode(texts)
     assert all(isinstance(i, int) for seq in ids for i in seq)
     assert all(0 <= i < tok.vocab_size for seq in ids for i in seq)
@@ -124,8 +130,11 @@ def test_tokenizer_errors(corpus, tmp_path):
 def test_sources_all_formats_dirs_and_globs(corpus):
     src = corpus["src"]
     files = expand_sources([str(src)])
-    assert [(f.kind, f.name) for f in files] == [("jsonl", "nested/more.jsonl"), ("txt", "notes.txt"),
-                                                 ("parquet", "part0.parquet")]
+    assert [(f.kind, f.name) for f in files] == [
+        ("jsonl", "nested/more.jsonl"),
+        ("txt", "notes.txt"),
+        ("parquet", "part0.parquet"),
+    ]
     docs = list(iter_documents([str(src)]))
     assert len(docs) == corpus["n_docs"]
     ids = [d for d, _ in docs]
@@ -138,20 +147,29 @@ def test_sources_all_formats_dirs_and_globs(corpus):
 
 
 def test_packing_is_exact_for_a_known_corpus(tmp_path, tokenizer_path):
-    texts = ["First document, short.", "The second document is a little longer than the first one.",
-             "Third.", "A fourth document closes the corpus with some more words to pack."]
+    texts = [
+        "First document, short.",
+        "The second document is a little longer than the first one.",
+        "Third.",
+        "A fourth document closes the corpus with some more words to pack.",
+    ]
     _write_jsonl(tmp_path / "tiny.jsonl", [{"text": t} for t in texts], with_id=False)
     out = tmp_path / "sh"
-    summary = build_shards([str(tmp_path / "tiny.jsonl")], tokenizer_path, out, row_len=8, val_fraction=0.0,
-                           workers=1, progress=False)
+    summary = build_shards(
+        [str(tmp_path / "tiny.jsonl")], tokenizer_path, out, row_len=8, val_fraction=0.0, workers=1, progress=False
+    )
     tok = Tokenizer.load(tokenizer_path)
     stream = [i for ids in tok.encode(texts) for i in ids + [tok.eos_id]]
     n_rows = len(stream) // 8
     rows = _rows(out, "train")
     assert rows.shape == (n_rows, 8)
     assert rows.reshape(-1).tolist() == stream[: n_rows * 8]
-    assert summary["splits"]["train"] == {"rows": n_rows, "tokens": n_rows * 8, "documents": 4,
-                                          "dropped_tail_tokens": len(stream) - n_rows * 8}
+    assert summary["splits"]["train"] == {
+        "rows": n_rows,
+        "tokens": n_rows * 8,
+        "documents": 4,
+        "dropped_tail_tokens": len(stream) - n_rows * 8,
+    }
     assert not (out / "val").exists() and "val" not in summary["splits"]
     info = json.loads((out / INFO_FILE).read_text())
     assert info["row_len"] == 8 and info["tokenizer_sha256"] == tok.sha256 and info["vocab_size"] == VOCAB
@@ -181,8 +199,9 @@ def test_shards_hold_the_tokenized_stream_of_each_split(corpus, tokenizer_path, 
 
 def test_output_independent_of_workers_and_split_independent_of_order(corpus, tokenizer_path, shards, tmp_path):
     one = tmp_path / "w1"
-    build_shards([str(corpus["src"])], tokenizer_path, one, row_len=ROW_LEN, val_fraction=0.1, workers=1,
-                 progress=False)
+    build_shards(
+        [str(corpus["src"])], tokenizer_path, one, row_len=ROW_LEN, val_fraction=0.1, workers=1, progress=False
+    )
     for split in ("train", "val"):
         names = sorted(p.name for p in (shards / split).iterdir() if not p.name.endswith(".mds"))
         assert names == sorted(p.name for p in (one / split).iterdir())
@@ -191,13 +210,22 @@ def test_output_independent_of_workers_and_split_independent_of_order(corpus, to
     # split membership depends on the id only: reversing the document order keeps every document's side
     docs = list(iter_documents([str(corpus["src"])]))
     _write_jsonl(tmp_path / "rev.jsonl", [{"id": d, "text": t} for d, t in reversed(docs)])
-    rev = build_shards([str(tmp_path / "rev.jsonl")], tokenizer_path, tmp_path / "rev", row_len=ROW_LEN,
-                       val_fraction=0.1, workers=2, progress=False)
+    rev = build_shards(
+        [str(tmp_path / "rev.jsonl")],
+        tokenizer_path,
+        tmp_path / "rev",
+        row_len=ROW_LEN,
+        val_fraction=0.1,
+        workers=2,
+        progress=False,
+    )
     info = read_shard_info(str(shards))
     for split in ("train", "val"):
         assert rev["splits"][split]["documents"] == info.splits[split]["documents"]
-        assert (rev["splits"][split]["rows"] * ROW_LEN + rev["splits"][split]["dropped_tail_tokens"]
-                == info.splits[split]["rows"] * ROW_LEN + info.splits[split]["dropped_tail_tokens"])
+        assert (
+            rev["splits"][split]["rows"] * ROW_LEN + rev["splits"][split]["dropped_tail_tokens"]
+            == info.splits[split]["rows"] * ROW_LEN + info.splits[split]["dropped_tail_tokens"]
+        )
     assert stable_fraction("doc-1") == stable_fraction("doc-1") != stable_fraction("doc-1", seed=1)
 
 
@@ -205,9 +233,9 @@ def test_output_independent_of_workers_and_split_independent_of_order(corpus, to
 # loader
 
 
-def test_loader_batches_cover_each_row_once_per_epoch(shards):
+def test_loader_batches_cover_each_row_once_per_epoch(shards, open_loader):
     all_rows = _rows(shards, "train")
-    loader = make_loader(str(shards), "train", batch_size=8, shuffle=True, seed=1)
+    loader = open_loader(str(shards), "train", batch_size=8, shuffle=True, seed=1)
     assert len(loader) == len(all_rows) // 8
     it = iter(loader)
     epochs = []
@@ -220,15 +248,15 @@ def test_loader_batches_cover_each_row_once_per_epoch(shards):
         assert not Counter(r.tobytes() for r in ep) - every
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled per epoch
     assert not np.array_equal(epochs[0], all_rows[: len(epochs[0])])  # shuffled at all
-    full = make_loader(str(shards), "train", batch_size=8, shuffle=True, seed=1, drop_last=False)
+    full = open_loader(str(shards), "train", batch_size=8, shuffle=True, seed=1, drop_last=False)
     got = torch.cat(list(full.epoch())).numpy()
     assert sorted(r.tobytes() for r in got) == sorted(r.tobytes() for r in all_rows)
 
 
 @pytest.mark.parametrize("k,workers", [(0, 0), (5, 0), ("epoch", 0), ("epoch+3", 0), (5, 2)])
-def test_loader_exact_mid_epoch_resume(shards, k, workers):
+def test_loader_exact_mid_epoch_resume(shards, open_loader, k, workers):
     def loader(num_workers=workers):
-        return make_loader(str(shards), "train", batch_size=8, shuffle=True, seed=7, num_workers=num_workers)
+        return open_loader(str(shards), "train", batch_size=8, shuffle=True, seed=7, num_workers=num_workers)
 
     per_epoch = len(loader())
     k = {"epoch": per_epoch, "epoch+3": per_epoch + 3}.get(k, k)
@@ -248,9 +276,9 @@ def test_loader_exact_mid_epoch_resume(shards, k, workers):
         assert torch.equal(a, b), f"batch {i} differs after resuming at {k}"
 
 
-def test_val_loader_fixed_batches_and_two_loaders(shards):
-    val = make_loader(str(shards), "val", batch_size=4, shuffle=False, seed=0, max_batches=3)
-    train = make_loader(str(shards), "train", batch_size=4, shuffle=True, seed=0)
+def test_val_loader_fixed_batches_and_two_loaders(shards, open_loader):
+    val = open_loader(str(shards), "val", batch_size=4, shuffle=False, seed=0, max_batches=3)
+    train = open_loader(str(shards), "train", batch_size=4, shuffle=True, seed=0)
     a, b = list(val), list(val)
     assert len(a) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
     assert torch.equal(torch.cat(a), torch.from_numpy(_rows(shards, "val")[:12]))
@@ -259,14 +287,13 @@ def test_val_loader_fixed_batches_and_two_loaders(shards):
         val.load_state_dict(train.state_dict())
 
 
-def test_remote_file_url_reads_through_cache(shards, tmp_path):
+def test_remote_file_url_reads_through_cache(shards, open_loader, tmp_path):
     url = "file://" + str(shards.resolve())
     info = read_shard_info(url, cache_dir=tmp_path / "cache")
     assert info.remote == str(shards.resolve()) and info.local_dir.is_relative_to(tmp_path / "cache")
     assert Tokenizer.load(info.tokenizer_path).sha256 == info.tokenizer_sha256
-    remote = make_loader(url, "val", batch_size=4, shuffle=False, seed=0, cache_dir=tmp_path / "cache",
-                         max_batches=2)
-    local = make_loader(str(shards), "val", batch_size=4, shuffle=False, seed=0, max_batches=2)
+    remote = open_loader(url, "val", batch_size=4, shuffle=False, seed=0, cache_dir=tmp_path / "cache", max_batches=2)
+    local = open_loader(str(shards), "val", batch_size=4, shuffle=False, seed=0, max_batches=2)
     assert all(torch.equal(x, y) for x, y in zip(remote, local))
     with pytest.raises(UserError, match="not a memtrain shard directory"):
         read_shard_info("file://" + str(tmp_path), cache_dir=tmp_path / "cache")
@@ -319,15 +346,15 @@ def test_existing_output_is_left_untouched(tmp_path, tokenizer_path):
     with pytest.raises(UserError, match="out: output directory exists and is not empty"):
         build_shards([str(src)], tokenizer_path, out, row_len=8, val_fraction=0, workers=1, progress=False)
     with pytest.raises(UserError, match="not a memtrain shard directory"):
-        build_shards([str(src)], tokenizer_path, out, row_len=8, val_fraction=0, workers=1, progress=False,
-                     overwrite=True)
+        build_shards(
+            [str(src)], tokenizer_path, out, row_len=8, val_fraction=0, workers=1, progress=False, overwrite=True
+        )
     assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl", "out"]
     # an earlier shard directory can be replaced with overwrite=True
     sh = tmp_path / "sh"
     build_shards([str(src)], tokenizer_path, sh, row_len=8, val_fraction=0, workers=1, progress=False)
-    build_shards([str(src)], tokenizer_path, sh, row_len=16, val_fraction=0, workers=1, progress=False,
-                 overwrite=True)
+    build_shards([str(src)], tokenizer_path, sh, row_len=16, val_fraction=0, workers=1, progress=False, overwrite=True)
     assert read_shard_info(str(sh)).row_len == 16
 
 
@@ -335,8 +362,11 @@ def test_shard_dir_and_compatibility_errors(shards, tmp_path):
     with pytest.raises(UserError, match="nowhere: shard directory not found"):
         read_shard_info(str(tmp_path / "nowhere"))
     (tmp_path / "plain").mkdir()
-    with pytest.raises(UserError, match=r"plain: no memtrain_shards.json: not a memtrain shard directory; "
-                                        r"make one with `memtrain data shards`"):
+    with pytest.raises(
+        UserError,
+        match=r"plain: no memtrain_shards.json: not a memtrain shard directory; "
+        r"make one with `memtrain data shards`",
+    ):
         read_shard_info(str(tmp_path / "plain"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / INFO_FILE).write_text('{"format_version": 1, "row_len": "long"}')
@@ -350,12 +380,18 @@ def test_shard_dir_and_compatibility_errors(shards, tmp_path):
 
     info = read_shard_info(str(shards))
     check_compatible(info, row_len=ROW_LEN, tokenizer_sha256=info.tokenizer_sha256, vocab_size=VOCAB)
-    with pytest.raises(UserError, match=r"data.shards \(.*\): rows hold 64 tokens but "
-                                        r"model.chunk_len x model.n_chunks = 4 x 32 = 128"):
+    with pytest.raises(
+        UserError,
+        match=r"data.shards \(.*\): rows hold 64 tokens but "
+        r"model.chunk_len x model.n_chunks = 4 x 32 = 128",
+    ):
         check_compatible(info, row_len=128, row_len_source="model.chunk_len x model.n_chunks = 4 x 32")
     other = "cd34" + "0" * 60
-    with pytest.raises(UserError, match=rf"shards were made with tokenizer sha256 {info.tokenizer_sha256[:12]}… "
-                                        rf"but the checkpoint's tokenizer is cd3400000000…"):
+    with pytest.raises(
+        UserError,
+        match=rf"shards were made with tokenizer sha256 {info.tokenizer_sha256[:12]}… "
+        rf"but the checkpoint's tokenizer is cd3400000000…",
+    ):
         check_compatible(info, tokenizer_sha256=other)
     with pytest.raises(UserError, match="has 500 ids but model.vocab_size is 8000"):
         check_compatible(info, vocab_size=8000)
@@ -381,20 +417,57 @@ def _data_cli(argv: list[str]) -> int:
 def test_cli_tokenizer_and_shards(corpus, tmp_path, capsys):
     src = str(corpus["src"] / "part0.parquet")
     assert _data_cli(["tokenizer", "--input", src, "--out", str(tmp_path / "tok"), "--vocab-size", "400"]) == 0
-    assert _data_cli(["shards", "--input", src, "--tokenizer", str(tmp_path / "tok"), "--out",
-                      str(tmp_path / "sh"), "--chunk-len", "8", "--chunks", "4", "--val-fraction", "0.1",
-                      "--no-progress"]) == 0
+    assert (
+        _data_cli(
+            [
+                "shards",
+                "--input",
+                src,
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--out",
+                str(tmp_path / "sh"),
+                "--chunk-len",
+                "8",
+                "--chunks",
+                "4",
+                "--val-fraction",
+                "0.1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "vocab 400" in out and "rows of 32 tokens" in out and "train" in out and "val" in out
     assert read_shard_info(str(tmp_path / "sh")).row_len == 32
     with pytest.raises(UserError, match="--row-len N, or --chunk-len L together with --chunks C"):
-        _data_cli(["shards", "--input", src, "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "x"),
-                   "--chunk-len", "8"])
+        _data_cli(
+            [
+                "shards",
+                "--input",
+                src,
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--out",
+                str(tmp_path / "x"),
+                "--chunk-len",
+                "8",
+            ]
+        )
 
 
 def test_prepare_demo_is_idempotent(tmp_path, capsys):
-    argv = ["prepare-demo", "--out", str(tmp_path / "demo"), "--vocab-size", "1024", "--row-len", "128",
-            "--no-progress"]
+    argv = [
+        "prepare-demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--vocab-size",
+        "1024",
+        "--row-len",
+        "128",
+        "--no-progress",
+    ]
     assert _data_cli(argv) == 0
     info = read_shard_info(str(tmp_path / "demo" / "shards"))
     assert info.row_len == 128 and info.vocab_size == 1024 and info.rows("val") >= 100

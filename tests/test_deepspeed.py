@@ -5,14 +5,10 @@ the generated DeepSpeed config, and bad combinations refused before any process 
 Every run skips DeepSpeed's shared-memory extension build (memtrain.engine.distributed.import_deepspeed)
 and passes a torch AdamW (no fused_adam build), so a run costs its imports and its steps only.
 """
+
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,159 +16,45 @@ from safetensors.torch import load_file
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from conftest import tiny_config, tiny_raw, write_yaml  # noqa: E402
+from helpers import (  # noqa: E402
+    BATCH,
+    CURRICULUM,
+    KILL_RUN,
+    RUN,
+    STEPS,
+    assert_close_weights,
+    check_kill_and_resume,
+    records,
+    same_losses,
+    tiny_config,
+    tiny_raw,
+    torchrun,
+    weights,
+    write_yaml,
+)
+
 from memtrain.cli import main  # noqa: E402
-from memtrain.config import config_from_dict  # noqa: E402
 from memtrain.engine import checkpoint as ckpt  # noqa: E402
-from memtrain.engine.distributed import free_port  # noqa: E402
 from memtrain.engine.ds_config import deepspeed_config, layout  # noqa: E402
 from memtrain.engine.trainer import train  # noqa: E402
 from memtrain.errors import UserError  # noqa: E402
-from test_engine import records, weights  # noqa: E402  (metrics.jsonl by step; a checkpoint's weights)
-
-STEPS = 6
-BATCH = 4  # rows per rank; the single-process reference trains 2 x BATCH rows per step
-CURRICULUM = ("curriculum=[{name: joint, steps: 3, weights: {causal: 1.0, copy: 0.5}}, "
-              "{name: decoder, steps: 3, weights: {causal: 1.0}, freeze: [encoder]}]")
-RUN = (f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=3", "train.keep_ckpts=5")
-KILL_STEPS = 30
-KILL_RUN = (f"train.steps={KILL_STEPS}", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=5",
-            "train.keep_ckpts=10")
-
-
-# ----------------------------------------------------------------------------------------------------
-# helpers (also used by test_pipeline.py)
-
-
-def torchrun_cmd(config: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
-    """2 ranks of ``memtrain train CONFIG`` under torchrun, or under the deepspeed launcher (which passes no
-    --local_rank with --no_local_rank, and sets LOCAL_SIZE where torchrun sets LOCAL_WORLD_SIZE)."""
-    if launcher == "deepspeed":
-        return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-                "--no_local_rank", "--module", "memtrain", "train", str(config), *extra]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    return [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "memtrain", "train",
-            str(config), *extra]
-
-
-def run_env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1")
-
-
-#: mosaicml-streaming picks shared-memory names by probing; two jobs on one machine can pick the same name at
-#: once, and the later one fails with this before it reads anything (seen when other test suites run beside)
-SHM_RACE = "FileExistsError: [Errno 17] File exists: '/0"
-
-
-def torchrun(config: Path, *extra: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m memtrain train CONFIG`` (or the deepspeed launcher); asserts success
-    (one retry if the start lost streaming's shared-memory race with another job, before anything is written)."""
-    cmd = torchrun_cmd(config, *extra, launcher=launcher)
-    done = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
-    if done.returncode and SHM_RACE in done.stderr:
-        done = subprocess.run(torchrun_cmd(config, *extra, launcher=launcher), env=run_env(), capture_output=True,
-                              text=True, timeout=300)
-    assert done.returncode == 0, "\n".join(ln for ln in done.stderr.splitlines() if "rank0]" in ln)[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids of all descendants of ``pid`` (torchrun starts its ranks in sessions of their own, so
-    killing torchrun's process group would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def launch_and_kill(config: Path, run_dir: Path) -> int:
-    """Start a 2-rank run and SIGKILL torchrun and every rank once its first checkpoint exists; returns the
-    step of the newest complete checkpoint left behind."""
-    proc = subprocess.Popen(torchrun_cmd(config), env=run_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not ckpt.list_checkpoints(run_dir) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        for pid in descendants(proc.pid) + [proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    finally:
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, err[-3000:]
-    return ckpt.latest_checkpoint(run_dir).step
-
-
-def check_kill_and_resume(config: Path, run_dir: Path, reference: Path, resumed_from_text: str = "") -> int:
-    """Kill a run after its first checkpoint, resume it, and check: each step logged once, the resumed steps
-    repeat exactly what the killed process computed, and every step equals the single-process reference."""
-    killed_at = launch_and_kill(config, run_dir)
-    assert killed_at < KILL_STEPS and not (run_dir / "summary.json").exists()
-    before = records(run_dir)
-    done = torchrun(config, "--resume")
-    assert f"at step {killed_at};" in done.stdout
-    after = records(run_dir)
-    assert sorted(after) == list(range(1, KILL_STEPS + 1))
-    overlap = [s for s in before if s > killed_at]
-    for s in overlap:
-        assert after[s]["loss/total"] == pytest.approx(before[s]["loss/total"], rel=0, abs=1e-6), s
-    ref = records(reference)
-    for s in range(1, KILL_STEPS + 1):
-        assert after[s]["loss/total"] == pytest.approx(ref[s]["loss/total"], rel=0, abs=2e-5), s
-    assert_close_weights(weights(run_dir, KILL_STEPS), weights(reference, KILL_STEPS), atol=2e-4)
-    return killed_at
-
-
-def assert_close_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
-    """Same names; same values except the mixers' per-position biases (a LayerNorm follows them, so their
-    gradient is rounding noise that Adam turns into +-lr steps depending on the reduction order)."""
-    assert sorted(a) == sorted(b)
-    compared = [k for k in a if not k.endswith("conv.bias")]
-    assert len(compared) > 20
-    for k in compared:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
-
-
-def same_losses(run: Path, reference: Path, steps: int, atol: float = 1e-5) -> None:
-    ra, rb = records(run), records(reference)
-    assert sorted(ra) == list(range(1, steps + 1))
-    for s in range(1, steps + 1):
-        for key in ("loss/total", "loss/causal", "accuracy/causal"):
-            if key in rb[s]:
-                assert ra[s][key] == pytest.approx(rb[s][key], rel=0, abs=atol), (s, key)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    """Single-process plain runs on the global batch (2 x BATCH rows): the plain schedule, the curriculum,
-    and the longer run of the kill tests."""
-    root = tmp_path_factory.mktemp("reference")
-    runs = {"plain": (RUN, ()), "curriculum": (RUN, (CURRICULUM,)), "long": (KILL_RUN, ())}
-    for name, (run, extra) in runs.items():
-        train(tiny_config(tiny_data.shards, root / name, *run, f"data.batch_size={2 * BATCH}", *extra))
-    return {name: root / name for name in runs}
-
 
 # ----------------------------------------------------------------------------------------------------
 # the generated DeepSpeed config
 
 
 def test_deepspeed_config_comes_from_the_run_config(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data.shards, tmp_path, "dist.engine=deepspeed", "dist.zero_stage=2", "optim.grad_accum=3",
-                      "optim.grad_clip=0.5", "data.batch_size=4", "dist.micro_batch_size=2",
-                      "dist.offload_optimizer=true")
+    cfg = tiny_config(
+        tiny_data.shards,
+        tmp_path,
+        "dist.engine=deepspeed",
+        "dist.zero_stage=2",
+        "optim.grad_accum=3",
+        "optim.grad_clip=0.5",
+        "data.batch_size=4",
+        "dist.micro_batch_size=2",
+        "dist.offload_optimizer=true",
+    )
     lay = layout(cfg, world_size=4)
     ds = deepspeed_config(cfg, lay, bf16=True, device_type="cpu")
     # 4 ranks x 3 loaded batches of 4 rows, run as micro-batches of 2: 6 accumulation steps per rank
@@ -183,8 +65,15 @@ def test_deepspeed_config_comes_from_the_run_config(tiny_data, tmp_path):
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert ds["bf16"] == {"enabled": True} and "optimizer" not in ds and "pipeline" not in ds
     # a pipeline of 2 stages on 4 ranks: 2 replicas, each training the rows its 2 ranks loaded
-    pipe = tiny_config(tiny_data.shards, tmp_path, "dist.engine=deepspeed", "dist.zero_stage=1",
-                       "dist.pipeline_stages=2", "dist.activation_checkpointing=true", "optim.grad_clip=0")
+    pipe = tiny_config(
+        tiny_data.shards,
+        tmp_path,
+        "dist.engine=deepspeed",
+        "dist.zero_stage=1",
+        "dist.pipeline_stages=2",
+        "dist.activation_checkpointing=true",
+        "optim.grad_clip=0",
+    )
     lay = layout(pipe, world_size=4)
     ds = deepspeed_config(pipe, lay, bf16=False, device_type="cpu")
     assert (lay.data_parallel, lay.micro_batches, lay.micro_batch_size) == (2, 2, 4)
@@ -195,18 +84,31 @@ def test_deepspeed_config_comes_from_the_run_config(tiny_data, tmp_path):
         layout(pipe, world_size=3)
 
 
-@pytest.mark.parametrize("sets, needles", [
-    (["dist.engine=deepspeed", "dist.zero_stage=2", "dist.pipeline_stages=2"], ["ZeRO-2", "pipeline"]),
-    (["dist.engine=deepspeed", "dist.zero_stage=3", "dist.pipeline_stages=2"], ["ZeRO-3", "zero_stage 0 or 1"]),
-    (["dist.engine=deepspeed", "dist.pipeline_stages=6"], ["pipeline_stages 6", "5 pipeline layers"]),
-    (["dist.engine=deepspeed", "dist.micro_batch_size=3"], ["micro_batch_size 3", "data.batch_size 4"]),
-    (["dist.zero_stage=1"], ["zero_stage: 1 needs engine: deepspeed"]),
-    (["dist.engine=deepspeed", "dist.zero_stage=2", "dist.offload_param=true"], ["offload_param needs zero_stage: 3"]),
-    (["dist.engine=deepspeed", "dist.offload_optimizer=true"], ["offload_optimizer needs zero_stage 1, 2 or 3"]),
-    (["dist.engine=deepspeed", "dist.pipeline_stages=2", "model.tie_embeddings=true",
-      "model.decoder.d_model=32"], ["tie_embeddings"]),
-    (["dist.engine=deepspeed", "dist.pipeline_stages=2", "data.memories=mem"], ["data.memories", "pipeline"]),
-])
+@pytest.mark.parametrize(
+    "sets, needles",
+    [
+        (["dist.engine=deepspeed", "dist.zero_stage=2", "dist.pipeline_stages=2"], ["ZeRO-2", "pipeline"]),
+        (["dist.engine=deepspeed", "dist.zero_stage=3", "dist.pipeline_stages=2"], ["ZeRO-3", "zero_stage 0 or 1"]),
+        (["dist.engine=deepspeed", "dist.pipeline_stages=6"], ["pipeline_stages 6", "5 pipeline layers"]),
+        (["dist.engine=deepspeed", "dist.micro_batch_size=3"], ["micro_batch_size 3", "data.batch_size 4"]),
+        (["dist.zero_stage=1"], ["zero_stage: 1 needs engine: deepspeed"]),
+        (
+            ["dist.engine=deepspeed", "dist.zero_stage=2", "dist.offload_param=true"],
+            ["offload_param needs zero_stage: 3"],
+        ),
+        (["dist.engine=deepspeed", "dist.offload_optimizer=true"], ["offload_optimizer needs zero_stage 1, 2 or 3"]),
+        (
+            [
+                "dist.engine=deepspeed",
+                "dist.pipeline_stages=2",
+                "model.tie_embeddings=true",
+                "model.decoder.d_model=32",
+            ],
+            ["tie_embeddings"],
+        ),
+        (["dist.engine=deepspeed", "dist.pipeline_stages=2", "data.memories=mem"], ["data.memories", "pipeline"]),
+    ],
+)
 def test_invalid_combinations_are_refused_before_any_process_group(tiny_data, tmp_path, capsys, sets, needles):
     argv = ["train", str(tmp_path / "c.yaml")]
     write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, tmp_path / "run", sets))
@@ -245,14 +147,17 @@ def test_the_deepspeed_launchers_local_size_reaches_the_data_loader(monkeypatch)
 
 
 @pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (3, "torchrun")])
+@pytest.mark.distributed
 def test_zero_stage_on_two_ranks_equals_one_process(stage, launcher, reference, tiny_data, tmp_path):
     """ZeRO 0/1/3 with 2 ranks x 4 rows train like one process with batches of 8 (ZeRO-1 started by the
     deepspeed launcher). ZeRO-3 runs the curriculum (its second stage freezes the encoder: DeepSpeed keeps it
     exactly as it was at the boundary)."""
     extra = (CURRICULUM,) if stage == 3 else ()
     run = tmp_path / f"zero{stage}"
-    config = write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, run, [
-        *RUN, "dist.engine=deepspeed", f"dist.zero_stage={stage}", *extra]))
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        tiny_raw(tiny_data.shards, run, [*RUN, "dist.engine=deepspeed", f"dist.zero_stage={stage}", *extra]),
+    )
     done = torchrun(config, launcher=launcher)
     assert f"2 rank(s) on cpu (DeepSpeed ZeRO-{stage}, fp32" in done.stdout
     ref = reference["curriculum" if stage == 3 else "plain"]
@@ -273,14 +178,20 @@ def test_zero_stage_on_two_ranks_equals_one_process(stage, launcher, reference, 
     assert (run / "checkpoints" / f"step_{STEPS:07d}" / "ds" / "state").is_dir()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero2_killed_and_resumed_gives_the_same_next_losses(reference, tiny_data, tmp_path, capsys):
     run = tmp_path / "zero2"
-    config = write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, run, [
-        *KILL_RUN, "dist.engine=deepspeed", "dist.zero_stage=2"]))
+    config = write_yaml(
+        tmp_path / "c.yaml", tiny_raw(tiny_data.shards, run, [*KILL_RUN, "dist.engine=deepspeed", "dist.zero_stage=2"])
+    )
     check_kill_and_resume(config, run, reference["long"])
     # the data position counts the global batch
-    state = torch.load(run / "checkpoints" / "step_0000010" / "ds" / "state" / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=False)
+    state = torch.load(
+        run / "checkpoints" / "step_0000010" / "ds" / "state" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert state["step"] == 10 and state["loader"]["streaming"]["sample_in_epoch"] == 10 * BATCH * 2
     # memtrain eval reads the DeepSpeed run directly (its consolidated model.safetensors)
     capsys.readouterr()
@@ -288,8 +199,11 @@ def test_zero2_killed_and_resumed_gives_the_same_next_losses(reference, tiny_dat
     assert "| tiny | causal |" in capsys.readouterr().out
     # resuming with another number of ranks stops with how to go on
     cfg = tiny_config(tiny_data.shards, run, *KILL_RUN, "dist.engine=deepspeed", "dist.zero_stage=2")
-    with pytest.raises(UserError, match=r"saved by 2 rank\(s\).*resume with 2 rank\(s\), or convert the "
-                                        r"checkpoint \(memtrain convert deepspeed"):
+    with pytest.raises(
+        UserError,
+        match=r"saved by 2 rank\(s\).*resume with 2 rank\(s\), or convert the "
+        r"checkpoint \(memtrain convert deepspeed",
+    ):
         train(cfg, resume=True)
     assert not torch.distributed.is_initialized()
 
@@ -301,8 +215,15 @@ def test_zero2_killed_and_resumed_gives_the_same_next_losses(reference, tiny_dat
 def test_single_rank_bf16_resumes_exactly_and_converts_to_fp32_master_weights(tiny_data, tmp_path):
     """A DeepSpeed run without a launcher (rank variables set in-process), bf16 with ZeRO-1: stopped and
     resumed it equals the uninterrupted run; conversion gives the fp32 master weights, not bf16 ones."""
-    args = ("train.steps=6", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0",
-            "dist.engine=deepspeed", "dist.zero_stage=1", "train.precision=bf16")
+    args = (
+        "train.steps=6",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+        "dist.engine=deepspeed",
+        "dist.zero_stage=1",
+        "train.precision=bf16",
+    )
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train(tiny_config(tiny_data.shards, whole, *args))
     cfg = tiny_config(tiny_data.shards, parts, *args)
@@ -320,12 +241,20 @@ def test_single_rank_bf16_resumes_exactly_and_converts_to_fp32_master_weights(ti
     assert all(torch.equal(a, b) for a, b in zip(saved.values(), weights(parts, 6).values()))
 
 
-@pytest.mark.parametrize("sets", [
-    ("dist.engine=deepspeed", "dist.zero_stage=2", "dist.offload_optimizer=true"),
-    ("dist.engine=deepspeed", "dist.zero_stage=3", "dist.offload_optimizer=true", "dist.offload_param=true",
-     "dist.activation_checkpointing=true"),
-    ("dist.activation_checkpointing=true",),
-])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("dist.engine=deepspeed", "dist.zero_stage=2", "dist.offload_optimizer=true"),
+        (
+            "dist.engine=deepspeed",
+            "dist.zero_stage=3",
+            "dist.offload_optimizer=true",
+            "dist.offload_param=true",
+            "dist.activation_checkpointing=true",
+        ),
+        ("dist.activation_checkpointing=true",),
+    ],
+)
 def test_offload_and_activation_checkpointing_train_like_the_plain_engine(sets, tiny_data, tmp_path):
     """ZeRO-Offload (the torch AdamW steps the CPU master copy; no cpu_adam build) and recomputed activations
     change where tensors live and when they are computed, not the numbers."""
@@ -339,9 +268,10 @@ def test_offload_and_activation_checkpointing_train_like_the_plain_engine(sets, 
 def test_convert_refuses_what_is_not_a_deepspeed_checkpoint(tiny_data, tmp_path, capsys):
     run = tmp_path / "plain"
     train(tiny_config(tiny_data.shards, run, "train.steps=2", "train.eval_every=0", "train.ckpt_every=0"))
-    for argv, needle in ((["convert", "deepspeed", str(run), "--out", str(tmp_path / "o")], "not a DeepSpeed"),
-                         (["convert", "deepspeed", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
-                          "checkpoint not found")):
+    for argv, needle in (
+        (["convert", "deepspeed", str(run), "--out", str(tmp_path / "o")], "not a DeepSpeed"),
+        (["convert", "deepspeed", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], "checkpoint not found"),
+    ):
         capsys.readouterr()
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()

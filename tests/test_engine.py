@@ -1,5 +1,6 @@
 """The training engine: loss goes down, exact resume (in process, across a curriculum boundary, after a real
 SIGKILL), atomic checkpoints, data position, TensorBoard scalars, and a two-rank torchrun run."""
+
 from __future__ import annotations
 
 import json
@@ -15,18 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import records, tiny_config, tiny_raw, weights, write_yaml
 
-from conftest import records, tiny_config, tiny_raw, write_yaml
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.trainer import train
 
-CURRICULUM = ("curriculum=[{name: joint, steps: 6, weights: {causal: 1.0, copy: 0.5}}, "
-              "{name: decoder, steps: 6, weights: {causal: 1.0}, freeze: [encoder]}]")
-
-
-def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+CURRICULUM = (
+    "curriculum=[{name: joint, steps: 6, weights: {causal: 1.0, copy: 0.5}}, "
+    "{name: decoder, steps: 6, weights: {causal: 1.0}, freeze: [encoder]}]"
+)
 
 
 def ckpt_steps(run_dir: Path) -> list[int]:
@@ -51,8 +49,14 @@ def assert_same_losses(a: dict[int, dict], b: dict[int, dict], steps) -> None:
 
 
 def test_training_lowers_the_loss(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data.shards, tmp_path / "run", "train.steps=60", "train.log_every=1",
-                      "train.eval_every=0", "train.ckpt_every=0")
+    cfg = tiny_config(
+        tiny_data.shards,
+        tmp_path / "run",
+        "train.steps=60",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+    )
     summary = train(cfg)
     losses = [r["loss/total"] for _, r in sorted(records(tmp_path / "run").items())]
     assert len(losses) == 60 and all(math.isfinite(x) for x in losses)
@@ -120,8 +124,18 @@ def test_tensorboard_scalars(single_stage):
     assert list((b / "tb").glob("events.out.tfevents.*"))
     acc = tensorboard(b)
     tags = set(acc.Tags()["scalars"])
-    want = {"loss/total", "loss/causal", "loss/copy", "accuracy/causal", "accuracy/copy", "lr", "grad_norm",
-            "tokens_per_s", "eval/causal/ce", "eval/copy/ce"}
+    want = {
+        "loss/total",
+        "loss/causal",
+        "loss/copy",
+        "accuracy/causal",
+        "accuracy/copy",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "eval/causal/ce",
+        "eval/copy/ce",
+    }
     assert want <= tags, want - tags
     # after the resume every step appears once (steps 5.. of the first part purged, step 4 kept)
     total = acc.Scalars("loss/total")
@@ -134,8 +148,15 @@ def test_tensorboard_scalars(single_stage):
 
 
 def test_resume_across_a_curriculum_boundary_keeps_the_encoder_frozen(tiny_data, tmp_path):
-    args = ("train.steps=12", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=0",
-            "train.keep_ckpts=10", "optim.grad_accum=2", CURRICULUM)
+    args = (
+        "train.steps=12",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "train.eval_every=0",
+        "train.keep_ckpts=10",
+        "optim.grad_accum=2",
+        CURRICULUM,
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     train(tiny_config(tiny_data.shards, a, *args))
     cfg_b = tiny_config(tiny_data.shards, b, *args)
@@ -159,8 +180,7 @@ def test_resume_across_a_curriculum_boundary_keeps_the_encoder_frozen(tiny_data,
 def test_sigkill_and_resume_gives_the_same_next_losses(tiny_data, tmp_path):
     """A real `memtrain train` process killed once a checkpoint exists, resumed with --resume."""
     n = 150
-    args = [f"train.steps={n}", "train.log_every=1", "train.ckpt_every=10", "train.eval_every=0",
-            "train.keep_ckpts=3"]
+    args = [f"train.steps={n}", "train.log_every=1", "train.ckpt_every=10", "train.eval_every=0", "train.keep_ckpts=3"]
     config = write_yaml(tmp_path / "run.yaml", tiny_raw(tiny_data.shards, tmp_path / "killed", args))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "memtrain", "train", str(config)]
@@ -198,8 +218,9 @@ def test_sigkill_and_resume_gives_the_same_next_losses(tiny_data, tmp_path):
 
 def test_restart_of_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tiny_data, tmp_path):
     run = tmp_path / "run"
-    cfg = tiny_config(tiny_data.shards, run, "train.steps=6", "train.log_every=1", "train.eval_every=0",
-                      "train.ckpt_every=0")
+    cfg = tiny_config(
+        tiny_data.shards, run, "train.steps=6", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0"
+    )
     train(cfg, stop_after=4)
     shutil.rmtree(run / "checkpoints")  # as if killed at step 4 before any checkpoint was written
     assert sorted(records(run)) == [1, 2, 3, 4]
@@ -213,8 +234,9 @@ def test_shards_without_a_validation_split_train_without_evaluation(tiny_data, t
     from memtrain.data.ingest import build_shards
 
     shards = tmp_path / "noval"
-    build_shards([str(tiny_data.corpus)], tiny_data.tokenizer, shards, row_len=32, val_fraction=0, workers=1,
-                 progress=False)
+    build_shards(
+        [str(tiny_data.corpus)], tiny_data.tokenizer, shards, row_len=32, val_fraction=0, workers=1, progress=False
+    )
     run = tmp_path / "run"
     summary = train(tiny_config(shards, run, "train.steps=4", "train.eval_every=2", "train.ckpt_every=0"))
     assert summary["complete"] and summary["eval"] == {}
@@ -228,8 +250,9 @@ def test_shards_without_a_validation_split_train_without_evaluation(tiny_data, t
 
 def test_half_written_checkpoint_is_ignored_then_removed_and_old_ones_pruned(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    cfg = tiny_config(tiny_data.shards, run, "train.steps=8", "train.ckpt_every=2", "train.keep_ckpts=2",
-                      "train.eval_every=0")
+    cfg = tiny_config(
+        tiny_data.shards, run, "train.steps=8", "train.ckpt_every=2", "train.keep_ckpts=2", "train.eval_every=0"
+    )
     train(cfg, stop_after=4)
     assert ckpt_steps(run) == [2, 4]
     # a save of step 6 killed half-way (it even got as far as meta.json)
@@ -279,16 +302,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_torchrun_two_ranks(tiny_data, tmp_path):
     steps, batch = 6, 4
     run = tmp_path / "ddp"
-    config = write_yaml(tmp_path / "ddp.yaml", tiny_raw(tiny_data.shards, run, [
-        f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=3", "train.eval_every=0"]))
+    config = write_yaml(
+        tmp_path / "ddp.yaml",
+        tiny_raw(
+            tiny_data.shards,
+            run,
+            [f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=3", "train.eval_every=0"],
+        ),
+    )
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                           "-m", "memtrain", "train", str(config)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "memtrain",
+            "train",
+            str(config),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 rank(s)" in done.stdout
     assert done.stdout.count("| tiny | causal |") == 1  # the result table is printed by rank 0 only
@@ -301,8 +345,17 @@ def test_torchrun_two_ranks(tiny_data, tmp_path):
     # two ranks of 4 rows train exactly like one process with batches of 8 (same rows, averaged gradients),
     # and the logged loss is the global batch's
     single = tmp_path / "single"
-    train(tiny_config(tiny_data.shards, single, f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=3",
-                      "train.eval_every=0", f"data.batch_size={2 * batch}"))
+    train(
+        tiny_config(
+            tiny_data.shards,
+            single,
+            f"train.steps={steps}",
+            "train.log_every=1",
+            "train.ckpt_every=3",
+            "train.eval_every=0",
+            f"data.batch_size={2 * batch}",
+        )
+    )
     one = records(single)
     for s in range(1, steps + 1):
         assert recs[s]["loss/total"] == pytest.approx(one[s]["loss/total"], rel=0, abs=1e-5), s

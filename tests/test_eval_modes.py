@@ -1,4 +1,5 @@
 """`memtrain eval --per-chunk --memories normal,zero,shuffle --out`: per-chunk metrics, altered memories, reports."""
+
 from __future__ import annotations
 
 import json
@@ -6,22 +7,41 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from conftest import tiny_config
 from memtrain.cli import main
 from memtrain.engine.trainer import train
-from memtrain.eval.evaluate import altered_memories
+from memtrain.evaluation import altered_memories
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_modes")
     memory = root / "memory"
-    train(tiny_config(tiny_data.shards, memory, "train.steps=20", "train.eval_every=0", "train.ckpt_every=0",
-                      "objective.weights={causal: 1, blank_copy: 1}", "optim.lr=1e-2"))
+    train(
+        tiny_config(
+            tiny_data.shards,
+            memory,
+            "train.steps=20",
+            "train.eval_every=0",
+            "train.ckpt_every=0",
+            "objective.weights={causal: 1, blank_copy: 1}",
+            "optim.lr=1e-2",
+        )
+    )
     clm = root / "clm"
-    train(tiny_config(tiny_data.shards, clm, "run.name=clm", "model.kind=clm", "objective.weights={causal: 1}",
-                      "train.steps=2", "train.eval_every=0", "train.ckpt_every=0"))
+    train(
+        tiny_config(
+            tiny_data.shards,
+            clm,
+            "run.name=clm",
+            "model.kind=clm",
+            "objective.weights={causal: 1}",
+            "train.steps=2",
+            "train.eval_every=0",
+            "train.ckpt_every=0",
+        )
+    )
     return {"memory": memory, "clm": clm}
 
 
@@ -37,14 +57,38 @@ def test_altered_memories():
 
 def test_per_chunk_and_memory_modes(runs, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["eval", str(runs["memory"]), "--objectives", "causal,blank_copy", "--per-chunk", "--memories",
-                 "normal,zero,shuffle", "--batches", "2", "--batch-size", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(runs["memory"]),
+                "--objectives",
+                "causal,blank_copy",
+                "--per-chunk",
+                "--memories",
+                "normal,zero,shuffle",
+                "--batches",
+                "2",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| tiny | blank_copy (memories shuffle) |" in printed and "by chunk position" in printed
     results = json.loads((out / "report.json").read_text())["results"]["tiny"]
-    assert list(results) == ["causal", "causal (memories zero)", "causal (memories shuffle)", "blank_copy",
-                             "blank_copy (memories zero)", "blank_copy (memories shuffle)"]
-    for key, r in results.items():
+    assert list(results) == [
+        "causal",
+        "causal (memories zero)",
+        "causal (memories shuffle)",
+        "blank_copy",
+        "blank_copy (memories zero)",
+        "blank_copy (memories shuffle)",
+    ]
+    for _key, r in results.items():
         assert [c["chunk"] for c in r["per_chunk"]] == [0, 1, 2, 3]
         assert sum(c["tokens"] for c in r["per_chunk"]) == r["tokens"]
         pooled = sum(c["ce"] * c["tokens"] for c in r["per_chunk"] if c["tokens"]) / r["tokens"]
@@ -74,8 +118,10 @@ def test_memory_modes_need_an_encoder(runs, capsys):
 
     fails(["eval", str(runs["clm"]), "--memories", "zero"], "is a causal LM; only models with an encoder")
     fails(["eval", str(runs["memory"]), "--memories", "normal,swap"], "--memories: unknown mode 'swap'")
-    fails(["eval", str(runs["memory"]), "--memories", "shuffle", "--batch-size", "1", "--batches", "1"],
-          "batches of one row cannot swap memories")
+    fails(
+        ["eval", str(runs["memory"]), "--memories", "shuffle", "--batch-size", "1", "--batches", "1"],
+        "batches of one row cannot swap memories",
+    )
 
 
 def test_accuracy_chart_groups_memory_variants_side_by_side():
@@ -83,9 +129,15 @@ def test_accuracy_chart_groups_memory_variants_side_by_side():
 
     from memtrain.eval.report import accuracy_groups
 
-    results = {"m": {"causal": {"accuracy": 0.2}, "causal (memories zero)": {"accuracy": 0.1},
-                     "copy": {"accuracy": 0.6}, "copy (memories shuffle)": {"accuracy": 0.05}},
-               "ctl": {"copy": {"accuracy": 0.3}}}
+    results = {
+        "m": {
+            "causal": {"accuracy": 0.2},
+            "causal (memories zero)": {"accuracy": 0.1},
+            "copy": {"accuracy": 0.6},
+            "copy (memories shuffle)": {"accuracy": 0.05},
+        },
+        "ctl": {"copy": {"accuracy": 0.3}},
+    }
     groups, series = accuracy_groups(results)
     assert groups == ["m: causal", "m: copy", "ctl: copy"]
     assert list(series) == ["memories normal", "memories zero", "memories shuffle"]
@@ -100,10 +152,11 @@ def test_accuracy_chart_groups_memory_variants_side_by_side():
 def test_per_chunk_follows_the_dual_row_layout_of_an_hf_decoder(tmp_path_factory, tmp_path):
     """An HF-decoder memory model's rows hold C*(L + L_dec) positions: per-chunk metrics cover chunk c's L
     encoder ids and L_dec decoder slots (not L-position slices), and pool back to the whole-row metrics."""
-    from memtrain.eval.evaluate import evaluate
+    from helpers import L_DEC, C, L, dual_shards, first_rows, hf_config, tiny_llm
+
+    from memtrain.evaluation import evaluate
     from memtrain.models import build_model
     from memtrain.objectives import SpecialTokens, make_task, task_chunks
-    from test_hf_helpers import C, L, L_DEC, dual_shards, first_rows, hf_config, tiny_llm
 
     special = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=1, filler_id=5)
     cfg = hf_config(dual_shards(tmp_path_factory), tiny_llm(tmp_path_factory), tmp_path / "run")

@@ -4,6 +4,7 @@ a host crash can leave a file whose data never reached the disk). After each kil
 continues from the newest complete checkpoint; at the end the logged losses and the final weights equal an
 uninterrupted run's exactly (CPU, fp32, one thread).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import records, tiny_config, tiny_raw, write_yaml
 from safetensors.torch import load_file
 
-from conftest import records, tiny_config, tiny_raw, write_yaml
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.trainer import train
 
@@ -28,8 +29,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 STEPS = 100
 KILLS = 20
 SEED = 20240611
-SETS = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=1",
-        "train.keep_ckpts=2"]
+SETS = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=1", "train.keep_ckpts=2"]
 
 
 def _staged(run: Path) -> list[Path]:
@@ -86,8 +86,10 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tiny_
         assert proc.returncode == -signal.SIGKILL, text[-3000:]
         assert "Traceback" not in text, text[-3000:]
         if expected_start:
-            assert re.search(rf"resumed from \S+step_{expected_start:07d} at step {expected_start};", text), \
-                (expected_start, text[-2000:])
+            assert re.search(rf"resumed from \S+step_{expected_start:07d} at step {expected_start};", text), (
+                expected_start,
+                text[-2000:],
+            )
         during_save += any(f".tmp-{proc.pid}" in p.name or ".tmp-del-" in p.name for p in _staged(run))
         latest = ckpt.latest_checkpoint(run)
         assert latest is not None and ckpt.checkpoint_problem(latest.path) is None

@@ -1,4 +1,5 @@
 """Faults on the data path: SIGTERM with loader workers, concurrent remote starts, huge documents, fd leaks."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import records, tiny_raw, write_yaml
 
-from conftest import records, tiny_raw, write_yaml
-from memtrain.data import ingest
-from memtrain.data.ingest import build_shards, iter_documents
+from memtrain.data import documents
+from memtrain.data.documents import iter_documents
+from memtrain.data.ingest import build_shards
 from memtrain.data.loader import read_shard_info
 
 pytestmark = pytest.mark.faults
@@ -44,12 +46,30 @@ def _train_steps(run: Path) -> list[int]:
 
 def test_sigterm_to_process_group_with_loader_workers_checkpoints(tiny_data, tmp_path):
     run = tmp_path / "run"
-    cfg = write_yaml(tmp_path / "run.yaml", tiny_raw(tiny_data.shards, run, [
-        "data.num_workers=2", "train.steps=100000", "train.log_every=1", "train.ckpt_every=100000",
-        "train.eval_every=0"]))
+    cfg = write_yaml(
+        tmp_path / "run.yaml",
+        tiny_raw(
+            tiny_data.shards,
+            run,
+            [
+                "data.num_workers=2",
+                "train.steps=100000",
+                "train.log_every=1",
+                "train.ckpt_every=100000",
+                "train.eval_every=0",
+            ],
+        ),
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(MEMTRAIN + ["train", str(cfg)], cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        MEMTRAIN + ["train", str(cfg)],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(lambda: len(_train_steps(run)) >= 3 or proc.poll() is not None, 120, "training steps")
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -66,8 +86,14 @@ def test_sigterm_to_process_group_with_loader_workers_checkpoints(tiny_data, tmp
     assert (ckpts[-1] / "model.safetensors").is_file() and (ckpts[-1] / "trainer.pt").is_file()
     stopped = int(ckpts[-1].name.split("_")[1])
     # --resume continues from that checkpoint
-    res = subprocess.run(MEMTRAIN + ["train", str(cfg), "--resume", "--stop-after", "2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        MEMTRAIN + ["train", str(cfg), "--resume", "--stop-after", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode in (0, 75), res.stderr[-3000:]
     assert max(_train_steps(run)) >= stopped + 1
 
@@ -112,7 +138,7 @@ def test_concurrent_starts_against_file_remote(tiny_data, tmp_path):
 
 
 def test_single_line_txt_document_is_read_in_bounded_pieces(tiny_data, tmp_path):
-    from memtrain.data.ingest import iter_document_pieces
+    from memtrain.data.documents import iter_document_pieces
 
     words = (tiny_data.corpus.read_text().replace("\n", " ").replace('"', " ") + " ") * 1
     text = (words * (1 + 3_300_000 // len(words)))[:3_300_000].strip()  # one line, 3.3M characters
@@ -120,11 +146,11 @@ def test_single_line_txt_document_is_read_in_bounded_pieces(tiny_data, tmp_path)
     src.write_text(text)
     pieces = list(iter_document_pieces([str(src)]))
     assert len(pieces) >= 4
-    assert all(len(p[1]) <= ingest.MAX_PIECE_CHARS for p in pieces)
+    assert all(len(p[1]) <= documents.MAX_PIECE_CHARS for p in pieces)
     assert [p[2] for p in pieces] == [False] * (len(pieces) - 1) + [True]
     assert len({p[0] for p in pieces}) == 1  # one document, one id (hence one split)
     assert "".join(p[1] for p in pieces) == text
-    assert all(len(t) <= ingest.MAX_PIECE_CHARS for _, t in iter_documents([str(src)]))
+    assert all(len(t) <= documents.MAX_PIECE_CHARS for _, t in iter_documents([str(src)]))
     # jsonl and a document with blank lines around
     src2 = tmp_path / "two.txt"
     src2.write_text("short doc\n\n" + text[:2_500_000] + "\n\nlast doc\n")
@@ -132,8 +158,9 @@ def test_single_line_txt_document_is_read_in_bounded_pieces(tiny_data, tmp_path)
     assert docs[0] == ("two.txt#0", "short doc", True) and docs[-1] == ("two.txt#2", "last doc", True)
     assert "".join(t for i, t, _ in docs if i == "two.txt#1") == text[:2_500_000]
     # shards still build, and the document counts once
-    summary = build_shards([str(src)], tiny_data.tokenizer, tmp_path / "shards", row_len=32, val_fraction=0,
-                           workers=1, progress=False)
+    summary = build_shards(
+        [str(src)], tiny_data.tokenizer, tmp_path / "shards", row_len=32, val_fraction=0, workers=1, progress=False
+    )
     assert summary["splits"]["train"]["documents"] == 1
     assert summary["splits"]["train"]["rows"] > 1000
 
@@ -141,7 +168,7 @@ def test_single_line_txt_document_is_read_in_bounded_pieces(tiny_data, tmp_path)
 def test_huge_jsonl_line_refused_not_read_whole(tmp_path, monkeypatch):
     from memtrain.errors import UserError
 
-    monkeypatch.setattr(ingest, "MAX_JSONL_LINE_CHARS", 1000)
+    monkeypatch.setattr(documents, "MAX_JSONL_LINE_CHARS", 1000)
     src = tmp_path / "big.jsonl"
     src.write_text(json.dumps({"id": "a", "text": "x " * 2000}) + "\n")
     with pytest.raises(UserError, match=r"big.jsonl:1: line longer than 1000"):
@@ -157,9 +184,10 @@ def _fds() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.slow
 def test_evaluating_many_times_does_not_leak_file_descriptors(tiny_data):
     from memtrain.data.loader import make_loader
-    from memtrain.eval.evaluate import take_batches
+    from memtrain.evaluation import take_batches
 
     # other datasets alive meanwhile (a training loader, other tests' loaders) must not make each one leak
     held = [make_loader(tiny_data.shards, "val", 2, False, 0, max_batches=1) for _ in range(5)]
@@ -187,3 +215,30 @@ def test_closed_loader_releases_its_descriptors_and_cache_claim(tiny_data, tmp_p
             iter(loader)
     assert _fds() <= before + 2
     assert not [k for k in _live_locals if str(tmp_path) in k[0]]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_resumed_and_refused_loaders_keep_no_descriptors(tiny_data):
+    """A resumed loader reads its resume state at every epoch start and every ``state_dict()`` (each checkpoint);
+    a loader refused after its dataset opened (a batch larger than the split) is never returned to be closed.
+    Neither keeps shared memory or descriptors."""
+    from memtrain.data.loader import make_loader
+    from memtrain.errors import UserError
+
+    with make_loader(tiny_data.shards, "train", 2, True, 0) as first:
+        it = iter(first)
+        next(it)
+        state = first.state_dict()
+        it.close()
+    before = _fds()
+    for _ in range(5):
+        with make_loader(tiny_data.shards, "train", 2, True, 0) as loader:
+            loader.load_state_dict(state)
+            it = iter(loader)
+            next(it)
+            for _ in range(3):
+                loader.state_dict()
+            it.close()
+        with pytest.raises(UserError, match="fewer than one batch"):
+            make_loader(tiny_data.shards, "val", 10**6, False, 0)
+    assert _fds() <= before + 2

@@ -5,6 +5,7 @@ Rendered batch scripts run under bash with fake ``srun`` / ``scontrol`` / ``sbat
 the fake ``srun`` runs its command as one task in a new session and records its pid; the test then plays
 slurmstepd and sends the ``#SBATCH --signal`` to that task's process group.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,102 +20,21 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import FAKE_PYTHON, fake_bin, job_env, render_job, run_job, tiny_cfg, tiny_raw, use_python, write_yaml
 
-from conftest import tiny_raw, write_yaml
 from memtrain.cli import main
 from memtrain.config import load_config
-from memtrain.launch import slurm
 from memtrain.launch.sweep import expand
 
 pytestmark = pytest.mark.faults
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = {"cpu": slurm.Partition("cpu", nodes=2, gpus_per_node=0, cpus_per_node=8)}
 PY = sys.executable
-
-
-@pytest.fixture
-def fake_cluster(monkeypatch):
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: CLUSTER)
-    monkeypatch.setattr(slurm, "default_partition", lambda: "cpu")
-
-
-def fake_bin(tmp_path: Path, python: str | None = None) -> Path:
-    """Fake srun (records argv, runs the command as one task in a new session, records its pid), scontrol
-    (hostnames, requeue recorded) and, when ``python`` is given, a fake python that records its argv."""
-    b = tmp_path / "bin"
-    b.mkdir(exist_ok=True)
-    (b / "srun").write_text(textwrap.dedent(f"""\
-        #!/bin/bash
-        printf '%s\\0' "$@" > "$FAKE_LOG/srun.argv"
-        while [[ $# -gt 0 && "$1" == --* ]]; do shift; done
-        {PY} -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@" &
-        echo $! > "$FAKE_LOG/task.pid"
-        wait $!
-        """))
-    (b / "scontrol").write_text(textwrap.dedent("""\
-        #!/bin/bash
-        if [ "$1" = show ]; then echo 127.0.0.1; exit 0; fi
-        echo "$@" >> "$FAKE_LOG/scontrol.log"
-        """))
-    (b / "sbatch").write_text("#!/bin/bash\necho \"$@\" >> \"$FAKE_LOG/sbatch.log\"\necho 1\n")
-    for f in b.iterdir():
-        f.chmod(0o755)
-    if python:
-        (b / "fakepython").write_text(python)
-        (b / "fakepython").chmod(0o755)
-    return b
-
-
-#: a stand-in for the ranks: records its argv; FAKE_MODE=fail exits 1 before training, FAKE_MODE=preempt
-#: writes this attempt's PREEMPTED marker as a preempted rank 0 does and exits 75
-FAKE_PYTHON = textwrap.dedent(f"""\
-    #!/bin/bash
-    printf '%s\\0' "$@" > "$FAKE_LOG/python.argv"
-    if [ "$2" = memtrain ] && [ "$3" = config-get ]; then echo "$FAKE_RUN_DIR"; exit 0; fi
-    case "${{FAKE_MODE:-ok}}" in
-      fail) exit 1 ;;
-      preempt) {PY} -c 'import sys; from memtrain.launch.preempt import write_marker; write_marker(sys.argv[1], 7, "SIGUSR1")' "$MEMTRAIN_RUN_DIR"; exit 75 ;;
-      stray) MEMTRAIN_ATTEMPT=4242.0 {PY} -c 'import sys; from memtrain.launch.preempt import write_marker; write_marker(sys.argv[1], 7, "SIGUSR1")' "$MEMTRAIN_RUN_DIR"; exit 1 ;;
-    esac
-    exit 0
-    """)
-
-
-def render_job(tmp_path: Path, argv: list[str]) -> Path:
-    """``memtrain submit ... --dry-run`` into ``tmp_path``; returns the job script."""
-    assert main(["submit", *argv, "--dry-run", "--workdir", str(tmp_path)]) == 0
-    (job,) = list((tmp_path / "slurm-jobs").iterdir())
-    return job / "job.sbatch"
-
-
-def use_python(script: Path, python: Path) -> None:
-    """Point the rendered script at ``python`` instead of this interpreter."""
-    text = script.read_text()
-    script.write_text(re.sub(r"(?m)^export MEMTRAIN_PYTHON=.*$", f"export MEMTRAIN_PYTHON={python}", text))
-
-
-def job_env(tmp_path: Path, bin_dir: Path, **extra) -> dict:
-    log = tmp_path / "fakelog"
-    log.mkdir(exist_ok=True)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log),
-               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_NODEID="0",
-               SLURM_RESTART_COUNT="0", PYTHONPATH=str(ROOT))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_job(script: Path, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def tiny_cfg(tmp_path: Path, run_dir: Path, *overrides: str) -> Path:
-    raw = tiny_raw(Path("unused"), run_dir, ["train.steps=100"] + list(overrides))
-    return write_yaml(tmp_path / "cfg.yaml", raw)
 
 
 # ------------------------------------------------------------------------------------------------------
 # R1: stale markers, bounded requeues
+
 
 def _preempt_job(tmp_path, fake_cluster, *flags):
     run_dir = tmp_path / "run"
@@ -126,6 +46,7 @@ def _preempt_job(tmp_path, fake_cluster, *flags):
     return script, bin_dir, run_dir
 
 
+@pytest.mark.slurm
 def test_stale_marker_does_not_requeue_an_attempt_that_fails_before_training(tmp_path, fake_cluster):
     script, bin_dir, run_dir = _preempt_job(tmp_path, fake_cluster)
     # attempt 0 was preempted and left its marker; attempt 1 fails before training starts
@@ -137,6 +58,7 @@ def test_stale_marker_does_not_requeue_an_attempt_that_fails_before_training(tmp
     assert not (run_dir / "PREEMPTED").exists()  # cleared when the attempt started
 
 
+@pytest.mark.slurm
 def test_marker_of_this_attempt_requeues(tmp_path, fake_cluster):
     script, bin_dir, run_dir = _preempt_job(tmp_path, fake_cluster)
     out = run_job(script, job_env(tmp_path, bin_dir, SLURM_RESTART_COUNT=3, FAKE_MODE="preempt"))
@@ -146,16 +68,20 @@ def test_marker_of_this_attempt_requeues(tmp_path, fake_cluster):
     assert json.loads((run_dir / "PREEMPTED").read_text())["attempt"] == "4242.3"
 
 
+@pytest.mark.slurm
 def test_requeues_are_bounded(tmp_path, fake_cluster):
     script, bin_dir, run_dir = _preempt_job(tmp_path, fake_cluster, "--max-requeues", "2")
     assert "export MEMTRAIN_MAX_REQUEUES=2" in script.read_text()
     out = run_job(script, job_env(tmp_path, bin_dir, SLURM_RESTART_COUNT=2, FAKE_MODE="preempt"))
     assert out.returncode == 75
     assert not (tmp_path / "fakelog" / "scontrol.log").exists()
-    assert ("not requeueing: job 4242 was requeued 2 time(s), slurm.max_requeues is 2; resubmit to continue "
-            "from the newest checkpoint") in out.stdout
+    assert (
+        "not requeueing: job 4242 was requeued 2 time(s), slurm.max_requeues is 2; resubmit to continue "
+        "from the newest checkpoint"
+    ) in out.stdout
 
 
+@pytest.mark.slurm
 def test_marker_of_another_attempt_is_ignored(tmp_path, fake_cluster):
     script, bin_dir, run_dir = _preempt_job(tmp_path, fake_cluster)
     # a stray process of attempt 0 writes its marker while attempt 1 fails
@@ -168,9 +94,24 @@ def test_marker_of_another_attempt_is_ignored(tmp_path, fake_cluster):
 # ------------------------------------------------------------------------------------------------------
 # R4: overrides keep their values
 
+
+@pytest.mark.slurm
 def test_submit_time_and_account_flags_are_text(tmp_path, fake_cluster, capsys):
-    rc = main(["submit", str(ROOT / "yaml/tiny.yaml"), "--partition", "cpu", "--time", "10:00:00", "--account",
-               "12345", "--dry-run", "--workdir", str(tmp_path)])
+    rc = main(
+        [
+            "submit",
+            str(ROOT / "yaml/tiny.yaml"),
+            "--partition",
+            "cpu",
+            "--time",
+            "10:00:00",
+            "--account",
+            "12345",
+            "--dry-run",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "#SBATCH --time=10:00:00" in out and "#SBATCH --account=12345" in out
@@ -180,8 +121,10 @@ def test_submit_time_and_account_flags_are_text(tmp_path, fake_cluster, capsys):
 
 
 def test_set_text_fields_are_not_yaml_numbers():
-    cfg = load_config(ROOT / "yaml/tiny.yaml", ["slurm.time=10:00:00", "slurm.account=12345", "run.name=007",
-                                                "optim.lr=3e-4", "slurm.nodes=2"])
+    cfg = load_config(
+        ROOT / "yaml/tiny.yaml",
+        ["slurm.time=10:00:00", "slurm.account=12345", "run.name=007", "optim.lr=3e-4", "slurm.nodes=2"],
+    )
     assert (cfg.slurm.time, cfg.slurm.account, cfg.run.name) == ("10:00:00", "12345", "007")
     assert cfg.optim.lr == 3e-4 and cfg.slurm.nodes == 2
 
@@ -197,9 +140,11 @@ def test_unquoted_time_in_a_file_is_refused_with_a_hint(tmp_path, capsys):
 def test_sweep_out_dir_with_hash_gives_one_dir_per_point(tmp_path):
     out_dir = tmp_path / "sweep #1"
     p = tmp_path / "grid.yaml"
-    p.write_text(f"name: g\nbase: {ROOT / 'yaml/tiny.yaml'}\nout_dir: '{out_dir}'\n"
-                 "set: {slurm.time: '10:00:00', slurm.account: '12345'}\n"
-                 "grid:\n  model.decoder.d_model: [32, 64]\n")
+    p.write_text(
+        f"name: g\nbase: {ROOT / 'yaml/tiny.yaml'}\nout_dir: '{out_dir}'\n"
+        "set: {slurm.time: '10:00:00', slurm.account: '12345'}\n"
+        "grid:\n  model.decoder.d_model: [32, 64]\n"
+    )
     _, points = expand(p)
     dirs = [pt.cfg.run.out_dir for pt in points]
     assert dirs == [str(out_dir / "g-000"), str(out_dir / "g-001")]
@@ -226,26 +171,44 @@ WORKER = textwrap.dedent("""\
         dist.all_reduce(torch.ones(1))
     except Exception as exc:  # noqa: BLE001
         print("collective failed:", exc, flush=True)
-        sys.exit(3 if "timed out" in str(exc).lower() or "timeout" in str(exc).lower() else 4)
+        # without the interpreter's teardown: after a timed-out collective, gloo's threads can abort it
+        # ("terminate called without an active exception", SIGABRT) before the exit code is set
+        os._exit(3 if "timed out" in str(exc).lower() or "timeout" in str(exc).lower() else 4)
     sys.exit(0)
     """)
 
 
 @pytest.mark.parametrize("case", ["hangs", "absent"])
+@pytest.mark.distributed
 def test_collective_times_out_when_a_rank_hangs_or_never_joins(tmp_path, case):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT),
-                OMP_NUM_THREADS="1")
-    peer = subprocess.Popen([PY, str(script), case], env=dict(base, RANK="1", LOCAL_RANK="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = dict(
+        os.environ,
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+    )
+    peer = subprocess.Popen(
+        [PY, str(script), case],
+        env=dict(base, RANK="1", LOCAL_RANK="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         t0 = time.monotonic()
-        out = subprocess.run([PY, str(script), case], env=dict(base, RANK="0", LOCAL_RANK="0"),
-                             capture_output=True, text=True, timeout=90)
+        out = subprocess.run(
+            [PY, str(script), case],
+            env=dict(base, RANK="0", LOCAL_RANK="0"),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         elapsed = time.monotonic() - t0
     finally:
         peer.kill()
@@ -256,6 +219,7 @@ def test_collective_times_out_when_a_rank_hangs_or_never_joins(tmp_path, case):
 
 # ------------------------------------------------------------------------------------------------------
 # R8: the preemption signal reaches the ranks, not the launchers; a signal during start-up is not fatal
+
 
 def _signal_of(script: Path) -> signal.Signals:
     m = re.search(r"(?m)^#SBATCH --signal=(?:B:)?([A-Z0-9]+)@\d+$", script.read_text())
@@ -284,20 +248,23 @@ def _task_pid(log: Path, proc: subprocess.Popen, timeout: float = 30) -> int:
 
 def _real_job(tmp_path, tiny_data, *flags, overrides=()):
     run_dir = tmp_path / "run"
-    raw = tiny_raw(tiny_data.shards, run_dir, ["train.steps=100000", "train.eval_every=0", "train.ckpt_every=0",
-                                               "train.log_every=1", *overrides])
+    raw = tiny_raw(
+        tiny_data.shards,
+        run_dir,
+        ["train.steps=100000", "train.eval_every=0", "train.ckpt_every=0", "train.log_every=1", *overrides],
+    )
     cfg = write_yaml(tmp_path / "cfg.yaml", raw)
     script = render_job(tmp_path, [str(cfg), "--partition", "cpu", *flags])
     return script, run_dir
 
 
+@pytest.mark.slurm
 def test_signal_during_start_up_exits_75_and_requeues(tmp_path, fake_cluster, tiny_data):
     script, run_dir = _real_job(tmp_path, tiny_data)
     bin_dir = fake_bin(tmp_path)
     env = job_env(tmp_path, bin_dir, OMP_NUM_THREADS=1)
     log = tmp_path / "fakelog"
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         pid = _task_pid(log, proc)
         sig = _signal_of(script)
@@ -317,6 +284,8 @@ def test_signal_during_start_up_exits_75_and_requeues(tmp_path, fake_cluster, ti
     assert "signal came during start-up" in (rank_log + out)
 
 
+@pytest.mark.distributed
+@pytest.mark.slurm
 def test_torchrun_ranks_get_the_signal_and_are_not_killed_by_the_agent(tmp_path, fake_cluster, tiny_data):
     script, run_dir = _real_job(tmp_path, tiny_data, "--launcher", "torchrun", "--tasks-per-node", "2")
     bin_dir = fake_bin(tmp_path)
@@ -327,8 +296,7 @@ def test_torchrun_ranks_get_the_signal_and_are_not_killed_by_the_agent(tmp_path,
     # write any checkpoint; the ranks must get the signal without the agent acting on it
     env = job_env(tmp_path, bin_dir, OMP_NUM_THREADS=1, MASTER_PORT=port, TORCH_ELASTIC_SHUTDOWN_TIMEOUT=0)
     log = tmp_path / "fakelog"
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         pid = _task_pid(log, proc)
         deadline = time.monotonic() + 120

@@ -1,4 +1,4 @@
-"""``memtrain.bench.model_flops`` against ``torch.utils.flop_counter.FlopCounterMode`` on tiny models of every kind.
+"""``memtrain.flops.model_flops`` against ``torch.utils.flop_counter.FlopCounterMode`` on tiny models of every kind.
 
 FlopCounterMode counts every matmul, conv and attention at the shapes it runs, so it counts the causal mixing
 and causal attention as the dense products they are computed as; ``model_flops`` counts their lower
@@ -7,6 +7,7 @@ positions and width d, a mixer with k taps computes 2·k·T²·d where k·T(T+1)
 attention 4·T²·d where 2·T(T+1)·d are causal (2·T(T-1)·d more); x3 for forward + backward, x1 for a frozen
 encoder. Everything else (FFNs, projections, bottleneck, head) must agree exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,33 +17,76 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from memtrain.bench import (PEAK_TFLOPS, device_peak_tflops, matmul_precision, mfu, model_flops, peak_device,
-                            run_flops, _add_ratios)
+from memtrain.bench import _add_ratios
 from memtrain.config import config_from_dict, read_yaml
+from memtrain.flops import PEAK_TFLOPS, device_peak_tflops, matmul_precision, mfu, model_flops, peak_device, run_flops
 
 V, B = 50, 2
 MIX = {"arch": "mixer", "n_layers": 1, "ffn_mult": 2}
 ATT = {"arch": "transformer", "n_layers": 1, "n_heads": 2, "ffn_mult": 2}
 CASES = {
-    "autoencoder-mixer": dict(kind="autoencoder", chunk_len=8, n_chunks=1, encoder={**MIX, "d_model": 16},
-                              decoder={**MIX, "d_model": 24, "n_layers": 2}, weights={"reconstruction": 1.0}),
+    "autoencoder-mixer": dict(
+        kind="autoencoder",
+        chunk_len=8,
+        n_chunks=1,
+        encoder={**MIX, "d_model": 16},
+        decoder={**MIX, "d_model": 24, "n_layers": 2},
+        weights={"reconstruction": 1.0},
+    ),
     "autoencoder-unroll-heads-bottleneck": dict(
-        kind="autoencoder", chunk_len=8, n_chunks=1, injection="unroll", compression=2,
-        encoder={**MIX, "d_model": 16, "n_heads": 2, "kernel": 3}, decoder={**MIX, "d_model": 16},
-        weights={"reconstruction": 1.0}),
-    "autoencoder-transformer": dict(kind="autoencoder", chunk_len=8, n_chunks=1, encoder={**ATT, "d_model": 16},
-                                    decoder={**ATT, "d_model": 16}, weights={"reconstruction": 1.0}),
-    "memory-mixer-taps": dict(kind="memory", chunk_len=6, n_chunks=4, encoder={**MIX, "d_model": 16, "kernel": 3},
-                              decoder={**MIX, "d_model": 24, "kernel": 2}, weights={"causal": 1.0, "copy": 0.5}),
-    "memory-transformer": dict(kind="memory", chunk_len=6, n_chunks=2, compression=4,
-                               encoder={**ATT, "d_model": 16}, decoder={**ATT, "d_model": 16, "n_layers": 2},
-                               weights={"causal": 1.0, "blank_copy": 1.0}),
-    "memory-no-memory": dict(kind="memory", chunk_len=6, n_chunks=2, no_memory=True, encoder={**MIX, "d_model": 16},
-                             decoder={**MIX, "d_model": 16}, weights={"causal": 1.0}),
-    "clm-mixer": dict(kind="clm", chunk_len=8, n_chunks=2, decoder={**MIX, "d_model": 16, "n_heads": 4},
-                      weights={"causal": 1.0, "copy": 1.0}),
-    "clm-transformer": dict(kind="clm", chunk_len=8, n_chunks=2, decoder={**ATT, "d_model": 16},
-                            weights={"causal": 1.0}),
+        kind="autoencoder",
+        chunk_len=8,
+        n_chunks=1,
+        injection="unroll",
+        compression=2,
+        encoder={**MIX, "d_model": 16, "n_heads": 2, "kernel": 3},
+        decoder={**MIX, "d_model": 16},
+        weights={"reconstruction": 1.0},
+    ),
+    "autoencoder-transformer": dict(
+        kind="autoencoder",
+        chunk_len=8,
+        n_chunks=1,
+        encoder={**ATT, "d_model": 16},
+        decoder={**ATT, "d_model": 16},
+        weights={"reconstruction": 1.0},
+    ),
+    "memory-mixer-taps": dict(
+        kind="memory",
+        chunk_len=6,
+        n_chunks=4,
+        encoder={**MIX, "d_model": 16, "kernel": 3},
+        decoder={**MIX, "d_model": 24, "kernel": 2},
+        weights={"causal": 1.0, "copy": 0.5},
+    ),
+    "memory-transformer": dict(
+        kind="memory",
+        chunk_len=6,
+        n_chunks=2,
+        compression=4,
+        encoder={**ATT, "d_model": 16},
+        decoder={**ATT, "d_model": 16, "n_layers": 2},
+        weights={"causal": 1.0, "blank_copy": 1.0},
+    ),
+    "memory-no-memory": dict(
+        kind="memory",
+        chunk_len=6,
+        n_chunks=2,
+        no_memory=True,
+        encoder={**MIX, "d_model": 16},
+        decoder={**MIX, "d_model": 16},
+        weights={"causal": 1.0},
+    ),
+    "clm-mixer": dict(
+        kind="clm",
+        chunk_len=8,
+        n_chunks=2,
+        decoder={**MIX, "d_model": 16, "n_heads": 4},
+        weights={"causal": 1.0, "copy": 1.0},
+    ),
+    "clm-transformer": dict(
+        kind="clm", chunk_len=8, n_chunks=2, decoder={**ATT, "d_model": 16}, weights={"causal": 1.0}
+    ),
 }
 
 
@@ -68,7 +112,7 @@ def grouped_conv_overcount(stack, rows: int, length: int) -> int:
     k > 1 taps: H groups) is counted as if every group saw every channel, H x its 2·k·rows·T²·d FLOPs."""
     if stack.arch != "mixer" or stack.kernel == 1 or stack.n_heads < 2:
         return 0
-    return stack.n_layers * (stack.n_heads - 1) * 2 * stack.kernel * rows * length ** 2 * stack.d_model
+    return stack.n_layers * (stack.n_heads - 1) * 2 * stack.kernel * rows * length**2 * stack.d_model
 
 
 def counter_bugs(cfg) -> int:
@@ -158,6 +202,7 @@ def test_hf_decoder_is_not_counted():
 # ---------------------------------------------------------------------------------------------------------
 # MFU and the datasheet table
 
+
 def test_mfu_arithmetic_on_a_hand_example():
     # 1e9 FLOPs/token x 400,000 tokens/s = 400 TFLOP/s; on 2 devices of 989.5 TFLOP/s peak: 400 / 1979
     assert mfu(1e9 * 400_000, 989.5, n_devices=2) == pytest.approx(400 / 1979)
@@ -172,15 +217,30 @@ def test_mfu_arithmetic_on_a_hand_example():
     assert rows[0]["mfu"] is None and rows[0]["vs_matmul"] == 0.25
 
 
-@pytest.mark.parametrize("name,key", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 SXM5 80GB", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
-    ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200 NVL"),
-    ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB"), ("NVIDIA A100-SXM4-40GB", "A100 SXM4 40GB"),
-    ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"), ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
-    ("NVIDIA B200", "B200"), ("NVIDIA L40S", "L40S"), ("AMD Instinct MI300X", "MI300X"), ("nvidia h200", "H200"),
-    ("NVIDIA H100", None), ("NVIDIA GB200", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 4090", None),
-    ("AMD EPYC 7763 64-Core Processor", None),
-])
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 SXM5 80GB", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100 SXM4 40GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+        ("NVIDIA B200", "B200"),
+        ("NVIDIA L40S", "L40S"),
+        ("AMD Instinct MI300X", "MI300X"),
+        ("nvidia h200", "H200"),
+        ("NVIDIA H100", None),
+        ("NVIDIA GB200", None),
+        ("NVIDIA L40", None),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("AMD EPYC 7763 64-Core Processor", None),
+    ],
+)
 def test_device_name_lookup(name, key):
     assert peak_device(name) == key
 
@@ -202,19 +262,21 @@ def test_peak_lookup_by_precision():
 # ---------------------------------------------------------------------------------------------------------
 # memtrain sweep collect: the same count, the recorded world size
 
+
 def test_collect_uses_model_flops_and_the_recorded_world_size(tmp_path):
     import json
 
     import yaml
-
-    from memtrain.bench import flops_per_token
+    from memtrain.flops import flops_per_token
     from memtrain.launch.collect import run_record
 
     raw = read_yaml("yaml/tiny.yaml")
     raw["slurm"] = {"nodes": 1, "tasks_per_node": 1}  # the config says 1 rank; the run recorded 3
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
-    logs = [{"kind": "train", "step": 5 * i, "tokens_per_s": tps, "stage": 0, "loss/total": 1.0}
-            for i, tps in enumerate([10.0, 100.0, 300.0, 200.0], 1)]
+    logs = [
+        {"kind": "train", "step": 5 * i, "tokens_per_s": tps, "stage": 0, "loss/total": 1.0}
+        for i, tps in enumerate([10.0, 100.0, 300.0, 200.0], 1)
+    ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in logs))
     ck = tmp_path / "checkpoints" / "step_20"
     ck.mkdir(parents=True)

@@ -1,21 +1,20 @@
 """Dual token streams: the text-span chunker, dual rows, dual shards, and the objectives on dual rows."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import L_DEC, C, L, corpus, dual_shards, encoder_tokenizer, first_rows, shm_retry, tiny_llm
 
 from memtrain.cli import main
-from memtrain.data.dual import (PAD_SLOT, TOKEN_OFFSET, DualLayout, TextSpanChunker, dual_chunker,
-                                load_decoder_tokenizer)
-from memtrain.data.ingest import is_val_document
+from memtrain.data.documents import is_val_document
+from memtrain.data.dual import PAD_SLOT, TOKEN_OFFSET, DualLayout, TextSpanChunker, dual_chunker, load_decoder_tokenizer
 from memtrain.data.loader import read_shard_info
 from memtrain.data.tokenizer import Tokenizer
 from memtrain.errors import UserError
 from memtrain.objectives import SpecialTokens, make_task
-from test_hf_helpers import (C, L, L_DEC, corpus, dual_shards, encoder_tokenizer, first_rows, shm_retry,
-                             tiny_llm)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,11 @@ def tokenizers(tmp_path_factory):
 
 
 def _check_spans(text, spans, enc, dec, enc_len, dec_len):
-    assert "".join(text[s.start:s.end] for s in spans) == text
+    assert "".join(text[s.start : s.end] for s in spans) == text
     assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
     for i, s in enumerate(spans):
         last = i == len(spans) - 1
-        piece = text[s.start:s.end]
+        piece = text[s.start : s.end]
         assert s.enc_ids == enc.encode([piece])[0] + ([enc.eos_id] if last else [])
         assert s.dec_ids == dec.encode(piece, add_special_tokens=False) + ([dec.eos_token_id] if last else [])
         assert len(s.enc_ids) <= enc_len and len(s.dec_ids) <= dec_len
@@ -43,9 +42,10 @@ def test_spans_cover_the_text_and_fit_both_tokenizers(tmp_path_factory, tokenize
         spans = chunker.spans(text)
         _check_spans(text, spans, enc, dec, L, L_DEC)
         assert spans == chunker.spans(text)  # deterministic
-        inner = [s for s in spans[:-1] if not text[s.start:s.end].strip().startswith("x")]
-        assert all(s.end == len(text) or text[s.end].isspace() or not text[s.end - 1].isspace()
-                   for s in inner)  # cut before a word's leading whitespace, i.e. on word boundaries
+        inner = [s for s in spans[:-1] if not text[s.start : s.end].strip().startswith("x")]
+        assert all(
+            s.end == len(text) or text[s.end].isspace() or not text[s.end - 1].isspace() for s in inner
+        )  # cut before a word's leading whitespace, i.e. on word boundaries
     # most chunk positions are used: the guess from the document's token offsets is close
     spans = chunker.spans(texts[0])
     assert sum(len(s.enc_ids) for s in spans) / (len(spans) * L) > 0.6
@@ -53,8 +53,14 @@ def test_spans_cover_the_text_and_fit_both_tokenizers(tmp_path_factory, tokenize
 
 def test_binary_search_without_offsets_gives_valid_spans(tmp_path_factory, tokenizers):
     enc, dec = tokenizers
-    plain = TextSpanChunker(enc.processor.EncodeAsIds, lambda t: dec.encode(t, add_special_tokens=False),
-                            L, L_DEC, enc.eos_id, dec.eos_token_id)
+    plain = TextSpanChunker(
+        enc.processor.EncodeAsIds,
+        lambda t: dec.encode(t, add_special_tokens=False),
+        L,
+        L_DEC,
+        enc.eos_id,
+        dec.eos_token_id,
+    )
     text = corpus(tmp_path_factory)[1][1]["text"]
     _check_spans(text, plain.spans(text), enc, dec, L, L_DEC)
     with pytest.raises(UserError, match="use longer chunks"):
@@ -126,9 +132,27 @@ def test_shards_cli_and_bad_decoder_tokenizers(tmp_path, tmp_path_factory, capsy
     src, enc = corpus(tmp_path_factory)[0], encoder_tokenizer(tmp_path_factory)
     llm = tiny_llm(tmp_path_factory)
     out = tmp_path / "cli-shards"
-    args = ["data", "shards", "--input", str(src), "--tokenizer", str(enc), "--out", str(out), "--chunk-len", "16",
-            "--chunks", "2", "--decoder-tokenizer", str(llm), "--decoder-chunk-len", "10", "--no-progress",
-            "--val-fraction", "0.1"]
+    args = [
+        "data",
+        "shards",
+        "--input",
+        str(src),
+        "--tokenizer",
+        str(enc),
+        "--out",
+        str(out),
+        "--chunk-len",
+        "16",
+        "--chunks",
+        "2",
+        "--decoder-tokenizer",
+        str(llm),
+        "--decoder-chunk-len",
+        "10",
+        "--no-progress",
+        "--val-fraction",
+        "0.1",
+    ]
     assert shm_retry(main, args) == 0
     printed = capsys.readouterr().out
     assert "dual rows: 2 chunks x (16 encoder + 10 decoder) positions" in printed and "filled: encoder" in printed

@@ -5,18 +5,21 @@ consolidated checkpoint exports to a plain Hugging Face model.
 The reference is DDP, not one process on the global batch: each rank's loss is the mean over its own
 supervised tokens, and with decoder padding that differs by row, the average of two ranks' means is not the
 mean over both ranks' tokens (ZeRO-3, ZeRO-0 and DDP agree to the last digit; one process does not)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+
 import yaml
 
 deepspeed = pytest.importorskip("deepspeed")
 
+from helpers import dual_shards, hf_config, records, tiny_llm, torchrun, weights  # noqa: E402
+
 from memtrain.cli import main  # noqa: E402
-from test_deepspeed import torchrun  # noqa: E402  (2-rank torchrun with one retry on streaming's shm race)
-from test_engine import records, weights  # noqa: E402
-from test_hf_helpers import dual_shards, hf_config, tiny_llm  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS, ROWS = 3, 2  # steps, rows per rank
 
@@ -50,4 +53,4 @@ def test_zero3_with_gradient_checkpointing_trains_like_ddp(tmp_path_factory, tmp
 
     assert main(["export-decoder", str(tmp_path / "zero3"), "--out", str(tmp_path / "export")]) == 0
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "decoder").state_dict()
-    assert all(torch.equal(plain[k[len("llm."):]], v) for k, v in wa.items() if k.startswith("llm."))
+    assert all(torch.equal(plain[k[len("llm.") :]], v) for k, v in wa.items() if k.startswith("llm."))

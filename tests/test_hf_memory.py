@@ -1,11 +1,13 @@
 """Hugging Face causal LMs as memory decoders: slot layout, labels, the three training modes, memtrain's trainer
 and evaluation on them, gradient checkpointing, and one-line errors for bad input."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import L_DEC, C, L, dual_shards, first_rows, hf_config, shm_retry, tiny_llm
 from safetensors.torch import load_file
 
 from memtrain.cli import main
@@ -13,9 +15,8 @@ from memtrain.data.dual import DualLayout
 from memtrain.engine.trainer import train
 from memtrain.errors import UserError
 from memtrain.models import build_model
-from memtrain.models.hf_memory import HFMemoryModel, MemoryWidthError
+from memtrain.models.hf_memory import MemoryWidthError
 from memtrain.objectives import SpecialTokens, compute_losses
-from test_hf_helpers import C, L, L_DEC, dual_shards, first_rows, hf_config, shm_retry, tiny_llm
 
 SPECIAL = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=1, filler_id=5)
 
@@ -51,8 +52,8 @@ def test_forward_reads_bos_memories_and_tokens_at_aligned_positions(tmp_path_fac
         for b in range(2):
             for c in range(C):
                 n = int(mask[b, c].sum())
-                prefix = model.prefix_embeddings(memories[b: b + 1, :c] if c else None)
-                x = torch.cat([prefix, model.token_embeddings(ids[b: b + 1, c, :n])], dim=1)
+                prefix = model.prefix_embeddings(memories[b : b + 1, :c] if c else None)
+                x = torch.cat([prefix, model.token_embeddings(ids[b : b + 1, c, :n])], dim=1)
                 ref = model.backbone()(inputs_embeds=x, use_cache=False).last_hidden_state[0]
                 P = prefix.shape[1]
                 for j in range(n):
@@ -98,8 +99,9 @@ def _changed(before: dict, after: dict, keys) -> set[str]:
 @pytest.mark.parametrize("mode", ["full", "lora", "frozen"])
 def test_training_modes_change_exactly_what_they_train(tmp_path_factory, tmp_path, mode):
     extra = {"frozen_encoder": {"checkpoint": None}} if mode == "frozen" else {}
-    cfg = hf_config(dual_shards(tmp_path_factory), tiny_llm(tmp_path_factory), tmp_path / "run", mode=mode, steps=3,
-                    **extra)
+    cfg = hf_config(
+        dual_shards(tmp_path_factory), tiny_llm(tmp_path_factory), tmp_path / "run", mode=mode, steps=3, **extra
+    )
     torch.manual_seed(cfg.run.seed)
     initial = _state(build_model(cfg.model, 420))  # what the trainer starts from (same seed, same build)
     summary = shm_retry(train, cfg)
@@ -113,8 +115,11 @@ def test_training_modes_change_exactly_what_they_train(tmp_path_factory, tmp_pat
         assert len(_changed(initial, trained, llm)) > len(llm) // 2
         assert _changed(initial, trained, [k for k in own if k.startswith("encoder.")])
     elif mode == "lora":
-        base = {k: k.replace("llm.base_model.model.", "").replace(".base_layer", "") for k in trained
-                if k.startswith("llm.") and "lora_" not in k}
+        base = {
+            k: k.replace("llm.base_model.model.", "").replace(".base_layer", "")
+            for k in trained
+            if k.startswith("llm.") and "lora_" not in k
+        }
         assert set(base.values()) == set(pretrained)  # every LLM weight is there, under peft's names
         for key, name in base.items():
             assert torch.equal(trained[key], pretrained[name]), f"LoRA changed the base weight {name}"
@@ -123,17 +128,37 @@ def test_training_modes_change_exactly_what_they_train(tmp_path_factory, tmp_pat
     else:
         for key, value in trained.items():
             if key.startswith("llm."):
-                assert torch.equal(value, pretrained[key[len("llm."):]]), f"frozen mode changed {key}"
+                assert torch.equal(value, pretrained[key[len("llm.") :]]), f"frozen mode changed {key}"
         assert _changed(initial, trained, own) == {k for k in own if k.startswith("projector.")}
 
 
 def test_qwen_decoder_trains_and_memtrain_eval_reads_the_run(tmp_path_factory, tmp_path, capsys):
-    cfg = hf_config(dual_shards(tmp_path_factory, "qwen3"), tiny_llm(tmp_path_factory, "qwen3"), tmp_path / "qwen",
-                    mode="full", steps=2)
+    cfg = hf_config(
+        dual_shards(tmp_path_factory, "qwen3"),
+        tiny_llm(tmp_path_factory, "qwen3"),
+        tmp_path / "qwen",
+        mode="full",
+        steps=2,
+    )
     assert shm_retry(train, cfg)["complete"]
     out = tmp_path / "eval.json"
-    assert shm_retry(main, ["eval", str(tmp_path / "qwen"), "--batches", "1", "--objectives", "causal,copy",
-                            "--greedy", "--json", str(out)]) == 0
+    assert (
+        shm_retry(
+            main,
+            [
+                "eval",
+                str(tmp_path / "qwen"),
+                "--batches",
+                "1",
+                "--objectives",
+                "causal,copy",
+                "--greedy",
+                "--json",
+                str(out),
+            ],
+        )
+        == 0
+    )
     results = json.loads(out.read_text())["hf-full"]
     assert set(results) == {"causal", "copy"}
     for r in results.values():
@@ -151,8 +176,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path_facto
         assert model.causal_lm().is_gradient_checkpointing == checkpointing
         total, _ = compute_losses(model, rows, {"causal": 1.0}, SPECIAL)
         total.backward()
-        grads.append((float(total.detach()),
-                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append(
+            (float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert set(grads[0][1]) == set(grads[1][1])
     for name, g in grads[0][1].items():
@@ -163,8 +189,9 @@ def test_bad_llm_directories_and_memories_are_one_line_errors(tmp_path_factory, 
     from transformers import BertConfig, BertModel
 
     bert = tmp_path / "bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=100)).save_pretrained(str(bert))
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    ).save_pretrained(str(bert))
     (tmp_path / "random").mkdir()
     (tmp_path / "random" / "notes.txt").write_text("not a model")
     garbage = tmp_path / "garbage"
@@ -173,9 +200,13 @@ def test_bad_llm_directories_and_memories_are_one_line_errors(tmp_path_factory, 
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((tiny_llm(tmp_path_factory) / "config.json").read_text())
-    cases = [(bert, "holds a BertModel, not a causal language model"), (tmp_path / "random", "has no config.json"),
-             (tmp_path / "missing", "is not a directory"), (garbage, "is not a usable transformers config"),
-             (no_weights, "cannot load the causal LM")]
+    cases = [
+        (bert, "holds a BertModel, not a causal language model"),
+        (tmp_path / "random", "has no config.json"),
+        (tmp_path / "missing", "is not a directory"),
+        (garbage, "is not a usable transformers config"),
+        (no_weights, "cannot load the causal LM"),
+    ]
     for path, expected in cases:
         with pytest.raises(UserError) as err:
             _model(tmp_path_factory, tmp_path, hf_decoder={"path": str(path)})

@@ -1,16 +1,17 @@
 """Memory inference: memory files, generation from memories (greedy, sampled, KV cache vs recomputation), the
 saving report, the exported decoder, memtrain's own decoders, and bad memory files."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import corpus, shm_retry, trained_run
 
 from memtrain.cli import main
 from memtrain.errors import UserError
 from memtrain.inference import MemoryReader, load_memories, save_memories
-from test_hf_helpers import corpus, shm_retry, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,10 @@ def test_greedy_is_deterministic_and_the_kv_cache_matches_recomputation(reader, 
     s1 = reader.generate(docs[0], "The", 12, greedy=False, temperature=1.5, top_p=0.95, seed=7, stop_at_eos=False)
     s2 = reader.generate(docs[0], "The", 12, greedy=False, temperature=1.5, top_p=0.95, seed=7, stop_at_eos=False)
     assert s1.token_ids == s2.token_ids  # the same seed gives the same sample
-    others = {tuple(reader.generate(docs[0], "The", 12, greedy=False, temperature=1.5, seed=s,
-                                    stop_at_eos=False).token_ids) for s in range(3)}
+    others = {
+        tuple(reader.generate(docs[0], "The", 12, greedy=False, temperature=1.5, seed=s, stop_at_eos=False).token_ids)
+        for s in range(3)
+    }
     assert len(others) > 1
     # the memories matter: other memories, other logits
     x = reader.model.prefix_embeddings(docs[0].memories[None, -3:])
@@ -71,8 +74,27 @@ def test_encode_and_generate_commands_report_the_saving(tmp_path, tmp_path_facto
     assert main(["encode", str(run), "--input", str(src), "--out", str(mem)]) == 0
     assert f"{mem}: 2 document(s)" in capsys.readouterr().out
     out = tmp_path / "report.json"
-    assert main(["generate", str(run), "--memories", str(mem), "--doc", records[0]["id"], "--prompt", "The",
-                 "--max-new-tokens", "6", "--repeats", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--memories",
+                str(mem),
+                "--doc",
+                records[0]["id"],
+                "--prompt",
+                "The",
+                "--max-new-tokens",
+                "6",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "prompt tokens replaced by memories" in printed and "ms saved" in printed
     r = json.loads(out.read_text())
@@ -83,8 +105,22 @@ def test_encode_and_generate_commands_report_the_saving(tmp_path, tmp_path_facto
     # one-line errors
     assert main(["generate", str(run), "--memories", str(mem), "--doc", "nope"]) == 2
     assert "no document 'nope'" in capsys.readouterr().err
-    assert main(["generate", str(run), "--memories", str(mem), "--doc", records[0]["id"], "--greedy",
-                 "--temperature", "0.7"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--memories",
+                str(mem),
+                "--doc",
+                records[0]["id"],
+                "--greedy",
+                "--temperature",
+                "0.7",
+            ]
+        )
+        == 2
+    )
     assert "choose greedy decoding or sampling" in capsys.readouterr().err
 
 
@@ -100,8 +136,10 @@ def test_bad_memory_files_are_one_line_errors(tmp_path, reader, docs):
     with pytest.raises(UserError, match="made by encoder 000000000000"):
         reader.check_memory_file(load_memories(other)[1], str(other))
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
-    for p, expected in ((tmp_path / "junk.safetensors", "not a readable safetensors file"),
-                        (tmp_path / "missing.safetensors", "memory file not found")):
+    for p, expected in (
+        (tmp_path / "junk.safetensors", "not a readable safetensors file"),
+        (tmp_path / "missing.safetensors", "memory file not found"),
+    ):
         with pytest.raises(UserError, match=expected):
             load_memories(p)
 
@@ -128,11 +166,11 @@ def test_exported_decoder_reloads_with_from_pretrained(tmp_path, tmp_path_factor
 
 
 def test_memtrain_decoders_generate_by_recomputation(tmp_path, tiny_data, capsys):
-    from conftest import tiny_config
+    from helpers import tiny_config
+
     from memtrain.engine.trainer import train
 
-    cfg = tiny_config(tiny_data.shards, tmp_path / "mixer", "train.steps=2", "train.eval_every=0",
-                      "train.ckpt_every=0")
+    cfg = tiny_config(tiny_data.shards, tmp_path / "mixer", "train.steps=2", "train.eval_every=0", "train.ckpt_every=0")
     shm_retry(train, cfg)
     mixer = MemoryReader.from_checkpoint(tmp_path / "mixer")
     assert not mixer.is_hf
@@ -144,8 +182,15 @@ def test_memtrain_decoders_generate_by_recomputation(tmp_path, tiny_data, capsys
     assert g1.token_ids == g2.token_ids and len(g1.token_ids) == 5 and g1.cache == "recompute"
     report = mixer.compare(doc, "The", max_new_tokens=3, repeats=1, stop_at_eos=False)
     assert report["full_text"].startswith("n/a") and report["memories_used"] == 3
-    clm = tiny_config(tiny_data.shards, tmp_path / "clm", "model.kind=clm", "train.steps=1", "train.eval_every=0",
-                      "train.ckpt_every=0", "objective.weights={causal: 1.0}")
+    clm = tiny_config(
+        tiny_data.shards,
+        tmp_path / "clm",
+        "model.kind=clm",
+        "train.steps=1",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+        "objective.weights={causal: 1.0}",
+    )
     shm_retry(train, clm)
     with pytest.raises(UserError, match="memory inference needs a memory model"):
         MemoryReader.from_checkpoint(tmp_path / "clm")

@@ -5,6 +5,7 @@ and the wheel is installed with ``--no-deps`` into a new virtual environment who
 this environment's dependencies (through a ``.pth`` line, which does not run this environment's editable-install
 hook). Every command then runs from a directory outside the checkout, with no PYTHONPATH.
 """
+
 import os
 import shutil
 import subprocess
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 def _run(cmd, cwd, env=None, timeout=600):
     out = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(map(str, cmd))} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out.stdout
 
 
@@ -32,8 +35,11 @@ def _tracked_files() -> list[str]:
         listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT)
         return [f for f in listed.split("\0") if f and (ROOT / f).is_file()]
     skip = {".venv", "runs", "data", "build", "__pycache__", ".pytest_cache"}
-    return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-            if p.is_file() and not skip & set(p.relative_to(ROOT).parts) and ".egg-info" not in str(p)]
+    return [
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*")
+        if p.is_file() and not skip & set(p.relative_to(ROOT).parts) and ".egg-info" not in str(p)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +50,30 @@ def wheel(tmp_path_factory) -> Path:
     for rel in _tracked_files():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
-    sdist = _run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_sdist('dist'))"],
-                 src).strip().splitlines()[-1]
+    sdist = (
+        _run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_sdist('dist'))"], src)
+        .strip()
+        .splitlines()[-1]
+    )
     with tarfile.open(src / "dist" / sdist) as tar:
         tar.extractall(tmp / "sdist", filter="data")
     (unpacked,) = (tmp / "sdist").iterdir()
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-          "-w", tmp / "wheels", unpacked], tmp)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            tmp / "wheels",
+            unpacked,
+        ],
+        tmp,
+    )
     (whl,) = (tmp / "wheels").glob("memtrain-*.whl")
     return whl
 
@@ -65,8 +88,11 @@ def test_wheel_holds_the_whole_program(wheel):
     assert sorted(expected - names) == []
     assert not [n for n in names if n.split("/")[0] not in ("memtrain",) and ".dist-info/" not in n]
     meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-    requires = {ln.split(":", 1)[1].strip().split(";")[0].replace(" ", "") for ln in meta.splitlines()
-                if ln.startswith("Requires-Dist:")}
+    requires = {
+        ln.split(":", 1)[1].strip().split(";")[0].replace(" ", "")
+        for ln in meta.splitlines()
+        if ln.startswith("Requires-Dist:")
+    }
     for dep in ("torch", "transformers", "mosaicml-streaming", "sentencepiece", "pydantic"):
         assert any(r.lower().startswith(dep) for r in requires), f"{dep} missing from the wheel's dependencies"
     for extra in ("deepspeed", "hf", "cloud", "kernels"):
@@ -85,14 +111,28 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEMTRAIN_COMMIT")}
     memtrain = env_dir / "bin" / "memtrain"
 
-    where = _run([py, "-c", "import memtrain, memtrain.kernels.dispatch as d; print(memtrain.__file__, d.__file__)"],
-                 work, env)
+    where = _run(
+        [py, "-c", "import memtrain, memtrain.kernels.dispatch as d; print(memtrain.__file__, d.__file__)"], work, env
+    )
     assert str(ROOT) not in where and where.count(str(site)) == 2, where
     assert _run([memtrain, "--version"], work, env).strip() == "memtrain 0.1.0"
     assert "paper/memory_mixer_e512_d512" in _run([memtrain, "configs", "list"], work, env)
     _run([memtrain, "data", "prepare-demo", "--out", "D", "--row-len", "32"], work, env)
-    out = _run([memtrain, "train", "tiny", "--set", "data.shards=D/shards", "--set", "train.steps=3",
-                "--set", "run.out_dir=R"], work, env)
+    out = _run(
+        [
+            memtrain,
+            "train",
+            "tiny",
+            "--set",
+            "data.shards=D/shards",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "run.out_dir=R",
+        ],
+        work,
+        env,
+    )
     assert "| tiny | causal |" in out
     assert (work / "R" / "checkpoints").is_dir() or any((work / "R").rglob("model.safetensors"))
     script = _run([memtrain, "submit", "tiny", "--dry-run", "--workdir", "J"], work, env)

@@ -7,6 +7,7 @@ tests marked ``cuda`` add larger random shapes. Every test draws fresh random in
 failure message), poisons outputs and scratch buffers with NaN before the kernels write them, and compares
 against a float64 reference: relative error (norm-wise) <= 1e-5 in fp32 and <= 1e-2 in bf16.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,6 +74,7 @@ def check_autograd(what: str, fast, reference, leaves: list, names: tuple, dy: t
 # ---------------------------------------------------------------------------------------------------------
 # Causal mixing: the low-level kernels (token-major [B, L, H, F], weight [H, k, L, L])
 
+
 def mix_reference(x, w, bias, residual):
     """float64 reference of the token-major op via models.mixing.causal_mix: x [B, L, H, F], w [H, L, L, k]."""
     y = ref.causal_mix(x.double().transpose(1, 2), w.double(), None if bias is None else bias.double())
@@ -94,7 +96,7 @@ def test_mix_forward_matches_reference(shape, dtype, gen):
     from memtrain.kernels.mix import mix_forward
 
     B, L, H, F, k = shape
-    x, w = rand(gen, B, L, H, F, dtype=dtype), rand(gen, H, L, L, k, dtype=dtype, scale=L ** -0.5)
+    x, w = rand(gen, B, L, H, F, dtype=dtype), rand(gen, H, L, L, k, dtype=dtype, scale=L**-0.5)
     bias, res = rand(gen, H, L), rand(gen, B, L, H, F)
     wk = w.movedim(-1, 1).contiguous()
     for b, r in ((bias, res), (None, None)):
@@ -110,8 +112,11 @@ def test_mix_backward_matches_autograd(shape, dtype, gen):
 
     B, L, H, F, k = shape
     x, w, dy = rand(gen, B, L, H, F, dtype=dtype), rand(gen, H, L, L, k, dtype=dtype), rand(gen, B, L, H, F)
-    xd, wd, bd = (x.double().requires_grad_(), w.double().requires_grad_(),
-                  torch.zeros(H, L, dtype=torch.float64, device=DEVICE, requires_grad=True))
+    xd, wd, bd = (
+        x.double().requires_grad_(),
+        w.double().requires_grad_(),
+        torch.zeros(H, L, dtype=torch.float64, device=DEVICE, requires_grad=True),
+    )
     mix_reference(xd, wd, bd, None).backward(dy.double())
     for split in (1, B):
         dx, dwk, db = mix_backward(dy, x, w.movedim(-1, 1).contiguous(), split=split, poison=True)
@@ -135,8 +140,16 @@ def test_mix_explicit_block_configs_skip_and_split(gen):
     check("forward, 3 row blocks", y, mix_reference(x, w, bias, None), torch.float32, gen)
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
     mix_reference(xd, wd, None, None).backward(dy.double())
-    dx, dwk, db = mix_backward(dy, x, wk, split=2, tri_config=tri, dw_config={"BLOCK_M": 16, "BLOCK_F": 16},
-                               reduce_config={"BLOCK": 32}, poison=True)
+    dx, dwk, db = mix_backward(
+        dy,
+        x,
+        wk,
+        split=2,
+        tri_config=tri,
+        dw_config={"BLOCK_M": 16, "BLOCK_F": 16},
+        reduce_config={"BLOCK": 32},
+        poison=True,
+    )
     check("dx, 3 row blocks", dx, xd.grad, torch.float32, gen)
     check("dW, 15 lower tiles x 2 splits", dwk.movedim(1, -1), wd.grad, torch.float32, gen)
     check("dbias", db, dy.double().sum((0, 3)).T, torch.float32, gen)
@@ -256,8 +269,16 @@ def test_kernels_address_tensors_of_2_31_elements(int32_overflow_traps, gen):
     part.copy_(rand(gen, S, Q, L, L).to(bf))
     out = poisoned((Q, L, L), torch.float32)
     block = mix.REDUCE.interp_config["BLOCK"]
-    mix.REDUCE.launch(lambda meta: (triton_cdiv(L, block), triton_cdiv(L, block), Q), part, out, S, L,
-                      *part.stride(), *out.stride(), config={"BLOCK": block})
+    mix.REDUCE.launch(
+        lambda meta: (triton_cdiv(L, block), triton_cdiv(L, block), Q),
+        part,
+        out,
+        S,
+        L,
+        *part.stride(),
+        *out.stride(),
+        config={"BLOCK": block},
+    )
     check("mix dW reduce", out, part.double().sum(0).tril(), bf, gen)
 
     # matmuls: rows of a / residual / aux / out at stride 2^30
@@ -293,24 +314,30 @@ def test_dispatch_causal_mix_autograd_matches_reference(heads, k, gen):
     shape_x = (B, L, d) if heads == 0 else (B, heads, L, d // heads)
     shape_w = (L, L, k) if heads == 0 else (heads, L, L, k)
     leaves = [rand(gen, *shape_x), rand(gen, *shape_w), rand(gen, *shape_w[:-2]), rand(gen, *shape_x)]
-    check_autograd("mixing", lambda *t: dispatch.causal_mix(*t, impl="triton"),
-                   lambda x, w, b, r: ref.causal_mix(x, w, b) + r, leaves, ("dx", "dW", "dbias", "dresidual"),
-                   rand(gen, *shape_x), gen)
+    check_autograd(
+        "mixing",
+        lambda *t: dispatch.causal_mix(*t, impl="triton"),
+        lambda x, w, b, r: ref.causal_mix(x, w, b) + r,
+        leaves,
+        ("dx", "dW", "dbias", "dresidual"),
+        rand(gen, *shape_x),
+        gen,
+    )
 
 
 def test_dispatch_causal_mix_under_autocast_bf16(gen):
     """Under bf16 autocast the op computes in bf16 like torch's matmul, and keeps the fp32 residual's dtype."""
     B, L, d = 2, 21, 16
-    x, w, b, r = rand(gen, B, L, d), rand(gen, L, L, 1, scale=L ** -0.5), rand(gen, L), rand(gen, B, L, d)
+    x, w, b, r = rand(gen, B, L, d), rand(gen, L, L, 1, scale=L**-0.5), rand(gen, L), rand(gen, B, L, d)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = dispatch.causal_mix(x, w, b, r, impl="triton")
     assert y.dtype == torch.float32
-    check("autocast output", y, ref.causal_mix(x.double(), w.double(), b.double()) + r.double(), torch.bfloat16,
-          gen)
+    check("autocast output", y, ref.causal_mix(x.double(), w.double(), b.double()) + r.double(), torch.bfloat16, gen)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # LayerNorm
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,d", [(37, 40), (50, 100), (9, 16)])
@@ -330,14 +357,20 @@ def test_layer_norm_forward_backward(rows, d, dtype, gen):
 
 
 def test_dispatch_layer_norm_autograd(gen):
-    check_autograd("LayerNorm", lambda x, w, b: dispatch.layer_norm(x, w, b, 1e-5, impl="triton"),
-                   lambda x, w, b: ref.layer_norm_reference(x, w, b, 1e-5),
-                   [rand(gen, 3, 11, 48), rand(gen, 48), rand(gen, 48)], ("dx", "dweight", "dbias"),
-                   rand(gen, 3, 11, 48), gen)
+    check_autograd(
+        "LayerNorm",
+        lambda x, w, b: dispatch.layer_norm(x, w, b, 1e-5, impl="triton"),
+        lambda x, w, b: ref.layer_norm_reference(x, w, b, 1e-5),
+        [rand(gen, 3, 11, 48), rand(gen, 48), rand(gen, 48)],
+        ("dx", "dweight", "dbias"),
+        rand(gen, 3, 11, 48),
+        gen,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Matmul with fused epilogues, FFN and Linear
+
 
 def gelu64(h):
     return torch.nn.functional.gelu(h.double())
@@ -345,7 +378,7 @@ def gelu64(h):
 
 def gelu_grad64(h):
     h = h.double()
-    return 0.5 * (1 + torch.erf(h / 2 ** 0.5)) + h * torch.exp(-0.5 * h * h) / (2 * torch.pi) ** 0.5
+    return 0.5 * (1 + torch.erf(h / 2**0.5)) + h * torch.exp(-0.5 * h * h) / (2 * torch.pi) ** 0.5
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -353,12 +386,13 @@ def gelu_grad64(h):
 def test_matmul_epilogues(M, N, K, dtype, gen):
     from memtrain.kernels.ffn import matmul_epilogue
 
-    a, w = rand(gen, M, K, dtype=dtype), rand(gen, N, K, dtype=dtype, scale=K ** -0.5)
-    bias, res, aux = rand(gen, N), rand(gen, M, N), rand(gen, M, N, dtype=dtype)
+    a, w = rand(gen, M, K, dtype=dtype), rand(gen, N, K, dtype=dtype, scale=K**-0.5)
+    bias, res, _aux = rand(gen, N), rand(gen, M, N), rand(gen, M, N, dtype=dtype)
     b = w.t()  # a transposed (strided) view, as the FFN passes its weights
     lin = a.double() @ b.double()
-    c, c2, cs = matmul_epilogue(a, b, bias=bias, residual=res, out_dtype=torch.float32,
-                                out=poisoned((M, N), torch.float32))
+    c, c2, cs = matmul_epilogue(
+        a, b, bias=bias, residual=res, out_dtype=torch.float32, out=poisoned((M, N), torch.float32)
+    )
     assert c2 is None and cs is None
     check("bias + residual", c, lin + bias.double() + res.double(), dtype, gen)
     c, c2, _ = matmul_epilogue(a, b, bias=bias, epilogue="gelu", out=poisoned((M, N), dtype))
@@ -374,20 +408,41 @@ def test_matmul_epilogues(M, N, K, dtype, gen):
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_dispatch_ffn_and_linear_autograd(with_residual, gen):
     M, d, m = 29, 24, 96
-    leaves = [rand(gen, 2, M, d), rand(gen, m, d, scale=d ** -0.5), rand(gen, m), rand(gen, d, m, scale=m ** -0.5),
-              rand(gen, d), rand(gen, 2, M, d)]
+    leaves = [
+        rand(gen, 2, M, d),
+        rand(gen, m, d, scale=d**-0.5),
+        rand(gen, m),
+        rand(gen, d, m, scale=m**-0.5),
+        rand(gen, d),
+        rand(gen, 2, M, d),
+    ]
     if not with_residual:
         leaves[-1] = None
     dy = rand(gen, 2, M, d)
-    check_autograd("FFN", lambda *t: dispatch.ffn(*t, impl="triton"), ref.ffn_reference, leaves,
-                   ("dx", "dw1", "db1", "dw2", "db2", "dresidual"), dy, gen)
+    check_autograd(
+        "FFN",
+        lambda *t: dispatch.ffn(*t, impl="triton"),
+        ref.ffn_reference,
+        leaves,
+        ("dx", "dw1", "db1", "dw2", "db2", "dresidual"),
+        dy,
+        gen,
+    )
     lin = [leaves[0], leaves[3].t().contiguous()[:d], leaves[4][:d].clone(), leaves[5]]  # Linear(d, d)
-    check_autograd("Linear", lambda *t: dispatch.linear(*t, impl="triton"), ref.linear_reference, lin,
-                   ("dx", "dw", "db", "dresidual"), dy, gen)
+    check_autograd(
+        "Linear",
+        lambda *t: dispatch.linear(*t, impl="triton"),
+        ref.linear_reference,
+        lin,
+        ("dx", "dw", "db", "dresidual"),
+        dy,
+        gen,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Chunked linear + cross-entropy (torch; runs the same on CPU and CUDA)
+
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
 def test_linear_cross_entropy_equals_plain_head(chunk_rows, gen):
@@ -426,6 +481,7 @@ def test_linear_cross_entropy_computes_no_gradient_without_grad(gen, monkeypatch
 # ---------------------------------------------------------------------------------------------------------
 # Compilation for Hopper without a GPU
 
+
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """The AE-shape mixing kernels, the dGELU matmul and the LayerNorm backward compile for sm_90 (Triton's
     own compiler and ptxas, no device), use warpgroup MMAs where they multiply, and spill no registers.
@@ -436,9 +492,21 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
 
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "memtrain.kernels.aot_check", "--only",
-                           "L512 d1024 k1 bf16,dGELU+colsum bf16,layernorm backward d=1024", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memtrain.kernels.aot_check",
+            "--only",
+            "L512 d1024 k1 bf16,dGELU+colsum bf16,layernorm backward d=1024",
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
     assert len(rows) == 6, sorted(rows)
@@ -451,16 +519,18 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Larger random shapes, bf16 and fp32: CUDA only (run by tools/gpu_check.sh)
 
+
 @cuda_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trial", range(4))
+@pytest.mark.gpu
 def test_cuda_mix_random_shapes(trial, dtype, gen):
     from memtrain.kernels.mix import mix_backward, mix_forward
 
     pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
     B, L, H, k = pick(1, 8), pick(17, 600), (1, 1, 2, 4)[pick(0, 3)], (1, 1, 2, 4)[pick(0, 3)]
     F = pick(8, 160) if H > 1 else pick(16, 1100)
-    x, w = rand(gen, B, L, H, F, dtype=dtype), rand(gen, H, L, L, k, dtype=dtype, scale=L ** -0.5)
+    x, w = rand(gen, B, L, H, F, dtype=dtype), rand(gen, H, L, L, k, dtype=dtype, scale=L**-0.5)
     bias, res, dy = rand(gen, H, L), rand(gen, B, L, H, F), rand(gen, B, L, H, F)
     wk = w.movedim(-1, 1).contiguous()
     where = f"B={B} L={L} H={H} F={F} k={k}"
@@ -476,6 +546,7 @@ def test_cuda_mix_random_shapes(trial, dtype, gen):
 
 @cuda_only
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.gpu
 def test_cuda_benchmark_shapes(dtype, gen):
     """The shapes of the throughput benchmarks: mixer AE (L 512, d 1024) and memory decoder (L 260, d 512)."""
     from memtrain.kernels.ffn import matmul_epilogue
@@ -483,10 +554,10 @@ def test_cuda_benchmark_shapes(dtype, gen):
     from memtrain.kernels.mix import mix_forward
 
     for B, L, F in ((8, 512, 1024), (16, 260, 512)):
-        x, w = rand(gen, B, L, 1, F, dtype=dtype), rand(gen, 1, L, L, 1, dtype=dtype, scale=L ** -0.5)
+        x, w = rand(gen, B, L, 1, F, dtype=dtype), rand(gen, 1, L, L, 1, dtype=dtype, scale=L**-0.5)
         y = mix_forward(x, w.movedim(-1, 1).contiguous(), out=poisoned((B, L, 1, F), dtype))
         check(f"mix L={L} F={F}", y, mix_reference(x, w, None, None), dtype, gen)
-        a, wt = rand(gen, B * L, F, dtype=dtype), rand(gen, 4 * F, F, dtype=dtype, scale=F ** -0.5)
+        a, wt = rand(gen, B * L, F, dtype=dtype), rand(gen, 4 * F, F, dtype=dtype, scale=F**-0.5)
         c, c2, _ = matmul_epilogue(a, wt.t(), epilogue="gelu", out=poisoned((B * L, 4 * F), dtype))
         check(f"fc1 M={B * L}", c, gelu64(a.double() @ wt.double().t()), dtype, gen)
         xn = rand(gen, B * L, F)

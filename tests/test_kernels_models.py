@@ -5,6 +5,7 @@ Without CUDA the Triton path runs in the CPU interpreter (slow: the training com
 ``tools/gpu_check.sh`` runs it for 50 steps on the GPU). No fixture from conftest is used, so the GPU check can
 run this file without the data stack (``pytest --noconftest``).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Slurm rendering and checks, sweeps (expand, local run, collect), the scaling model, Slurm env, preemption."""
+
 import csv
 import json
 import os
@@ -12,15 +13,17 @@ import torch
 
 from memtrain.cli import main
 from memtrain.config import SlurmConfig, load_config
+from memtrain.engine.preempt import Preemption
 from memtrain.errors import UserError
 from memtrain.launch import scaling, slurm
 from memtrain.launch.env import adopt_slurm_env
-from memtrain.launch.preempt import Preemption
 from memtrain.launch.sweep import config_fields, expand, resource_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = {"gpu": slurm.Partition("gpu", nodes=4, gpus_per_node=8, cpus_per_node=64),
-           "cpu": slurm.Partition("cpu", nodes=2, gpus_per_node=0, cpus_per_node=2)}
+CLUSTER = {
+    "gpu": slurm.Partition("gpu", nodes=4, gpus_per_node=8, cpus_per_node=64),
+    "cpu": slurm.Partition("cpu", nodes=2, gpus_per_node=0, cpus_per_node=2),
+}
 
 
 @pytest.fixture
@@ -29,14 +32,39 @@ def fake_cluster(monkeypatch):
     monkeypatch.setattr(slurm, "default_partition", lambda: "cpu")
 
 
+@pytest.mark.slurm
 def test_render_srun_script(tmp_path, fake_cluster, capsys):
-    rc = main(["submit", str(ROOT / "yaml/tiny.yaml"), "--partition", "gpu", "--nodes", "2", "--gpus-per-node", "8",
-               "--time", "04:00:00", "--account", "lab", "--dry-run", "--workdir", str(tmp_path)])
+    rc = main(
+        [
+            "submit",
+            str(ROOT / "yaml/tiny.yaml"),
+            "--partition",
+            "gpu",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--time",
+            "04:00:00",
+            "--account",
+            "lab",
+            "--dry-run",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=04:00:00",
-                 "#SBATCH --signal=USR1@120", "#SBATCH --requeue"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --signal=USR1@120",
+        "#SBATCH --requeue",
+    ):
         assert line in out
     assert "srun --kill-on-bad-exit=1" in out and "memtrain_finish $?" in out
     (job,) = list((tmp_path / "slurm-jobs").iterdir())
@@ -47,24 +75,52 @@ def test_render_srun_script(tmp_path, fake_cluster, capsys):
     assert subprocess.run(["bash", "-n", str(job / "job.sbatch")]).returncode == 0  # valid bash
 
 
-@pytest.mark.parametrize("launcher,signal_name,needle", [
-    ("torchrun", "USR1", "torch.distributed.run --nnodes"),
-    ("deepspeed", "USR1", "deepspeed.launcher.runner --hostfile")])
+@pytest.mark.parametrize(
+    "launcher,signal_name,needle",
+    [
+        ("torchrun", "USR1", "torch.distributed.run --nnodes"),
+        ("deepspeed", "USR1", "deepspeed.launcher.runner --hostfile"),
+    ],
+)
+@pytest.mark.slurm
 def test_render_other_launchers(tmp_path, fake_cluster, capsys, launcher, signal_name, needle):
-    assert main(["submit", str(ROOT / "yaml/tiny.yaml"), "--partition", "gpu", "--gpus-per-node", "4",
-                 "--launcher", launcher, "--dry-run", "--workdir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                str(ROOT / "yaml/tiny.yaml"),
+                "--partition",
+                "gpu",
+                "--gpus-per-node",
+                "4",
+                "--launcher",
+                launcher,
+                "--dry-run",
+                "--workdir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"#SBATCH --signal={signal_name}@120" in out and needle in out
     assert "#SBATCH --ntasks-per-node=1" in out and "export MEMTRAIN_NPROC_PER_NODE=4" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--partition", "nope"], "slurm.partition: 'nope' does not exist on this cluster (partitions: cpu, gpu)"),
-    (["--partition", "gpu", "--gpus-per-node", "16"], "16 GPUs per node requested but the nodes of partition 'gpu' have 8"),
-    (["--partition", "cpu", "--nodes", "3"], "slurm.nodes: 3 nodes requested but partition 'cpu' has 2"),
-    (["--partition", "cpu", "--gpus-per-node", "1"], "the nodes of partition 'cpu' have 0"),
-    (["--time", "2h"], "slurm.time: '2h' is not a Slurm time limit"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--partition", "nope"], "slurm.partition: 'nope' does not exist on this cluster (partitions: cpu, gpu)"),
+        (
+            ["--partition", "gpu", "--gpus-per-node", "16"],
+            "16 GPUs per node requested but the nodes of partition 'gpu' have 8",
+        ),
+        (["--partition", "cpu", "--nodes", "3"], "slurm.nodes: 3 nodes requested but partition 'cpu' has 2"),
+        (["--partition", "cpu", "--gpus-per-node", "1"], "the nodes of partition 'cpu' have 0"),
+        (["--time", "2h"], "slurm.time: '2h' is not a Slurm time limit"),
+    ],
+)
+@pytest.mark.slurm
 def test_submit_refuses_before_anything_is_written(tmp_path, fake_cluster, capsys, args, message):
     rc = main(["submit", str(ROOT / "yaml/tiny.yaml"), *args, "--dry-run", "--workdir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -72,6 +128,7 @@ def test_submit_refuses_before_anything_is_written(tmp_path, fake_cluster, capsy
     assert not (tmp_path / "slurm-jobs").exists()
 
 
+@pytest.mark.slurm
 def test_submit_without_slurm_needs_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
     assert main(["submit", str(ROOT / "yaml/tiny.yaml"), "--workdir", str(tmp_path)]) == 2
@@ -85,23 +142,28 @@ def _unreachable_sinfo(tmp_path, monkeypatch) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("sinfo", "sbatch"):
-        (bin_dir / tool).write_text("#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\n"
-                                    "exit 1\n")
+        (bin_dir / tool).write_text(
+            "#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\nexit 1\n"
+        )
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
+@pytest.mark.slurm
 def test_dry_run_renders_without_a_reachable_controller(tmp_path, monkeypatch, capsys):
     _unreachable_sinfo(tmp_path, monkeypatch)
     assert main(["submit", "tiny", "--dry-run", "--workdir", str(tmp_path)]) == 0  # a shipped config by name
     out, err = capsys.readouterr()
     assert "#SBATCH --nodes=1" in out and "#SBATCH --job-name=tiny" in out
-    assert err == ("memtrain: warning: resources not checked against the cluster "
-                   "(sinfo failed: sinfo: fatal: Could not establish a configuration source)\n")
+    assert err == (
+        "memtrain: warning: resources not checked against the cluster "
+        "(sinfo failed: sinfo: fatal: Could not establish a configuration source)\n"
+    )
     (job,) = list((tmp_path / "slurm-jobs").iterdir())
     assert (job / "job.sbatch").is_file()
 
 
+@pytest.mark.slurm
 def test_real_submission_needs_a_reachable_controller(tmp_path, monkeypatch, capsys):
     _unreachable_sinfo(tmp_path, monkeypatch)
     assert main(["submit", "tiny", "--workdir", str(tmp_path)]) == 2
@@ -118,8 +180,10 @@ def test_real_submission_needs_a_reachable_controller(tmp_path, monkeypatch, cap
 
 def write_grid(tmp_path, grid, extra=""):
     p = tmp_path / "grid.yaml"
-    p.write_text(f"name: g\nbase: {ROOT / 'yaml/tiny.yaml'}\nout_dir: {tmp_path / 'sweep'}\n{extra}grid:\n" +
-                 "".join(f"  {k}: {json.dumps(v)}\n" for k, v in grid.items()))
+    p.write_text(
+        f"name: g\nbase: {ROOT / 'yaml/tiny.yaml'}\nout_dir: {tmp_path / 'sweep'}\n{extra}grid:\n"
+        + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in grid.items())
+    )
     return p
 
 
@@ -134,8 +198,11 @@ def test_grid_expands_to_validated_points(tmp_path):
 
 def test_grid_key_that_is_not_a_field(tmp_path):
     p = write_grid(tmp_path, {"model.decoder.d_modle": [32]})
-    with pytest.raises(UserError, match=r"grid key 'model.decoder.d_modle' is not a config field; did you mean "
-                                        r"'model.decoder.d_model'"):
+    with pytest.raises(
+        UserError,
+        match=r"grid key 'model.decoder.d_modle' is not a config field; did you mean "
+        r"'model.decoder.d_model'",
+    ):
         expand(p)
     assert "slurm.gpus_per_node" in config_fields() and "model.encoder.kernel" in config_fields()
 
@@ -146,6 +213,7 @@ def test_grid_point_with_invalid_value_is_named(tmp_path):
         expand(p)
 
 
+@pytest.mark.slurm
 def test_sweep_more_gpus_than_nodes_have_is_refused_before_submitting(tmp_path, fake_cluster, capsys):
     p = write_grid(tmp_path, {"slurm.gpus_per_node": [8, 16]}, "set: {slurm.partition: gpu}\n")
     assert main(["sweep", str(p), "--workdir", str(tmp_path)]) == 2
@@ -153,9 +221,11 @@ def test_sweep_more_gpus_than_nodes_have_is_refused_before_submitting(tmp_path, 
     assert not (tmp_path / "slurm-jobs").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slurm
 def test_sweep_dry_run_renders_one_array_per_resource_group(tmp_path, fake_cluster, capsys):
-    p = write_grid(tmp_path, {"model.decoder.d_model": [32, 64], "slurm.tasks_per_node": [1, 2]},
-                   "set: {slurm.partition: cpu}\n")
+    p = write_grid(
+        tmp_path, {"model.decoder.d_model": [32, 64], "slurm.tasks_per_node": [1, 2]}, "set: {slurm.partition: cpu}\n"
+    )
     assert main(["sweep", str(p), "--dry-run", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("#SBATCH --array=0-1") == 2
@@ -164,9 +234,13 @@ def test_sweep_dry_run_renders_one_array_per_resource_group(tmp_path, fake_clust
     assert len(listings) == 2 and all(len(f.read_text().splitlines()) == 2 for f in listings)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_sweep_local_run_and_collect(tmp_path, tiny_data, capsys):
-    extra = (f"set: {{data.shards: {tiny_data.shards}, train.steps: 6, train.eval_every: 0, train.ckpt_every: 0, "
-             "train.log_every: 2, train.progress: false, train.threads: 1}\n")
+    extra = (
+        f"set: {{data.shards: {tiny_data.shards}, train.steps: 6, train.eval_every: 0, train.ckpt_every: 0, "
+        "train.log_every: 2, train.progress: false, train.threads: 1}\n"
+    )
     p = write_grid(tmp_path, {"model.decoder.d_model": [16, 32], "slurm.tasks_per_node": [1, 2]}, extra)
     assert main(["sweep", str(p), "--local"]) == 0
     capsys.readouterr()
@@ -215,9 +289,16 @@ def test_scale_cli(capsys):
     assert main(["scale", "--nodes", "1"]) == 2
 
 
+@pytest.mark.slurm
 def test_adopt_slurm_env():
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-           "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "nodeA"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "1234",
+        "SLURM_JOB_NODELIST": "nodeA",
+    }
     assert adopt_slurm_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
     assert env["MASTER_PORT"] == str(20000 + 1234) and env["MASTER_ADDR"]
@@ -237,6 +318,7 @@ def test_preemption_records_signals():
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
+@pytest.mark.slurm
 def test_templates_are_valid_bash():
     for f in sorted((ROOT / "slurm").glob("*")):
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f

@@ -1,4 +1,5 @@
 """Metric values on hand-made logits, pooling, information ratios and greedy regeneration."""
+
 from __future__ import annotations
 
 import math
@@ -7,22 +8,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memtrain.metrics import (MetricAccumulator, bits_per_token, cross_entropy, cross_entropy_sum, exact_match,
-                              greedy_regenerate, information_ratio, paper_information_ratio, token_accuracy,
-                              uniform_logit_ce)
+from memtrain.metrics import (
+    MetricAccumulator,
+    bits_per_token,
+    cross_entropy,
+    cross_entropy_sum,
+    exact_match,
+    greedy_regenerate,
+    information_ratio,
+    paper_information_ratio,
+    token_accuracy,
+    uniform_logit_ce,
+)
 from memtrain.objectives import ObjectiveStats
 
 IGN = -100
 
 # two rows, two positions, V = 3; row 1's second position is not supervised
-LOGITS = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-                       [[0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]])
+LOGITS = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]])
 LABELS = torch.tensor([[0, 2], [2, IGN]])
 
 
 def _hand_ce():
     e = math.e
-    terms = [-2 + math.log(e ** 2 + 2), -0 + math.log(1 + e + 1), -3 + math.log(2 + e ** 3)]
+    terms = [-2 + math.log(e**2 + 2), -0 + math.log(1 + e + 1), -3 + math.log(2 + e**3)]
     return sum(terms) / 3
 
 
@@ -33,7 +42,7 @@ def test_accuracy_ce_exact_match_on_hand_made_logits():
     assert cross_entropy(LOGITS, LABELS).item() == pytest.approx(_hand_ce(), rel=1e-6)
     ce_sum, n = cross_entropy_sum(LOGITS, LABELS)
     assert int(n) == 3 and ce_sum.item() == pytest.approx(3 * _hand_ce(), rel=1e-6)
-    assert exact_match(pred, LABELS) == (1, 2)              # row 0 has a miss; row 1 all correct
+    assert exact_match(pred, LABELS) == (1, 2)  # row 0 has a miss; row 1 all correct
     assert exact_match(pred, torch.full_like(LABELS, IGN)) == (0, 0)
     assert math.isnan(token_accuracy(pred, torch.full_like(LABELS, IGN)))
     # bf16 logits are scored in fp32
@@ -46,7 +55,7 @@ def test_information_ratios_and_bits():
     assert information_ratio(math.log(V), V) == pytest.approx(0.0)
     assert information_ratio(math.log(V) / 2, V) == pytest.approx(0.5)
     assert uniform_logit_ce(V) == pytest.approx(math.log(V) + 0.0413, abs=1e-4)
-    assert round(uniform_logit_ce(V), 2) == 9.03                 # the paper's constant
+    assert round(uniform_logit_ce(V), 2) == 9.03  # the paper's constant
     assert paper_information_ratio(9.03, V) == pytest.approx(0.0, abs=3e-4)
     assert paper_information_ratio(1.0, V) == pytest.approx(1 - 1 / 9.0285, abs=1e-4)
     assert bits_per_token(math.log(2)) == pytest.approx(1.0)
@@ -76,7 +85,7 @@ def test_accumulator_pools_unequal_batches():
     out = acc.compute()["copy"]
     a = -3 + math.log(math.exp(3) + 3)
     b = math.log(math.exp(2) + 3)
-    assert out["accuracy"] == pytest.approx(1 / 4)               # micro-average, not (1 + 0) / 2
+    assert out["accuracy"] == pytest.approx(1 / 4)  # micro-average, not (1 + 0) / 2
     assert out["ce"] == pytest.approx((a + 3 * b) / 4, rel=1e-6)  # not (a + b) / 2
     assert out["tokens"] == 4 and out["rows"] == 2
     assert out["exact_match"] == pytest.approx(0.5)
@@ -94,9 +103,17 @@ def test_accumulator_pools_unequal_batches():
     # from ObjectiveStats (the loss computation's detached counts)
     acc.reset()
     for n, ce, correct in ((2, 1.0, 2), (6, 0.5, 3)):
-        acc.update("causal", ObjectiveStats(loss=torch.tensor(ce), n_tokens=n, n_correct=torch.tensor(correct),
-                                            ce_sum=torch.tensor(ce * n), n_rows_exact=torch.tensor(1),
-                                            n_rows=torch.tensor(2)))
+        acc.update(
+            "causal",
+            ObjectiveStats(
+                loss=torch.tensor(ce),
+                n_tokens=n,
+                n_correct=torch.tensor(correct),
+                ce_sum=torch.tensor(ce * n),
+                n_rows_exact=torch.tensor(1),
+                n_rows=torch.tensor(2),
+            ),
+        )
     c = acc.compute()["causal"]
     assert c["ce"] == pytest.approx((2 * 1.0 + 6 * 0.5) / 8)
     assert c["accuracy"] == pytest.approx(5 / 8) and c["exact_match"] == pytest.approx(2 / 4)
@@ -104,10 +121,11 @@ def test_accumulator_pools_unequal_batches():
 
 def test_accumulator_all_reduce_single_rank(tmp_path):
     import torch.distributed as dist
+
     acc = MetricAccumulator(vocab_size=3)
     acc.update("copy", LOGITS, LABELS)
     before = acc.compute()
-    acc.all_reduce()                                             # not initialised: no-op
+    acc.all_reduce()  # not initialised: no-op
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         acc.all_reduce()
@@ -118,6 +136,7 @@ def test_accumulator_all_reduce_single_rank(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # Greedy regeneration
+
 
 class Echo:
     """Predicts its own input: clm/autoencoder: argmax at t = x[t]; memory (label_shift 0): argmax at t = x[t-1].
@@ -138,15 +157,13 @@ class Echo:
         return h
 
 
-IDS = torch.tensor([[3, 3, 3, 5, 5, 5, 7, 7],
-                    [4, 6, 6, 6, 6, 6, 6, 6],
-                    [2, 2, 2, 2, 2, 9, 9, 9]])
+IDS = torch.tensor([[3, 3, 3, 5, 5, 5, 7, 7], [4, 6, 6, 6, 6, 6, 6, 6], [2, 2, 2, 2, 2, 9, 9, 9]])
 
 
 def _targets():
     t = IDS.clone()
-    t[:, :2] = IGN           # a two-token prompt
-    t[2, :6] = IGN           # row 2 is scored only at its last two positions
+    t[:, :2] = IGN  # a two-token prompt
+    t[2, :6] = IGN  # row 2 is scored only at its last two positions
     return t
 
 
@@ -161,12 +178,12 @@ def test_greedy_clm_free_running_differs_from_teacher_forcing():
 
     model.calls = 0
     free = greedy_regenerate(model, IDS, labels)
-    assert model.calls == 6                                      # one pass per supervised column (1..6)
-    assert free[0, 1:7].tolist() == [3] * 6                      # row 0 keeps copying its first prediction
+    assert model.calls == 6  # one pass per supervised column (1..6)
+    assert free[0, 1:7].tolist() == [3] * 6  # row 0 keeps copying its first prediction
     assert free[1, 1:7].tolist() == [6] * 6
-    assert free[2, 5:7].tolist() == [9, 9]                       # row 2's unsupervised inputs were left alone
+    assert free[2, 5:7].tolist() == [9, 9]  # row 2's unsupervised inputs were left alone
     assert (free[:, [0, 7]] == IGN).all()
-    assert token_accuracy(free, labels) == pytest.approx(9 / 14)   # row 0: 1/6
+    assert token_accuracy(free, labels) == pytest.approx(9 / 14)  # row 0: 1/6
     assert exact_match(free, labels) == (2, 3)
     assert torch.equal(IDS, before)
 
@@ -179,13 +196,13 @@ def test_greedy_clm_free_running_differs_from_teacher_forcing():
 def test_greedy_memory_model_writes_prediction_at_its_own_position():
     model = Echo("memory")
     labels = _targets()
-    labels[:, 0] = IGN                                           # memory alignment: identity, position 0 unscored
+    labels[:, 0] = IGN  # memory alignment: identity, position 0 unscored
     tf_pred = model.logits(model(IDS)).argmax(-1)
-    assert token_accuracy(tf_pred, labels) == pytest.approx(12 / 14)   # row 0: 4/6
+    assert token_accuracy(tf_pred, labels) == pytest.approx(12 / 14)  # row 0: 4/6
     free = greedy_regenerate(model, IDS, labels)
     assert model.calls == 1 + 6
     assert free[0, 2:].tolist() == [3] * 6
-    assert token_accuracy(free, labels) == pytest.approx(9 / 14)       # row 0: 1/6
+    assert token_accuracy(free, labels) == pytest.approx(9 / 14)  # row 0: 1/6
 
 
 def test_greedy_autoencoder_takes_one_pass():

@@ -1,4 +1,5 @@
 """Blocks and token mixing: exact maths, causality, functional masking, HF Llama equality, parameter counts."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,14 +7,15 @@ import torch
 import torch.nn as nn
 
 from memtrain.config import ModelConfig, StackConfig
+from memtrain.kernels.reference import causal_mix, causal_weight
 from memtrain.models import build_model
 from memtrain.models.autoencoder import unroll_index
 from memtrain.models.blocks import MixerBlock, TransformerBlock, rotary_cos_sin
-from memtrain.models.mixing import CausalMix, causal_mix, causal_weight
-
+from memtrain.models.mixing import CausalMix
 
 # ---------------------------------------------------------------------------------------------------------
 # Token mixing maths
+
 
 def explicit_mix(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """y[b,t,f] = sum_{s<=t} sum_j w[t,s,j] * x[b,s,f+j-(k-1)//2] + b[t], written as loops (x zero outside)."""
@@ -159,6 +161,7 @@ def test_mask_is_applied_in_forward(k, heads):
 # ---------------------------------------------------------------------------------------------------------
 # Transformer block == HF Llama
 
+
 def test_transformer_block_equals_hf_llama_decoder_layer():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -169,8 +172,15 @@ def test_transformer_block_equals_hf_llama_decoder_layer():
     with torch.no_grad():  # non-trivial norm weights so that their names are checked too
         ours.input_layernorm.weight.uniform_(0.5, 1.5)
         ours.post_attention_layernorm.weight.uniform_(0.5, 1.5)
-    hf_cfg = LlamaConfig(hidden_size=d, intermediate_size=m * d, num_attention_heads=h, num_key_value_heads=h,
-                         rms_norm_eps=eps, rope_theta=theta, attn_implementation="sdpa")
+    hf_cfg = LlamaConfig(
+        hidden_size=d,
+        intermediate_size=m * d,
+        num_attention_heads=h,
+        num_key_value_heads=h,
+        rms_norm_eps=eps,
+        rope_theta=theta,
+        attn_implementation="sdpa",
+    )
     hf = LlamaDecoderLayer(hf_cfg, layer_idx=0)
     hf.load_state_dict(ours.state_dict(), strict=True)  # same parameter names and shapes
     x = torch.randn(2, T, d)
@@ -188,6 +198,7 @@ def test_transformer_block_equals_hf_llama_decoder_layer():
 
 # ---------------------------------------------------------------------------------------------------------
 # Unroll windows (docs/reference.md §3.1)
+
 
 def test_unroll_windows_match_reference_example():
     idx = unroll_index(12, 8).tolist()
@@ -241,15 +252,39 @@ def test_autoencoder_parameter_counts_match_reference():
     final_norms = 2 * (2 * 1024)  # ours, with final_norm: encoder LayerNorm + head LayerNorm (weight + bias)
     for k in (1, 8):
         ref = ref_autoencoding_mixer(1024, 8, 512, k)
-        base = dict(kind="autoencoder", chunk_len=512, n_chunks=1, encoder=mixer(1024, 8, k),
-                    decoder=mixer(1024, 8, k), injection="repeat")
+        base = dict(
+            kind="autoencoder",
+            chunk_len=512,
+            n_chunks=1,
+            encoder=mixer(1024, 8, k),
+            decoder=mixer(1024, 8, k),
+            injection="repeat",
+        )
         assert count(ModelConfig(**base, final_norm=False)) == ref - projection
         assert count(ModelConfig(**base, final_norm=True)) == ref - projection + final_norms
-    assert count(ModelConfig(kind="autoencoder", chunk_len=512, n_chunks=1, encoder=mixer(1024, 8, 8),
-                             decoder=mixer(1024, 8, 8), final_norm=False)) == 184_837_120 - projection
+    assert (
+        count(
+            ModelConfig(
+                kind="autoencoder",
+                chunk_len=512,
+                n_chunks=1,
+                encoder=mixer(1024, 8, 8),
+                decoder=mixer(1024, 8, 8),
+                final_norm=False,
+            )
+        )
+        == 184_837_120 - projection
+    )
     for d, L, total in ((1024, 512, 218_391_552), (512, 256, 58_733_056)):  # unroll uses the projection
-        cfg = ModelConfig(kind="autoencoder", chunk_len=L, n_chunks=1, encoder=mixer(d, 8, 16),
-                          decoder=mixer(d, 8, 16), injection="unroll", final_norm=False)
+        cfg = ModelConfig(
+            kind="autoencoder",
+            chunk_len=L,
+            n_chunks=1,
+            encoder=mixer(d, 8, 16),
+            decoder=mixer(d, 8, 16),
+            injection="unroll",
+            final_norm=False,
+        )
         assert count(cfg) == total
 
 
@@ -266,6 +301,12 @@ def test_clm_and_memory_parameter_counts_match_reference():
     assert count(ModelConfig(kind="clm", chunk_len=512, n_chunks=2, decoder=llama, final_norm=True)) == 75_317_760
     # VariableMemoryMixer enc512/dec1024 n16 c256x4 (decoder k1, context 260), encoder k1 and k8
     for k, total in ((1, 191_137_088), (8, 198_477_120)):
-        cfg = ModelConfig(kind="memory", chunk_len=256, n_chunks=4, encoder=mixer(512, 16, k),
-                          decoder=mixer(1024, 16), final_norm=False)
+        cfg = ModelConfig(
+            kind="memory",
+            chunk_len=256,
+            n_chunks=4,
+            encoder=mixer(512, 16, k),
+            decoder=mixer(1024, 16),
+            final_norm=False,
+        )
         assert count(cfg) == total

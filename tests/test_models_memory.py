@@ -1,4 +1,5 @@
 """Whole models: chunk folding == per-chunk loop, cross-chunk causality, frozen encoders, labels, groups, ties."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,7 @@ def stack(arch: str, d: int = 16, k: int = 1, h: int | None = None) -> StackConf
 
 def memory_cfg(dec_arch: str = "mixer", enc_arch: str = "mixer", **kw) -> ModelConfig:
     enc = stack(enc_arch, 16, k=3 if enc_arch == "mixer" else 1)
-    base = dict(kind="memory", chunk_len=6, n_chunks=4, encoder=enc,
-                decoder=stack(dec_arch, 24))
+    base = dict(kind="memory", chunk_len=6, n_chunks=4, encoder=enc, decoder=stack(dec_arch, 24))
     base.update(kw)
     return ModelConfig(**base)
 
@@ -28,13 +28,13 @@ def chunk_loop(model: MemoryModel, ids: torch.Tensor) -> torch.Tensor:
     """The reference's sequential algorithm (docs/reference.md §4.1), with our output alignment, using the model's own parts."""
     C, L, d = model.cfg.n_chunks, model.cfg.chunk_len, model.cfg.decoder.d_model
     B = ids.shape[0]
-    chunks = [ids[:, c * L:(c + 1) * L] for c in range(C)]
+    chunks = [ids[:, c * L : (c + 1) * L] for c in range(C)]
     memories = [] if model.encoder is None else [model.decoder_proj(model.encoder(chunks[c])) for c in range(C - 1)]
     outputs = []
     for c in range(C):
         slots = [memories[j] if j < c and memories else torch.zeros(B, d) for j in range(C)]
         x = torch.cat([torch.stack(slots, dim=1), model.decoder_wte(chunks[c])], dim=1)  # [B, C+L, d]
-        outputs.append(model.decoder(x)[:, C - 1:C + L - 1])
+        outputs.append(model.decoder(x)[:, C - 1 : C + L - 1])
     return torch.cat(outputs, dim=1)
 
 
@@ -83,7 +83,7 @@ def test_memory_model_cross_chunk_causality(dec_arch):
         for chunk, pos in ((1, 0), (3, 5), (2, 4)):  # output j of a chunk depends only on tokens < j of it
             hp = perturbed(chunk, pos)
             assert torch.equal(hp[:, :chunk], h[:, :chunk])
-            assert torch.equal(hp[:, chunk, :pos + 1], h[:, chunk, :pos + 1])
+            assert torch.equal(hp[:, chunk, : pos + 1], h[:, chunk, : pos + 1])
 
 
 @pytest.mark.parametrize("arch", ["mixer", "transformer"])
@@ -122,8 +122,15 @@ def test_encode_then_forward_with_memories_equals_forward(kind):
     if kind == "memory":
         cfg = memory_cfg("transformer", compression=4)
     else:
-        cfg = ModelConfig(kind="autoencoder", chunk_len=8, n_chunks=1, encoder=stack("mixer", 16, k=4, h=2),
-                          decoder=stack("mixer", 24), injection="unroll", compression=2)
+        cfg = ModelConfig(
+            kind="autoencoder",
+            chunk_len=8,
+            n_chunks=1,
+            encoder=stack("mixer", 16, k=4, h=2),
+            decoder=stack("mixer", 24),
+            injection="unroll",
+            compression=2,
+        )
     model = build_model(cfg, V)
     ids = torch.randint(0, V, (3, cfg.seq_len))
     with torch.no_grad():
@@ -137,8 +144,14 @@ def test_encode_then_forward_with_memories_equals_forward(kind):
 @pytest.mark.parametrize("arch", ["mixer", "transformer"])
 def test_autoencoder_shapes_and_decoder_sees_only_the_memory(injection, arch):
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="autoencoder", chunk_len=8, n_chunks=1, encoder=stack(arch, 16), decoder=stack(arch, 16),
-                      injection=injection)
+    cfg = ModelConfig(
+        kind="autoencoder",
+        chunk_len=8,
+        n_chunks=1,
+        encoder=stack(arch, 16),
+        decoder=stack(arch, 16),
+        injection=injection,
+    )
     model = build_model(cfg, V)
     ids = torch.randint(0, V, (2, 8))
     with torch.no_grad():
@@ -174,8 +187,9 @@ def test_build_model_kinds_and_encode_on_clm():
 @pytest.mark.parametrize("kind", ["memory", "autoencoder", "clm"])
 def test_module_groups_cover_every_parameter_and_freeze(kind):
     n = 1 if kind == "autoencoder" else 3
-    model = build_model(ModelConfig(kind=kind, chunk_len=4, n_chunks=n, encoder=stack("mixer", 16),
-                                    decoder=stack("transformer", 24)), V)
+    model = build_model(
+        ModelConfig(kind=kind, chunk_len=4, n_chunks=n, encoder=stack("mixer", 16), decoder=stack("transformer", 24)), V
+    )
     groups = model.module_groups()
     assert set(groups) == {"encoder", "decoder", "embeddings", "head"}
     covered = {id(p) for params in groups.values() for p in params}
@@ -198,20 +212,36 @@ def test_tie_embeddings():
     assert clm.lm_head.weight is clm.wte.weight
     mem = build_model(ModelConfig(kind="memory", chunk_len=4, n_chunks=2, tie_embeddings=True), V)
     assert mem.lm_head.weight is mem.decoder_wte.weight
-    assert sum(p.numel() for p in mem.parameters()) == sum(p.numel() for p in build_model(
-        ModelConfig(kind="memory", chunk_len=4, n_chunks=2), V).parameters()) - V * 128
+    assert (
+        sum(p.numel() for p in mem.parameters())
+        == sum(p.numel() for p in build_model(ModelConfig(kind="memory", chunk_len=4, n_chunks=2), V).parameters())
+        - V * 128
+    )
     ae = build_model(ModelConfig(kind="autoencoder", chunk_len=4, n_chunks=1, tie_embeddings=True), V)
     assert ae.lm_head.weight is ae.encoder.wte.weight
     with pytest.raises(UserError, match="tie_embeddings"):
-        build_model(ModelConfig(kind="autoencoder", chunk_len=4, n_chunks=1, tie_embeddings=True,
-                                encoder=stack("mixer", 16), decoder=stack("mixer", 24)), V)
+        build_model(
+            ModelConfig(
+                kind="autoencoder",
+                chunk_len=4,
+                n_chunks=1,
+                tie_embeddings=True,
+                encoder=stack("mixer", 16),
+                decoder=stack("mixer", 24),
+            ),
+            V,
+        )
 
 
 def test_load_encoder_state_from_autoencoder_and_memory_model():
     torch.manual_seed(0)
     enc = stack("mixer", 16, k=3)
-    ae = build_model(ModelConfig(kind="autoencoder", chunk_len=6, n_chunks=1, encoder=enc, decoder=stack("mixer", 24),
-                                 compression=2), V)
+    ae = build_model(
+        ModelConfig(
+            kind="autoencoder", chunk_len=6, n_chunks=1, encoder=enc, decoder=stack("mixer", 24), compression=2
+        ),
+        V,
+    )
     mem = build_model(memory_cfg(encoder=enc, compression=2), V)
     ids = torch.randint(0, V, (2, mem.cfg.seq_len))
     mem.load_encoder_state(ae.state_dict(), "autoencoder")

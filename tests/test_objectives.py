@@ -1,4 +1,5 @@
 """Objective tensors, weighted losses and curriculum stages, against small fake models."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,15 @@ from torch import nn
 
 from memtrain.config import PRESETS, ObjectiveConfig, ObjectiveWeights, StageConfig
 from memtrain.errors import UserError
-from memtrain.objectives import (SpecialTokens, TaskShapeError, check_task, compute_losses, make_task,
-                                 special_tokens, stage_at, task_chunks)
+from memtrain.objectives import (
+    SpecialTokens,
+    check_task,
+    compute_losses,
+    make_task,
+    special_tokens,
+    stage_at,
+    task_chunks,
+)
 
 IGN = -100
 
@@ -25,8 +33,15 @@ class FakeModel(nn.Module):
     ``chunk_first_unscored`` masks the first token of every chunk, as the reference memory model does.
     """
 
-    def __init__(self, kind: str, vocab: int = 32, d: int = 8, n_chunks: int = 4, chunk_len: int = 4,
-                 chunk_first_unscored: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        vocab: int = 32,
+        d: int = 8,
+        n_chunks: int = 4,
+        chunk_len: int = 4,
+        chunk_first_unscored: bool = False,
+    ):
         super().__init__()
         torch.manual_seed(0)
         self.kind = kind
@@ -59,7 +74,7 @@ class FakeModel(nn.Module):
         if self.kind == "memory":
             labels[:, 0] = IGN
             if self.chunk_first_unscored:
-                labels[:, ::self.cfg.chunk_len] = IGN
+                labels[:, :: self.cfg.chunk_len] = IGN
         return labels
 
 
@@ -68,6 +83,7 @@ REF = SpecialTokens(pad_id=1, delimiter_id=100, n_delimiters=3, filler_id=1)
 
 # ----------------------------------------------------------------------------------------------------
 # Task tensors
+
 
 def test_reference_worked_example():
     """docs/reference.md §4.2: N=16, ids 10..25, delimiter 100 x 3, filler 1."""
@@ -111,7 +127,7 @@ def test_copy_on_memory_model_shaped_rows():
     sp = SpecialTokens(pad_id=0, delimiter_id=30, n_delimiters=1, filler_id=31)
     torch.manual_seed(1)
     ids = torch.randint(2, 30, (3, 16))
-    ids[1, 5:] = 0                      # row 1: padding from position 5 on (in the source half)
+    ids[1, 5:] = 0  # row 1: padding from position 5 on (in the source half)
     before = ids.clone()
 
     inp, tgt = make_task("copy", ids, sp, n_chunks=4)
@@ -145,7 +161,7 @@ def test_copy_on_memory_model_shaped_rows():
 
 def test_task_chunks_only_constrains_memory_models():
     assert task_chunks(FakeModel("memory", n_chunks=4)) == 4
-    clm = FakeModel("clm", n_chunks=3, chunk_len=4)             # context 12: copy halves of 6 are fine
+    clm = FakeModel("clm", n_chunks=3, chunk_len=4)  # context 12: copy halves of 6 are fine
     assert task_chunks(clm) is None
     make_task("copy", torch.zeros(1, 12, dtype=torch.long), REF, task_chunks(clm))
 
@@ -193,7 +209,7 @@ def test_compute_losses_total_grads_and_supervised_rows(kind):
     weights = {"causal": 1.0, "copy": 0.5, "blank_copy": 0.25}
     total, parts = compute_losses(model, ids, weights, SP)
     assert list(parts) == ["causal", "copy", "blank_copy"]
-    assert len(model.calls) == 3                          # one forward pass per objective
+    assert len(model.calls) == 3  # one forward pass per objective
     assert torch.equal(ids, before)
 
     expect_total = sum(w * parts[k].loss for k, w in weights.items())
@@ -242,7 +258,7 @@ def test_compute_losses_weights_and_memories():
 
 def test_compute_losses_without_supervised_tokens_is_a_connected_zero():
     model = FakeModel("autoencoder", n_chunks=1, chunk_len=6)
-    ids = torch.zeros(2, 6, dtype=torch.long)            # all pad
+    ids = torch.zeros(2, 6, dtype=torch.long)  # all pad
     total, parts = compute_losses(model, ids, {"reconstruction": 1.0}, SP)
     assert parts["reconstruction"].n_tokens == 0 and total.item() == 0.0
     total.backward()
@@ -264,14 +280,14 @@ class FixedLogitModel:
     def __call__(self, x, memories=None):
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         pos = torch.arange(x.shape[1]).expand_as(x)
-        return torch.stack([pos, prev], dim=-1).float()      # hidden [B, T, 2] = (position, previous token)
+        return torch.stack([pos, prev], dim=-1).float()  # hidden [B, T, 2] = (position, previous token)
 
     def logits(self, h):
         return self.P[h[..., 0].long()] + self.Q[h[..., 1].long()]
 
     def align_labels(self, targets):
         labels = targets.clone()
-        labels[:, ::self.cfg.chunk_len] = IGN
+        labels[:, :: self.cfg.chunk_len] = IGN
         return labels
 
 
@@ -282,22 +298,24 @@ def _reference_objective_loss(model, name, ids, special):
     C, L = model.cfg.n_chunks, model.cfg.chunk_len
     total = 0.0
     for c in range(C):
-        lab = labels[:, c * L:(c + 1) * L]
+        lab = labels[:, c * L : (c + 1) * L]
         if (lab == IGN).all():
-            continue                                       # skipped chunk, still divided by C
-        total += F.cross_entropy(logits[:, c * L:(c + 1) * L].reshape(-1, model.vocab_size), lab.reshape(-1),
-                                 ignore_index=IGN)
+            continue  # skipped chunk, still divided by C
+        total += F.cross_entropy(
+            logits[:, c * L : (c + 1) * L].reshape(-1, model.vocab_size), lab.reshape(-1), ignore_index=IGN
+        )
     return total / C
 
 
-@pytest.mark.parametrize("copy_name,preset", [("copy", "reference_combined"),
-                                              ("blank_copy", "reference_blank_combined")])
+@pytest.mark.parametrize(
+    "copy_name,preset", [("copy", "reference_combined"), ("blank_copy", "reference_blank_combined")]
+)
 def test_reference_combined_weighting(copy_name, preset):
     """L_ref = L_clm + L_copy (docs/reference.md §4.3) equals our total with the preset weights when every
     supervised chunk has the same number of scored tokens."""
     model = FixedLogitModel()
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(2, 30, (2, 16), generator=g)      # no padding
+    ids = torch.randint(2, 30, (2, 16), generator=g)  # no padding
     sp = SpecialTokens(pad_id=0, delimiter_id=30, n_delimiters=1, filler_id=31)  # delimiter on a chunk start
     l_ref = _reference_objective_loss(model, "causal", ids, sp) + _reference_objective_loss(model, copy_name, ids, sp)
     total, parts = compute_losses(model, ids, PRESETS[preset], sp)
@@ -307,13 +325,16 @@ def test_reference_combined_weighting(copy_name, preset):
     # with 3 delimiters chunk 2 scores fewer tokens than chunk 3: the reference weights chunks equally,
     # we weight tokens equally, and the two differ
     sp3 = SpecialTokens(pad_id=0, delimiter_id=30, n_delimiters=3, filler_id=31)
-    l_ref3 = _reference_objective_loss(model, "causal", ids, sp3) + _reference_objective_loss(model, copy_name, ids, sp3)
+    l_ref3 = _reference_objective_loss(model, "causal", ids, sp3) + _reference_objective_loss(
+        model, copy_name, ids, sp3
+    )
     total3, _ = compute_losses(model, ids, PRESETS[preset], sp3)
     assert not torch.allclose(total3, l_ref3, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Curriculum
+
 
 def _stages(*steps):
     return [StageConfig(name=f"s{k}", steps=n, weights=ObjectiveWeights(causal=1.0)) for k, n in enumerate(steps)]

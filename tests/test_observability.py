@@ -1,6 +1,7 @@
 """What a training run reports: the batch-log line, throughput/FLOPs/MFU arithmetic, the W&B and MLflow sinks
 (real local backends, read back and compared with metrics.jsonl, across a resume), profiler traces and the
 sweep table's commit and MFU columns."""
+
 from __future__ import annotations
 
 import json
@@ -10,28 +11,42 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import records, tiny_config, tiny_raw, write_yaml
 
-from conftest import records, tiny_config, tiny_raw, write_yaml
 from memtrain.engine.trainer import train
 from memtrain.errors import UserError
 
 
 def _cfg(data, out, *overrides):
-    return tiny_config(data.shards, out, "train.steps=20", "train.log_every=5", "train.ckpt_every=10",
-                       "train.eval_every=0", *overrides)
+    return tiny_config(
+        data.shards, out, "train.steps=20", "train.log_every=5", "train.ckpt_every=10", "train.eval_every=0", *overrides
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The plain log line and its numbers
 
+
 def test_batch_log_has_one_plain_line_per_log_every(tiny_data, tmp_path):
     """stderr to a file (a Slurm batch log) with train.progress on: no bar, one line per logged step with
     tokens/s, TFLOP/s and (a peak given) MFU."""
-    cfg = write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, tmp_path / "run", [
-        "train.steps=12", "train.log_every=4", "train.progress=true", "train.peak_tflops=0.5"]))
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        tiny_raw(
+            tiny_data.shards,
+            tmp_path / "run",
+            ["train.steps=12", "train.log_every=4", "train.progress=true", "train.peak_tflops=0.5"],
+        ),
+    )
     with open(tmp_path / "err", "w") as err:
-        out = subprocess.run([sys.executable, "-m", "memtrain", "train", str(cfg)], stdout=subprocess.PIPE,
-                             stderr=err, text=True, cwd=tmp_path, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "memtrain", "train", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
     assert out.returncode == 0, (tmp_path / "err").read_text()
     assert "\r" not in (tmp_path / "err").read_text() + out.stdout  # no carriage-return bar
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("step ") and "tok/s" in ln]
@@ -45,7 +60,7 @@ def test_batch_log_has_one_plain_line_per_log_every(tiny_data, tmp_path):
 
 
 def test_no_mfu_on_cpu_without_a_peak_and_meta_records_the_count(tiny_data, tmp_path, capsys):
-    from memtrain.bench import stage_flops_per_token
+    from memtrain.flops import stage_flops_per_token
 
     cfg = _cfg(tiny_data, tmp_path / "run")
     train(cfg)
@@ -87,20 +102,35 @@ def test_window_arithmetic_on_a_hand_example(monkeypatch, tiny_data, tmp_path):
 def test_format_line():
     from memtrain.engine.tracking import format_line
 
-    v = {"loss/total": 3.25, "loss/causal": 3.0, "loss/copy": 0.5, "accuracy/causal": 0.1, "lr": 1.2e-3,
-         "grad_norm": 0.84, "tokens_per_s": 45210.0, "tokens_per_s_per_rank": 22605.0,
-         "model_tflops_per_rank": 123.4, "mfu": 0.1234, "memory/peak_alloc_gib": 12.5,
-         "memory/peak_rss_gib": 3.0, "step_time_s": 0.35, "eta_s": 662.4}
+    v = {
+        "loss/total": 3.25,
+        "loss/causal": 3.0,
+        "loss/copy": 0.5,
+        "accuracy/causal": 0.1,
+        "lr": 1.2e-3,
+        "grad_norm": 0.84,
+        "tokens_per_s": 45210.0,
+        "tokens_per_s_per_rank": 22605.0,
+        "model_tflops_per_rank": 123.4,
+        "mfu": 0.1234,
+        "memory/peak_alloc_gib": 12.5,
+        "memory/peak_rss_gib": 3.0,
+        "step_time_s": 0.35,
+        "eta_s": 662.4,
+    }
     assert format_line(120, 2000, v, {"causal": 1.0, "copy": 0.5}) == (
         "step 120/2000 | loss 3.2500 (causal 3.0000, copy 0.5000) | lr 1.20e-03 | gnorm 0.84 | "
-        "45,210 tok/s (22,605/rank) | 123 TFLOP/s/rank | MFU 12.3% | mem 12.50 GiB | 0.350 s/step | ETA 0:11:02")
+        "45,210 tok/s (22,605/rank) | 123 TFLOP/s/rank | MFU 12.3% | mem 12.50 GiB | 0.350 s/step | ETA 0:11:02"
+    )
     del v["memory/peak_alloc_gib"], v["mfu"], v["loss/copy"]
     assert "| rss 3.00 GiB |" in format_line(1, 2, v, {"causal": 1.0}) and "(causal" not in format_line(
-        1, 2, v, {"causal": 1.0})
+        1, 2, v, {"causal": 1.0}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Sinks
+
 
 def test_missing_logger_stops_with_the_install_command(tiny_data, tmp_path, monkeypatch):
     import importlib.util
@@ -109,11 +139,14 @@ def test_missing_logger_stops_with_the_install_command(tiny_data, tmp_path, monk
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    cfg = write_yaml(tmp_path / "c.yaml", tiny_raw(tiny_data.shards, tmp_path / "run", ["train.loggers=[jsonl, wandb]"]))
+    cfg = write_yaml(
+        tmp_path / "c.yaml", tiny_raw(tiny_data.shards, tmp_path / "run", ["train.loggers=[jsonl, wandb]"])
+    )
     assert main(["train", str(cfg)]) == 2
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
     with pytest.raises(UserError, match=r"train.loggers: wandb is not installed .*pip install wandb"):
         from memtrain.engine.tracking import check_loggers
+
         check_loggers(["jsonl", "wandb"])
 
 
@@ -148,8 +181,14 @@ def test_mlflow_file_store_round_trip_with_resume(tiny_data, tmp_path, monkeypat
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores behind this switch
     uri = (tmp_path / "mlruns").as_uri()
-    cfg = _cfg(tiny_data, tmp_path / "run", "train.loggers=[jsonl, mlflow]", f"train.mlflow.tracking_uri={uri}",
-               "train.mlflow.experiment=obs", "train.eval_every=10")
+    cfg = _cfg(
+        tiny_data,
+        tmp_path / "run",
+        "train.loggers=[jsonl, mlflow]",
+        f"train.mlflow.tracking_uri={uri}",
+        "train.mlflow.experiment=obs",
+        "train.eval_every=10",
+    )
     _train_twice(cfg)
     run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow_run_id"]
     client = MlflowClient(tracking_uri=uri)
@@ -180,11 +219,11 @@ def _wandb_records(path: Path):
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             pos += left
             continue
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             rec = pb.Record()
@@ -199,8 +238,9 @@ def test_wandb_offline_round_trip_with_resume(tiny_data, tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = _cfg(tiny_data, tmp_path / "run", "train.loggers=[jsonl, wandb]", "train.wandb.project=obs",
-               "train.eval_every=10")
+    cfg = _cfg(
+        tiny_data, tmp_path / "run", "train.loggers=[jsonl, wandb]", "train.wandb.project=obs", "train.eval_every=10"
+    )
     _train_twice(cfg)
     run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb_id"]
     files = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -227,6 +267,7 @@ def test_wandb_offline_round_trip_with_resume(tiny_data, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Profiling
 
+
 def test_profile_writes_a_trace_and_training_continues(tiny_data, tmp_path, capsys):
     cfg = _cfg(tiny_data, tmp_path / "run", "train.profile={start: 3, steps: 2}")
     assert not train(cfg, stop_after=10)["complete"]
@@ -245,6 +286,7 @@ def test_profile_writes_a_trace_and_training_continues(tiny_data, tmp_path, caps
 # ---------------------------------------------------------------------------------------------------------
 # sweep collect
 
+
 def test_collect_shows_commit_and_logged_mfu(tiny_data, tmp_path):
     from memtrain.launch.collect import run_record
 
@@ -255,6 +297,4 @@ def test_collect_shows_commit_and_logged_mfu(tiny_data, tmp_path):
     assert rec["commit"] == (None if prov["commit"] is None else prov["commit"] + ("-dirty" if prov["dirty"] else ""))
     assert rec["flops_per_token"] == meta["flops_per_token"][0]
     assert 0 < rec["mfu"] < 1 and rec["tokens_per_s_per_rank"] == rec["tokens_per_s"]
-    assert run_record(tmp_path / "run", peak_tflops=0.5)["mfu"] == pytest.approx(
-        rec["model_tflops_per_rank"] / 0.5)
-
+    assert run_record(tmp_path / "run", peak_tflops=0.5)["mfu"] == pytest.approx(rec["model_tflops_per_rank"] / 0.5)

@@ -1,5 +1,6 @@
 """Frozen-encoder memory precomputation: what the shards hold, resumable and parallel jobs that write the same
 bytes as one uninterrupted job, and every bad input stopped with one line before anything trains."""
+
 from __future__ import annotations
 
 import json
@@ -14,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import records, tiny_config
 
-from conftest import records, tiny_config
 from memtrain.cli import main
+from memtrain.data import memory_manifest as mf
 from memtrain.data.ingest import build_shards
 from memtrain.data.loader import make_loader, read_shard_info
-from memtrain.data.memories import MemoryBatch, open_memories, unpack
+from memtrain.data.memories import MemoryBatch, open_memories, split_memories
 from memtrain.data.tokenizer import file_sha256
 from memtrain.engine.trainer import build_for_run, train
 from memtrain.errors import UserError
 from memtrain.objectives import compute_losses, make_task, special_tokens
 from memtrain.precompute import job as pj
-from memtrain.precompute import manifest as mf
 
 TASKS = ("causal", "copy", "blank_copy")
 
@@ -39,8 +40,16 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def tokens(tiny_data, tmp_path_factory) -> Path:
     """The tiny corpus as token shards of ~4 kB: about 50 train and 3 val shards (units), rows of 4 x 8."""
     out = tmp_path_factory.mktemp("tokens") / "shards"
-    build_shards([str(tiny_data.corpus)], tiny_data.tokenizer, out, row_len=32, val_fraction=0.05, workers=1,
-                 shard_size="4kb", progress=False)
+    build_shards(
+        [str(tiny_data.corpus)],
+        tiny_data.tokenizer,
+        out,
+        row_len=32,
+        val_fraction=0.05,
+        workers=1,
+        shard_size="4kb",
+        progress=False,
+    )
     return out
 
 
@@ -73,9 +82,11 @@ def test_memories_are_the_frozen_encoders_for_every_task(tokens, encoder_run, me
     info = read_shard_info(tokens)
     assert man["tokenizer_sha256"] == info.tokenizer_sha256
     assert (man["chunk_len"], man["n_chunks"], man["row_len"], man["dtype"]) == (8, 4, 32, "fp32")
-    assert man["tasks"] == {"blank_copy": {"column": "blank_copy", "chunks": [2]},
-                            "causal": {"column": "mem", "chunks": [0, 1, 2]},
-                            "copy": {"column": "copy", "chunks": [2]}}
+    assert man["tasks"] == {
+        "blank_copy": {"column": "blank_copy", "chunks": [2]},
+        "causal": {"column": "mem", "chunks": [0, 1, 2]},
+        "copy": {"column": "copy", "chunks": [2]},
+    }
     assert man["special_tokens"] == {"pad_id": 0, "delimiter_id": 4, "n_delimiters": 1, "filler_id": 5}
     for split in ("train", "val"):
         token_index = json.loads((tokens / split / "index.json").read_text())
@@ -95,7 +106,7 @@ def test_memories_are_the_frozen_encoders_for_every_task(tokens, encoder_run, me
     try:
         for _, batch in zip(range(3), loader):
             assert isinstance(batch, MemoryBatch)
-            ids, memories = unpack(batch)
+            ids, memories = split_memories(batch)
             assert set(memories) == set(TASKS)
             for task in TASKS:
                 inputs, _ = make_task(task, ids, special, 4)
@@ -123,14 +134,25 @@ def test_an_autoencoders_encoder_gives_the_memories(tiny_data, tokens, tmp_path)
     from memtrain.models import build_model
 
     ae_tokens = tmp_path / "ae_tokens"
-    build_shards([str(tiny_data.corpus)], tiny_data.tokenizer, ae_tokens, row_len=8, val_fraction=0.05, workers=1,
-                 progress=False)
+    build_shards(
+        [str(tiny_data.corpus)], tiny_data.tokenizer, ae_tokens, row_len=8, val_fraction=0.05, workers=1, progress=False
+    )
     run = tmp_path / "ae"
-    train(tiny_config(ae_tokens, run, "model.kind=autoencoder", "model.n_chunks=1", "train.steps=1",
-                      "train.eval_every=0", "objective.weights={reconstruction: 1.0}"))
+    train(
+        tiny_config(
+            ae_tokens,
+            run,
+            "model.kind=autoencoder",
+            "model.n_chunks=1",
+            "train.steps=1",
+            "train.eval_every=0",
+            "objective.weights={reconstruction: 1.0}",
+        )
+    )
     out = tmp_path / "mem"
-    summary = pj.run_precompute(run, tokens, out, splits=["val"], dtype="fp32", tasks=["causal"], batch_size=32,
-                                threads=1, progress=False)
+    summary = pj.run_precompute(
+        run, tokens, out, splits=["val"], dtype="fp32", tasks=["causal"], batch_size=32, threads=1, progress=False
+    )
     man = mf.read_manifest(out)
     assert summary["merged"] and man["encoder"]["source_kind"] == "autoencoder" and man["n_chunks"] == 4
     assert list(man["tasks"]) == ["causal"] and man["splits"]["val"]["samples"] == read_shard_info(tokens).rows("val")
@@ -153,14 +175,16 @@ def test_bf16_and_fp16_storage_round_trip(tokens, encoder_run, mem_fp32, tmp_pat
     ref = open_memories(cfg, info, split="val")
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         out = tmp_path / dtype
-        summary = pj.run_precompute(encoder_run, tokens, out, splits=["val"], dtype=dtype, batch_size=16,
-                                    threads=1, progress=False)
+        summary = pj.run_precompute(
+            encoder_run, tokens, out, splits=["val"], dtype=dtype, batch_size=16, threads=1, progress=False
+        )
         assert summary["merged"] and summary["memories"] == info.rows("val") * 5  # 3 plain + 1 per copy task
         got = open_memories(run_cfg(tokens, tmp_path / "r", encoder_run, out), info, split="val")
         samples = [got.get(i) for i in range(4)]
         batch = got.collate([dict(s, input_ids=np.zeros(32, np.uint16), memories=s) for s in samples])
-        want = ref.collate([dict(s, input_ids=np.zeros(32, np.uint16), memories=s)
-                            for s in (ref.get(i) for i in range(4))])
+        want = ref.collate(
+            [dict(s, input_ids=np.zeros(32, np.uint16), memories=s) for s in (ref.get(i) for i in range(4))]
+        )
         for task in TASKS:
             assert batch.memories[task].dtype == torch_dtype
             assert torch.equal(batch.memories[task], want.memories[task].to(torch_dtype))
@@ -201,8 +225,18 @@ def test_sigkill_and_resume_writes_the_same_bytes(tokens, encoder_run, mem_fp32,
     args = ["--dtype", "fp32", "--batch-size", "16", "--threads", "1", "--no-progress"]
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "memtrain", "precompute", str(encoder_run), "--shards", str(tokens),
-           "--out", str(killed), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "memtrain",
+        "precompute",
+        str(encoder_run),
+        "--shards",
+        str(tokens),
+        "--out",
+        str(killed),
+        *args,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -223,10 +257,12 @@ def test_sigkill_and_resume_writes_the_same_bytes(tokens, encoder_run, mem_fp32,
 
 def test_slices_merge_into_one_index(tokens, encoder_run, mem_fp32, tmp_path, capsys):
     out = tmp_path / "mem"
-    first = pj.run_precompute(encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=2, world=3,
-                              threads=1, progress=False)
-    second = pj.run_precompute(encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=0, world=3,
-                               threads=1, progress=False)
+    first = pj.run_precompute(
+        encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=2, world=3, threads=1, progress=False
+    )
+    second = pj.run_precompute(
+        encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=0, world=3, threads=1, progress=False
+    )
     assert not first["merged"] and not second["merged"]
     assert main(["precompute", "--merge", str(out)]) == 2
     assert "unit(s) not done yet" in capsys.readouterr().err
@@ -237,10 +273,12 @@ def test_slices_merge_into_one_index(tokens, encoder_run, mem_fp32, tmp_path, ca
     assert pj.resolve_slice(None, None, {}) == (0, 1)
     with pytest.raises(UserError, match="0 <= rank < world"):
         pj.resolve_slice(3, 3, {})
-    last = pj.run_precompute(encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=1, world=3,
-                             threads=1, progress=False)
-    assert last["merged"] and units + last["units"] == len(mf.read_manifest(out)["splits"]["train"]["units"]) \
-        + len(mf.read_manifest(out)["splits"]["val"]["units"])
+    last = pj.run_precompute(
+        encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=1, world=3, threads=1, progress=False
+    )
+    assert last["merged"] and units + last["units"] == len(mf.read_manifest(out)["splits"]["train"]["units"]) + len(
+        mf.read_manifest(out)["splits"]["val"]["units"]
+    )
     assert tree_bytes(out) == tree_bytes(mem_fp32)
     assert main(["precompute", "--merge", str(out)]) == 0  # merging again changes nothing
     assert tree_bytes(out) == tree_bytes(mem_fp32)
@@ -250,9 +288,24 @@ def test_a_job_resumed_with_other_settings_is_refused(tokens, encoder_run, mem_f
     out = tmp_path / "mem"
     shutil.copytree(mem_fp32, out)
     assert main(["precompute", str(encoder_run), "--shards", str(tokens), "--out", str(out), "--dtype", "bf16"]) == 2
-    assert "started with dtype = \"fp32\", this job has \"bf16\"" in capsys.readouterr().err
-    assert main(["precompute", str(encoder_run), "--shards", str(tokens), "--out", str(out), "--dtype", "fp32",
-                 "--tasks", "causal"]) == 2
+    assert 'started with dtype = "fp32", this job has "bf16"' in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "precompute",
+                str(encoder_run),
+                "--shards",
+                str(tokens),
+                "--out",
+                str(out),
+                "--dtype",
+                "fp32",
+                "--tasks",
+                "causal",
+            ]
+        )
+        == 2
+    )
     assert "started with tasks" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
@@ -333,20 +386,33 @@ def test_misaligned_memory_samples_stop_the_loader(tokens, encoder_run, mem_fp32
     shutil.rmtree(unit)
     tmp = bad / "train" / "tmp"
     columns = json.loads((mem_fp32 / "train" / "unit_00000" / "index.json").read_text())["shards"][0]
-    writer = streaming.MDSWriter(out=str(tmp), columns=dict(zip(columns["column_names"], columns["column_encodings"])),
-                                 compression=None, size_limit=None, progress_bar=False)
+    writer = streaming.MDSWriter(
+        out=str(tmp),
+        columns=dict(zip(columns["column_names"], columns["column_encodings"])),
+        compression=None,
+        size_limit=None,
+        progress_bar=False,
+    )
     for s in samples:
         writer.write(s)
     writer.finish()
     f = tmp / "shard.00000.mds"
-    rec = {"unit": "unit_00000", "token_shard": "shard.00000.mds", "first_sample": 0, "samples": n,
-           "shard": "shard.00000.mds", "bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    rec = {
+        "unit": "unit_00000",
+        "token_shard": "shard.00000.mds",
+        "first_sample": 0,
+        "samples": n,
+        "shard": "shard.00000.mds",
+        "bytes": f.stat().st_size,
+        "sha256": file_sha256(f),
+    }
     (tmp / mf.UNIT_FILE).write_text(json.dumps(rec))
     tmp.rename(unit)
     assert main(["precompute", "--merge", str(bad)]) == 0
     cfg = run_cfg(tokens, tmp_path / "r", encoder_run, bad)
-    loader = make_loader(tokens, "train", batch_size=n, shuffle=False, seed=0,
-                         memories=open_memories(cfg, read_shard_info(tokens)))
+    loader = make_loader(
+        tokens, "train", batch_size=n, shuffle=False, seed=0, memories=open_memories(cfg, read_shard_info(tokens))
+    )
     try:
         with pytest.raises(UserError, match="memory sample 0 of split 'train' is stored for token sample 1"):
             next(iter(loader))
@@ -354,8 +420,7 @@ def test_misaligned_memory_samples_stop_the_loader(tokens, encoder_run, mem_fp32
         loader.close()
 
 
-def test_runs_that_do_not_fit_the_memories_are_refused(tokens, encoder_run, mem_fp32, tiny_data, other_data,
-                                                       tmp_path):
+def test_runs_that_do_not_fit_the_memories_are_refused(tokens, encoder_run, mem_fp32, tiny_data, other_data, tmp_path):
     info = read_shard_info(tokens)
 
     def refused(match: str, *overrides: str, memories: Path = mem_fp32, shards: Path = tokens) -> None:
@@ -368,23 +433,47 @@ def test_runs_that_do_not_fit_the_memories_are_refused(tokens, encoder_run, mem_
     refused(r"model.encoder.n_layers is 2, but the encoder of the memories .* has 1", "model.encoder.n_layers=2")
     refused("model.memory_position is -2", "model.memory_position=-2")
     refused("for a frozen encoder; set model.frozen_encoder.checkpoint", "model.frozen_encoder=null")
-    refused(r"objective.n_delimiters is 2, but the copy memories .* made with 1; precompute with --n-delimiters 2",
-            "objective.n_delimiters=2")
+    refused(
+        r"objective.n_delimiters is 2, but the copy memories .* made with 1; precompute with --n-delimiters 2",
+        "objective.n_delimiters=2",
+    )
     # token shards of the same tokenizer and corpus, cut into other shards: another index
     other = tmp_path / "other_tokens"
-    build_shards([str(tiny_data.corpus)], tiny_data.tokenizer, other, row_len=32, val_fraction=0.05, workers=1,
-                 shard_size="8kb", progress=False)
+    build_shards(
+        [str(tiny_data.corpus)],
+        tiny_data.tokenizer,
+        other,
+        row_len=32,
+        val_fraction=0.05,
+        workers=1,
+        shard_size="8kb",
+        progress=False,
+    )
     with pytest.raises(UserError, match="made from other token shards"):
         _open(run_cfg(other, tmp_path / "r", encoder_run, mem_fp32), other)
     # memories without the copy task's, for a run that trains copy
     causal_only = tmp_path / "causal"
-    pj.run_precompute(encoder_run, tokens, causal_only, splits=["train"], dtype="bf16", tasks=["causal"],
-                      batch_size=64, threads=1, progress=False)
-    refused(r"objective.weights: objective copy has no precomputed memories .* --tasks causal,copy",
-            memories=causal_only)
-    refused(r"curriculum stage 'blank': objective blank_copy has no precomputed memories",
-            "curriculum=[{name: plain, steps: 2, weights: {causal: 1.0}}, "
-            "{name: blank, steps: 2, weights: {blank_copy: 1.0}}]", "train.steps=4", memories=causal_only)
+    pj.run_precompute(
+        encoder_run,
+        tokens,
+        causal_only,
+        splits=["train"],
+        dtype="bf16",
+        tasks=["causal"],
+        batch_size=64,
+        threads=1,
+        progress=False,
+    )
+    refused(
+        r"objective.weights: objective copy has no precomputed memories .* --tasks causal,copy", memories=causal_only
+    )
+    refused(
+        r"curriculum stage 'blank': objective blank_copy has no precomputed memories",
+        "curriculum=[{name: plain, steps: 2, weights: {causal: 1.0}}, "
+        "{name: blank, steps: 2, weights: {blank_copy: 1.0}}]",
+        "train.steps=4",
+        memories=causal_only,
+    )
     cfg = run_cfg(tokens, tmp_path / "r", encoder_run, causal_only, "objective.weights={causal: 1.0}")
     open_memories(cfg, info)  # a causal-only run fits
     # another encoder: the same config, other weights
@@ -404,7 +493,7 @@ def test_compute_losses_with_per_objective_memories(tokens, encoder_run, mem_fp3
     model.freeze(["encoder"])
     special = special_tokens(cfg.objective, info.special_ids)
     batch = _open(cfg, tokens)
-    ids, memories = unpack(batch)
+    ids, memories = split_memories(batch)
     weights = {"causal": 1.0, "copy": 0.5, "blank_copy": 0.25}
     total, parts = compute_losses(model, ids, weights, special)
     total_m, parts_m = compute_losses(model, ids, weights, special, memories=memories)
@@ -432,8 +521,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_training_from_memories_equals_the_encoder_in_the_loop(tokens, encoder_run, mem_fp32, tmp_path):
     """Same config, steps and data order: the decoder's losses and weights from precomputed fp32 memories are
     those of training with the frozen encoder in the loop (bf16 memories: within bf16 rounding)."""
-    common = ["train.steps=8", "train.log_every=1", "train.eval_every=4", "train.ckpt_every=0",
-              "objective.weights={causal: 1.0, copy: 0.5, blank_copy: 0.5}"]
+    common = [
+        "train.steps=8",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.ckpt_every=0",
+        "objective.weights={causal: 1.0, copy: 0.5, blank_copy: 0.5}",
+    ]
     train(run_cfg(tokens, tmp_path / "loop", encoder_run, None, *common))
     train(run_cfg(tokens, tmp_path / "mem", encoder_run, mem_fp32, *common))
     loop, mem = records(tmp_path / "loop"), records(tmp_path / "mem")
@@ -453,21 +547,25 @@ def test_training_from_memories_equals_the_encoder_in_the_loop(tokens, encoder_r
             torch.testing.assert_close(wm[k], wl[k], rtol=1e-4, atol=1e-5, msg=k)
 
     bf16 = tmp_path / "bf16"
-    pj.run_precompute(encoder_run, tokens, bf16, splits=["train"], dtype="bf16", batch_size=64, threads=1,
-                      progress=False)
+    pj.run_precompute(
+        encoder_run, tokens, bf16, splits=["train"], dtype="bf16", batch_size=64, threads=1, progress=False
+    )
     train(run_cfg(tokens, tmp_path / "mem-bf16", encoder_run, bf16, *common, "train.steps=4", "train.eval_every=0"))
     low = records(tmp_path / "mem-bf16")
     for s in range(1, 5):
         assert low[s]["loss/total"] == pytest.approx(loop[s]["loss/total"], rel=5e-3), s
 
 
-CURRICULUM = ("curriculum=[{name: blank_copy, steps: 4, weights: {blank_copy: 1.0}}, "
-              "{name: copy, steps: 4, weights: {copy: 1.0}}, "
-              "{name: causal_copy, steps: 4, weights: {causal: 1.0, copy: 0.5}}]")
+CURRICULUM = (
+    "curriculum=[{name: blank_copy, steps: 4, weights: {blank_copy: 1.0}}, "
+    "{name: copy, steps: 4, weights: {copy: 1.0}}, "
+    "{name: causal_copy, steps: 4, weights: {causal: 1.0, copy: 0.5}}]"
+)
 
 
-def test_frozen_encoder_curriculum_from_memories_resumes_mid_stage(tokens, encoder_run, mem_fp32, tmp_path,
-                                                                  monkeypatch):
+def test_frozen_encoder_curriculum_from_memories_resumes_mid_stage(
+    tokens, encoder_run, mem_fp32, tmp_path, monkeypatch
+):
     """Blank copy -> copy -> causal + copy in one run from one config, trained from precomputed memories; a
     run that crashes in the middle of the copy stage and is resumed continues with the same losses as the
     uninterrupted run, which are those of the encoder in the loop."""

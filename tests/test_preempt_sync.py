@@ -2,6 +2,7 @@
 device) runs only at every ``stop_check_every``-th step, at checkpoint steps and at the last step, the same steps
 on every rank; a single process still stops right after the step in which the signal came; and a 2-rank run
 preempted by SIGUSR1 at several steps (on one rank at a time) resumes to exactly the uninterrupted result."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, records, tiny_config, tiny_raw, write_yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, records, tiny_config, tiny_raw, write_yaml
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine import trainer as trainer_mod
-from memtrain.launch.preempt import Preemption
+from memtrain.engine.preempt import Preemption
 
 STEPS, EVERY, CKPT = 14, 4, 6
 #: (rank that gets SIGUSR1, step in which it gets it, --stop-after or None) per attempt of the preempted run.
@@ -28,7 +29,7 @@ STEPS, EVERY, CKPT = 14, 4, 6
 PLAN = [
     (1, 1, None),  # rank 1 only, step 1 -> the ranks agree at step 4
     (0, 5, None),  # rank 0, step 5 -> step 6, a checkpoint step (written once)
-    (1, 9, 3),     # --stop-after 3 from step 6: the attempt's last step 9 is checked -> preempted at 9
+    (1, 9, 3),  # --stop-after 3 from step 6: the attempt's last step 9 is checked -> preempted at 9
     (0, 10, None),  # step 10 -> 12
     (None, None, None),  # no signal: 12 -> 14, complete
 ]
@@ -44,7 +45,7 @@ DRIVER = textwrap.dedent('''
     import memtrain.engine.trainer as trainer_mod
     from memtrain.config import load_config
     from memtrain.engine import checkpoint as ckpt
-    from memtrain.launch.preempt import Preemption
+    from memtrain.engine.preempt import Preemption
 
     ref_cfg, run_cfg, out, ports, plan = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
     ports = ports.split(",")
@@ -115,8 +116,15 @@ def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_ranks(tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("preempt_sync")
-    args = [f"train.steps={STEPS}", "train.log_every=1", f"train.ckpt_every={CKPT}", "train.eval_every=0",
-            "train.keep_ckpts=20", f"train.stop_check_every={EVERY}", "dist.timeout_s=60"]
+    args = [
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        f"train.ckpt_every={CKPT}",
+        "train.eval_every=0",
+        "train.keep_ckpts=20",
+        f"train.stop_check_every={EVERY}",
+        "dist.timeout_s=60",
+    ]
     ref = write_yaml(root / "ref.yaml", tiny_raw(tiny_data.shards, root / "ref", args))
     run = write_yaml(root / "run.yaml", tiny_raw(tiny_data.shards, root / "run", args))
     driver = root / "driver.py"
@@ -124,12 +132,34 @@ def two_ranks(tiny_data, tmp_path_factory) -> dict:
     ports = ",".join(map(str, _free_ports(len(PLAN) + 1)))
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(driver), str(ref), str(run), str(root / f"rank{rank}.json"), ports,
-             json.dumps(PLAN)], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(driver),
+                    str(ref),
+                    str(run),
+                    str(root / f"rank{rank}.json"),
+                    ports,
+                    json.dumps(PLAN),
+                ],
+                env=env,
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -141,10 +171,16 @@ def two_ranks(tiny_data, tmp_path_factory) -> dict:
                 p.wait()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
-    return {"ref": root / "ref", "run": root / "run", "out": outs,
-            "ranks": [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]}
+    return {
+        "ref": root / "ref",
+        "run": root / "run",
+        "out": outs,
+        "ranks": [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)],
+    }
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_both_ranks_stop_after_the_same_check_step_wherever_the_signal_came(two_ranks):
     r0, r1 = two_ranks["ranks"]
     assert [a["step"] for a in r0[1:]] == [a["step"] for a in r1[1:]] == EXPECTED_STOPS
@@ -163,6 +199,8 @@ def test_both_ranks_stop_after_the_same_check_step_wherever_the_signal_came(two_
     assert ckpt.load_trainer_state(run / "checkpoints" / "step_0000004")["step"] == 4
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_preempted_run_resumes_to_the_uninterrupted_weights_and_losses(two_ranks):
     ref, run = two_ranks["ref"], two_ranks["run"]
     a, b = records(ref), records(run)
@@ -176,6 +214,8 @@ def test_preempted_run_resumes_to_the_uninterrupted_weights_and_losses(two_ranks
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_collective_runs_once_per_stop_check_every_steps(two_ranks):
     for results in two_ranks["ranks"]:
         ref = results[0]
@@ -216,12 +256,20 @@ def test_one_process_stops_right_after_the_signalled_step(tiny_data, tmp_path, m
             if n[0] == 3:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return result
+
         engine.train_step = train_step
         return engine
 
     monkeypatch.setattr(trainer_mod, "build_engine", build_engine)
-    cfg = tiny_config(tiny_data.shards, tmp_path / "run", "train.steps=20", "train.stop_check_every=10",
-                      "train.ckpt_every=0", "train.eval_every=0", "train.log_every=1")
+    cfg = tiny_config(
+        tiny_data.shards,
+        tmp_path / "run",
+        "train.steps=20",
+        "train.stop_check_every=10",
+        "train.ckpt_every=0",
+        "train.eval_every=0",
+        "train.log_every=1",
+    )
     summary = trainer_mod.train(cfg)
     assert summary["preempted"] and summary["step"] == 3
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "run")] == [3]

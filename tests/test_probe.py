@@ -1,4 +1,5 @@
 """`memtrain probe`: every model family, the controls, cases whose answer is known, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -7,26 +8,45 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import tiny_config
 from safetensors.torch import save_model
 
-from conftest import tiny_config
+import yaml
 from memtrain.cli import main
 from memtrain.engine import checkpoint as ckpt
+from memtrain.engine.checkpoint import load_model
 from memtrain.engine.trainer import train
 from memtrain.eval.data import RandomTokens, RunStopped, finished, shards_with_row_len
 from memtrain.eval.probe import ProbeSettings, open_source, run_probe
-from memtrain.eval.report import load_checkpoint_model
 from memtrain.metrics import uniform_logit_ce
 
-FAST = ["--set", "train.threads=1", "--set", "train.progress=false", "--set", "train.eval_batches=2",
-        "--set", "data.batch_size=8", "--set", "train.ckpt_every=0"]
+FAST = [
+    "--set",
+    "train.threads=1",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "data.batch_size=8",
+    "--set",
+    "train.ckpt_every=0",
+]
 
 
 def tiny_run(tiny_data, root: Path, name: str, *overrides: str) -> Path:
     run = root / name
-    train(tiny_config(tiny_data.shards, run, f"run.name={name}", "train.steps=4", "train.eval_every=0",
-                      "train.ckpt_every=0", *overrides))
+    train(
+        tiny_config(
+            tiny_data.shards,
+            run,
+            f"run.name={name}",
+            "train.steps=4",
+            "train.eval_every=0",
+            "train.ckpt_every=0",
+            *overrides,
+        )
+    )
     return run
 
 
@@ -48,12 +68,43 @@ def cli(*argv) -> int:
     return main([str(a) for a in argv])
 
 
+@pytest.mark.slow
 def test_probe_every_family_with_controls(sources, tiny_data, tmp_path, capsys):
     out = tmp_path / "probes"
-    assert cli("probe", sources["ae"], sources["memory"], "--controls", "--steps", 5, "--out", out,
-               "--shards", tiny_data.shards, *FAST) == 0
-    assert cli("probe", sources["clm"], "--length", 16, "--decoder", "transformer", "--steps", 5, "--out",
-               out / "clm", "--shards", tiny_data.shards, *FAST) == 0
+    assert (
+        cli(
+            "probe",
+            sources["ae"],
+            sources["memory"],
+            "--controls",
+            "--steps",
+            5,
+            "--out",
+            out,
+            "--shards",
+            tiny_data.shards,
+            *FAST,
+        )
+        == 0
+    )
+    assert (
+        cli(
+            "probe",
+            sources["clm"],
+            "--length",
+            16,
+            "--decoder",
+            "transformer",
+            "--steps",
+            5,
+            "--out",
+            out / "clm",
+            "--shards",
+            tiny_data.shards,
+            *FAST,
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| ae untrained | mixer d32 n1 (untrained) | 32 |" in printed, printed
 
@@ -82,14 +133,27 @@ def test_probe_every_family_with_controls(sources, tiny_data, tmp_path, capsys):
 
 def test_untrained_model_of_a_yaml_config(tiny_data, tmp_path, capsys):
     out = tmp_path / "yaml"
-    assert cli("probe", Path(__file__).parents[1] / "yaml" / "tiny.yaml", "--steps", 3, "--out", out,
-               "--shards", tiny_data.shards, *FAST) == 0
+    assert (
+        cli(
+            "probe",
+            Path(__file__).parents[1] / "yaml" / "tiny.yaml",
+            "--steps",
+            3,
+            "--out",
+            out,
+            "--shards",
+            tiny_data.shards,
+            *FAST,
+        )
+        == 0
+    )
     (p,) = json.loads((out / "report.json").read_text())["probes"]
     assert p["label"] == "tiny untrained" and not p["trained"] and p["length"] == 8
 
 
 # ----------------------------------------------------------------------------------------------------
 # Cases whose answer is known
+
 
 def hand_built_encoder(tiny_data, root: Path, constant: bool) -> Path:
     """An autoencoder checkpoint over 4-token chunks whose encoder is set by hand.
@@ -100,10 +164,21 @@ def hand_built_encoder(tiny_data, root: Path, constant: bool) -> Path:
     """
     shards = shards_with_row_len(tiny_data.shards, 4)
     run = root / ("constant" if constant else "identity")
-    train(tiny_config(shards, run, "model.kind=autoencoder", "model.chunk_len=4", "model.n_chunks=1",
-                      "objective.weights={reconstruction: 1}", "model.encoder={arch: mixer, d_model: 64, "
-                      "n_layers: 1, n_heads: 4}", "train.steps=1", "train.eval_every=0", "train.ckpt_every=0"))
-    model, _, _ = load_checkpoint_model(run, torch.device("cpu"))
+    train(
+        tiny_config(
+            shards,
+            run,
+            "model.kind=autoencoder",
+            "model.chunk_len=4",
+            "model.n_chunks=1",
+            "objective.weights={reconstruction: 1}",
+            "model.encoder={arch: mixer, d_model: 64, n_layers: 1, n_heads: 4}",
+            "train.steps=1",
+            "train.eval_every=0",
+            "train.ckpt_every=0",
+        )
+    )
+    model, _, _ = load_model(run, torch.device("cpu"))
     enc, d = model.encoder, 64
     with torch.no_grad():
         torch.manual_seed(1)
@@ -137,6 +212,7 @@ def test_identity_like_encoder_is_regenerated_almost_perfectly(tiny_data, tmp_pa
     assert r["retained_bits_per_memory"] > 0.9 * 4 * r["baseline"]["unigram_ce"] / math.log(2)
 
 
+@pytest.mark.slow
 def test_constant_input_encoder_stays_at_the_information_less_baseline(tiny_data, tmp_path):
     src = open_source(hand_built_encoder(tiny_data, tmp_path, constant=True))
     text = run_probe(src, ProbeSettings(steps=300, overrides=KNOWN), tmp_path / "text")
@@ -166,6 +242,7 @@ def test_random_tokens_are_a_pure_function_of_the_batch():
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line each
 
+
 def fails(capsys, *argv, needle: str) -> None:
     capsys.readouterr()
     assert cli(*argv) == 2
@@ -178,8 +255,15 @@ def test_bad_input(sources, tiny_data, other_data, tmp_path, capsys):
     fails(capsys, "probe", sources["no_memory"], *out, needle="no_memory: true and has no encoder to probe")
     fails(capsys, "probe", sources["clm"], "--length", 64, *out, needle="--length 64: longer than the context")
     fails(capsys, "probe", sources["ae"], "--length", 16, *out, needle="reads exactly 32 tokens")
-    fails(capsys, "probe", sources["ae"], "--shards", other_data.shards, *out,
-          needle="shards were made with tokenizer sha256")
+    fails(
+        capsys,
+        "probe",
+        sources["ae"],
+        "--shards",
+        other_data.shards,
+        *out,
+        needle="shards were made with tokenizer sha256",
+    )
     fails(capsys, "probe", tmp_path / "nothing", *out, needle="no such checkpoint, run directory or YAML config")
     assert not (tmp_path / "p").exists()  # nothing was written
 
@@ -194,7 +278,7 @@ def test_a_run_stopped_early_asks_for_a_rerun():
 def test_probe_reads_the_encoder_of_an_hf_decoder_run(tmp_path, tmp_path_factory):
     """A memory model whose decoder is a Hugging Face LLM: its memtrain encoder is probed on the encoder's token
     stream of the dual shards (the encoder tokenizer's vocabulary, the encoder's chunk length)."""
-    from test_hf_helpers import L, shm_retry, trained_run
+    from helpers import L, shm_retry, trained_run
 
     run = trained_run(tmp_path_factory)
     out = tmp_path / "probe"

@@ -1,20 +1,46 @@
 """`memtrain repro --quick`: the whole reproduction pipeline end to end, a few steps per stage."""
+
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from memtrain.cli import main
 
 
+@pytest.mark.slow
 def test_quick_reproduction_end_to_end(tiny_data, tmp_path, capsys):
     out, doc = tmp_path / "repro", tmp_path / "docs" / "reproduction.md"
-    assert main(["repro", "--quick", "--out", str(out), "--doc", str(doc), "--shards", str(tiny_data.shards),
-                 "--set", "train.threads=1", "--set", "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "repro",
+                "--quick",
+                "--out",
+                str(out),
+                "--doc",
+                str(doc),
+                "--shards",
+                str(tiny_data.shards),
+                "--set",
+                "train.threads=1",
+                "--set",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["quick"] and set(report["steps"].values()) == {6}
     assert [p["label"] for p in report["probes"]] == [
-        "mixer autoencoder", "mixer causal LM", "mixer untrained",
-        "transformer autoencoder", "transformer causal LM", "transformer untrained"]
+        "mixer autoencoder",
+        "mixer causal LM",
+        "mixer untrained",
+        "transformer autoencoder",
+        "transformer causal LM",
+        "transformer untrained",
+    ]
     assert [p["trained"] for p in report["probes"]] == [True, True, False, True, True, False]
     assert [p["memory_position"] for p in report["probes"]] == [-1, -2, -1, -1, -2, -1]
     assert list(report["memory"]) == ["memory causal only", "memory causal+copy"]
@@ -48,8 +74,11 @@ def _probes(acc: dict[str, float]) -> list[dict]:
 
 
 def _memory(copy: float, shuffled: float, blank: float) -> dict:
-    return {"copy": {"accuracy": copy}, "copy (memories shuffle)": {"accuracy": shuffled},
-            "blank_copy": {"accuracy": blank}}
+    return {
+        "copy": {"accuracy": copy},
+        "copy (memories shuffle)": {"accuracy": shuffled},
+        "blank_copy": {"accuracy": blank},
+    }
 
 
 def test_claim_checks_on_the_measured_numbers():
@@ -57,8 +86,16 @@ def test_claim_checks_on_the_measured_numbers():
     one turns: the transformer ordering fails on the absolute margin only, and copy needs the memories read."""
     from memtrain.eval.repro import claim_checks
 
-    probes = _probes({"mixer autoencoder": 0.581, "mixer causal LM": 0.073, "mixer untrained": 0.069,
-                      "transformer autoencoder": 0.152, "transformer causal LM": 0.075, "transformer untrained": 0.076})
+    probes = _probes(
+        {
+            "mixer autoencoder": 0.581,
+            "mixer causal LM": 0.073,
+            "mixer untrained": 0.069,
+            "transformer autoencoder": 0.152,
+            "transformer causal LM": 0.075,
+            "transformer untrained": 0.076,
+        }
+    )
     memory = {"memory causal only": _memory(0.231, 0.216, 0.045), "memory causal+copy": _memory(0.622, 0.057, 0.210)}
     checks = claim_checks(probes, memory)
     assert [c["holds"] for c in checks] == [True, False, True, True]

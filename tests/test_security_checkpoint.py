@@ -9,6 +9,7 @@ per run directory, and falling back from a damaged newest checkpoint.
   nothing (the holder keeps running and finishes).
 * A damaged newest checkpoint makes ``--resume`` use the previous complete one, with a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import records, tiny_config, tiny_raw, tree_hash, write_yaml
 
-from conftest import records, tiny_config, tiny_raw, tree_hash, write_yaml
 from memtrain.cli import main
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.trainer import train
@@ -95,8 +96,7 @@ def test_trainer_pt_holds_only_tensors_and_plain_data_and_old_ones_still_load(pl
     # a trainer.pt of an older version (numpy's RNG state as its array tuple) still loads, and restores it
     np.random.seed(7)
     random.seed(7)
-    old = dict(state, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                           "python": random.getstate()})
+    old = dict(state, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()})
     expected = (np.random.rand(3), random.random())
     torch.save(old, ck / "trainer.pt")
     loaded = ckpt.load_trainer_state(ck)
@@ -126,6 +126,7 @@ def ds_run(tiny_data, tmp_path):
         train(tiny_config(tiny_data.shards, run, *sets), stop_after=4)
         assert [r.step for r in ckpt.list_checkpoints(run)] == [2, 4]
         return run, sets
+
     return make
 
 
@@ -147,8 +148,13 @@ def test_modified_deepspeed_file_is_refused_before_deepspeed_unpickles_it(ds_run
     assert "step_0000004 is damaged (ds/state/mp_rank_00_model_states.pt differs from its manifest.json" in out.err
     assert "at step 2;" in out.out
     # convert refuses the damaged checkpoint outright
-    one_line_error(capsys, ["convert", "deepspeed", ck, "--out", tmp_path / "conv"], str(ck), "refused",
-                   "mp_rank_00_model_states.pt differs")
+    one_line_error(
+        capsys,
+        ["convert", "deepspeed", ck, "--out", tmp_path / "conv"],
+        str(ck),
+        "refused",
+        "mp_rank_00_model_states.pt differs",
+    )
     assert not marker.exists() and not (tmp_path / "conv").exists()
 
 
@@ -158,14 +164,17 @@ def test_planted_deepspeed_file_is_refused_without_being_unpickled(ds_run, tmp_p
     marker = tmp_path / "pwned"
     # DeepSpeed's ZeRO consolidator reads every *_optim_states.pt it finds
     torch.save({"x": Payload(marker)}, ck / "ds" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    one_line_error(capsys, ["convert", "deepspeed", ck, "--out", tmp_path / "conv"], "refused",
-                   "zero_pp_rank_1_mp_rank_00_optim_states.pt is not listed in its manifest.json")
+    one_line_error(
+        capsys,
+        ["convert", "deepspeed", ck, "--out", tmp_path / "conv"],
+        "refused",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt is not listed in its manifest.json",
+    )
     assert not marker.exists()
     # without a manifest a DeepSpeed checkpoint is incomplete: nothing of it is unpickled
     ck2 = run / "checkpoints" / "step_0000002"
     (ck2 / ckpt.MANIFEST).unlink()
-    one_line_error(capsys, ["convert", "deepspeed", ck2, "--out", tmp_path / "conv"], "refused",
-                   "manifest.json")
+    one_line_error(capsys, ["convert", "deepspeed", ck2, "--out", tmp_path / "conv"], "refused", "manifest.json")
     assert not (tmp_path / "conv").exists()
 
 
@@ -190,8 +199,9 @@ def test_convert_reads_zero0_module_states_with_weights_only(ds_run, tmp_path, c
             capsys.readouterr()
             assert main(["convert", "deepspeed", str(ck), "--out", str(tmp_path / "conv")]) == 0
         else:
-            one_line_error(capsys, ["convert", "deepspeed", ck, "--out", tmp_path / "conv"], str(target),
-                           "refused", "posix.system")
+            one_line_error(
+                capsys, ["convert", "deepspeed", ck, "--out", tmp_path / "conv"], str(target), "refused", "posix.system"
+            )
         assert not marker.exists()
     from safetensors.torch import load_file
 
@@ -203,12 +213,24 @@ def test_convert_reads_zero0_module_states_with_weights_only(ds_run, tmp_path, c
 # one process per run directory
 
 
+@pytest.mark.slow
 def test_second_process_on_a_run_directory_is_refused_and_changes_nothing(tiny_data, tmp_path):
     steps = 60
     run = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", tiny_raw(tiny_data.shards, run, [
-        f"train.steps={steps}", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=1",
-        "train.keep_ckpts=2"]))
+    config = write_yaml(
+        tmp_path / "run.yaml",
+        tiny_raw(
+            tiny_data.shards,
+            run,
+            [
+                f"train.steps={steps}",
+                "train.log_every=1",
+                "train.eval_every=0",
+                "train.ckpt_every=1",
+                "train.keep_ckpts=2",
+            ],
+        ),
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "memtrain", "train", str(config)]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -262,15 +284,25 @@ def _flip(ck: Path, name: str) -> None:
     (ck / name).write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [
-    lambda ck: _truncate(ck, "model.safetensors"),
-    lambda ck: _flip(ck, "model.safetensors"),
-    lambda ck: _truncate(ck, "trainer.pt"),
-    lambda ck: _flip(ck, "trainer.pt"),
-    lambda ck: (ck / "trainer.pt").unlink(),
-    lambda ck: (ck / ckpt.MANIFEST).unlink(),
-], ids=["truncated-weights", "corrupted-weights", "truncated-trainer", "corrupted-trainer", "missing-trainer",
-        "missing-manifest"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda ck: _truncate(ck, "model.safetensors"),
+        lambda ck: _flip(ck, "model.safetensors"),
+        lambda ck: _truncate(ck, "trainer.pt"),
+        lambda ck: _flip(ck, "trainer.pt"),
+        lambda ck: (ck / "trainer.pt").unlink(),
+        lambda ck: (ck / ckpt.MANIFEST).unlink(),
+    ],
+    ids=[
+        "truncated-weights",
+        "corrupted-weights",
+        "truncated-trainer",
+        "corrupted-trainer",
+        "missing-trainer",
+        "missing-manifest",
+    ],
+)
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(plain_run, tiny_data, tmp_path, capsys, damage):
     run, _ = plain_run
     damaged, good = run / "checkpoints" / "step_0000004", run / "checkpoints" / "step_0000002"

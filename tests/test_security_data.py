@@ -1,4 +1,5 @@
 """Untrusted shard directories and caches: crafted index.json names and encodings, shared cache folders."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import tiny_raw, write_yaml
 
-from conftest import tiny_raw, write_yaml
 from memtrain.data import loader as loader_mod
 from memtrain.data.loader import make_loader, read_shard_info
 from memtrain.errors import UserError
@@ -61,8 +62,11 @@ def test_traversal_shard_name_refused_remote_before_streaming_uses_it(tiny_data,
     shards = _copy_shards(tiny_data, tmp_path / "remote" / "shards")
     _edit_index(shards, "val", lambda o: o["shards"][0]["raw_data"].__setitem__("basename", "../../../evil.pth"))
     cache = tmp_path / "cache"
-    with pytest.raises(UserError, match=r"val/index\.json: shards\[0\]\.raw_data\.basename '\.\./\.\./\.\./evil"
-                                        r"\.pth' is not a plain file name"):
+    with pytest.raises(
+        UserError,
+        match=r"val/index\.json: shards\[0\]\.raw_data\.basename '\.\./\.\./\.\./evil"
+        r"\.pth' is not a plain file name",
+    ):
         make_loader(f"file://{shards}", "val", 2, False, 0, cache_dir=cache, max_batches=1)
     assert not list(tmp_path.rglob("evil.pth"))
     assert not list(cache.rglob("*.tmp"))
@@ -71,8 +75,11 @@ def test_traversal_shard_name_refused_remote_before_streaming_uses_it(tiny_data,
 def test_pickle_column_refused(tiny_data, tmp_path):
     shards = _copy_shards(tiny_data, tmp_path / "shards")
     _edit_index(shards, "val", lambda o: o["shards"][0].__setitem__("column_encodings", ["pkl"]))
-    with pytest.raises(UserError, match=r"shards\[0\]\.column_encodings\[0\] 'pkl' is not an encoding memtrain "
-                                        r"writes"):
+    with pytest.raises(
+        UserError,
+        match=r"shards\[0\]\.column_encodings\[0\] 'pkl' is not an encoding memtrain "
+        r"writes",
+    ):
         make_loader(shards, "val", 2, False, 0, max_batches=1)
 
 
@@ -104,17 +111,47 @@ def test_memory_shards_refuse_pickle_columns(tmp_path):
     split_index = tmp_path / "mem" / "train" / "index.json"
     split_index.write_text(json.dumps(index))
     shard_file = unit / "shard.00000.mds"
-    manifest = {"splits": {"train": {"index_sha256": file_sha256(split_index), "units": [
-        {"unit": "unit_00000", "shard": "shard.00000.mds", "samples": 1, "first_sample": 0,
-         "bytes": shard_file.stat().st_size}]}}, "n_chunks": 4, "dtype": "bf16", "tasks": {}}
+    manifest = {
+        "splits": {
+            "train": {
+                "index_sha256": file_sha256(split_index),
+                "units": [
+                    {
+                        "unit": "unit_00000",
+                        "shard": "shard.00000.mds",
+                        "samples": 1,
+                        "first_sample": 0,
+                        "bytes": shard_file.stat().st_size,
+                    }
+                ],
+            }
+        },
+        "n_chunks": 4,
+        "dtype": "bf16",
+        "tasks": {},
+    }
     with pytest.raises(UserError, match=r"train/index\.json: shards\[0\]\.column_encodings\[1\] 'pkl'"):
         MemoryShards(tmp_path / "mem", "train", manifest)
 
 
-@pytest.mark.parametrize("name,ok", [
-    ("shard.00000.mds", True), ("shard-7.v2.mds", True), ("../x", False), ("..", False), (".", False),
-    ("/abs/x", False), ("a/b", False), ("a\\b", False), ("a\x00b", False), ("a\nb", False), ("x" * 201, False),
-    ("", False), ("c:x", False)])
+@pytest.mark.parametrize(
+    "name,ok",
+    [
+        ("shard.00000.mds", True),
+        ("shard-7.v2.mds", True),
+        ("../x", False),
+        ("..", False),
+        (".", False),
+        ("/abs/x", False),
+        ("a/b", False),
+        ("a\\b", False),
+        ("a\x00b", False),
+        ("a\nb", False),
+        ("x" * 201, False),
+        ("", False),
+        ("c:x", False),
+    ],
+)
 def test_validator_names(tiny_data, name, ok):
     from memtrain.data.index_check import validate_index
 
@@ -162,8 +199,9 @@ def test_cli_train_on_crafted_shards_exits_2(tiny_data, tmp_path):
     shards = _copy_shards(tiny_data, tmp_path / "shards")
     _edit_index(shards, "train", lambda o: o["shards"][0]["raw_data"].__setitem__("basename", "../../x.pth"))
     cfg = write_yaml(tmp_path / "run.yaml", tiny_raw(shards, tmp_path / "run", ["train.steps=2"]))
-    res = subprocess.run([sys.executable, "-m", "memtrain", "train", str(cfg)], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "memtrain", "train", str(cfg)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert "train/index.json: shards[0].raw_data.basename '../../x.pth' is not a plain file name" in res.stderr

@@ -4,6 +4,7 @@ The cluster (munge, slurmctld, slurmd) is started under a temporary directory by
 stopped by its PID files. The preempted-and-requeued run must end with the same weights as a run of the
 same config that was never interrupted.
 """
+
 import json
 import os
 import subprocess
@@ -12,15 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_raw, write_yaml
 from safetensors.torch import load_file
-
-from conftest import tiny_raw, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import local_slurm  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 
 REQUIRED = os.environ.get("MEMTRAIN_REQUIRE_SLURM") == "1"
@@ -30,12 +30,16 @@ def _require_slurm() -> None:
     """Skip unless MEMTRAIN_REQUIRE_SLURM=1 (the test starts its own munge, slurmctld and slurmd, which needs root
     and Debian's Slurm packages, and must never run beside a real cluster's daemons); then Slurm must be here."""
     if not REQUIRED:
-        pytest.skip("needs a local one-node Slurm cluster: set MEMTRAIN_REQUIRE_SLURM=1 on a machine with Slurm "
-                    "installed, as root (.ci/run does)")
+        pytest.skip(
+            "needs a local one-node Slurm cluster: set MEMTRAIN_REQUIRE_SLURM=1 on a machine with Slurm "
+            "installed, as root (.ci/run does)"
+        )
     missing = local_slurm.missing_binaries()
     if missing:
-        pytest.fail(f"MEMTRAIN_REQUIRE_SLURM=1 but {', '.join(missing)} not installed; install with: "
-                    f"{local_slurm.install_hint()}")
+        pytest.fail(
+            f"MEMTRAIN_REQUIRE_SLURM=1 but {', '.join(missing)} not installed; install with: "
+            f"{local_slurm.install_hint()}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,24 @@ def cluster(tmp_path_factory):
 
 
 def _submit(env, cfg_path: Path, workdir: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "memtrain", "submit", str(cfg_path), "--tasks-per-node", "2",
-                          "--time", "00:10:00", "--workdir", str(workdir)], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memtrain",
+            "submit",
+            str(cfg_path),
+            "--tasks-per-node",
+            "2",
+            "--time",
+            "00:10:00",
+            "--workdir",
+            str(workdir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.split()[2].rstrip(":")
 
@@ -85,8 +105,14 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 def test_submit_preempt_requeue_finish(cluster, tiny_data, tmp_path):
     steps = 600
-    overrides = [f"train.steps={steps}", "train.ckpt_every=50", "train.eval_every=0", "train.log_every=50",
-                 "slurm.signal_seconds=0", "optim.warmup_steps=10"]
+    overrides = [
+        f"train.steps={steps}",
+        "train.ckpt_every=50",
+        "train.eval_every=0",
+        "train.log_every=50",
+        "slurm.signal_seconds=0",
+        "optim.warmup_steps=10",
+    ]
     runs = {}
     for name in ("straight", "preempted"):
         raw = tiny_raw(tiny_data.shards, tmp_path / "runs" / name, overrides + [f"run.name={name}"])
@@ -99,8 +125,11 @@ def test_submit_preempt_requeue_finish(cluster, tiny_data, tmp_path):
     run_b = tmp_path / "runs" / "preempted"
     _wait(lambda: any((run_b / "checkpoints").glob("step_*/meta.json")), 180, "the first checkpoint of job B")
     subprocess.run(["scancel", "--signal=USR1", job_b], env=cluster, check=True)
-    _wait(lambda: (run_b / "PREEMPTED").exists() or _job_state(cluster, job_b) in ("PENDING", "REQUEUED"),
-          120, "job B to checkpoint on USR1")
+    _wait(
+        lambda: (run_b / "PREEMPTED").exists() or _job_state(cluster, job_b) in ("PENDING", "REQUEUED"),
+        120,
+        "job B to checkpoint on USR1",
+    )
     _wait_done(cluster, job_b, 300, tmp_path / "slurm-jobs")
 
     logs = "".join(p.read_text() for p in (tmp_path / "slurm-jobs").glob("preempted-*/logs/*.out"))

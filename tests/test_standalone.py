@@ -16,6 +16,7 @@ Three checks over every text file of the repository (``git ls-files`` with untra
 
 Each failure names ``file:line`` and the offending text. The pattern definitions below are not scanned.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -29,57 +30,115 @@ REPO = Path(__file__).resolve().parents[1]
 SELF = Path(__file__).resolve()
 
 SKIP_DIRS = {".git", ".venv", "runs", "data", "build", "__pycache__", ".pytest_cache", ".whl", "node_modules"}
-BINARY_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".pdf", ".parquet", ".safetensors", ".pt", ".bin", ".npy",
-                   ".npz", ".mds", ".zst", ".gz", ".zip", ".tar", ".whl", ".so", ".pyc", ".model", ".ico"}
+BINARY_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".pdf",
+    ".parquet",
+    ".safetensors",
+    ".pt",
+    ".bin",
+    ".npy",
+    ".npz",
+    ".mds",
+    ".zst",
+    ".gz",
+    ".zip",
+    ".tar",
+    ".whl",
+    ".so",
+    ".pyc",
+    ".model",
+    ".ico",
+}
 
 # standalone: patterns begin (the lines up to the matching end marker are not scanned)
 #: (what it is, regex); case-insensitive unless the pattern says otherwise
 OUTSIDE = [
-    ("design notes outside the repository",
-     r"paper-notes|reference-implementation(?:\.md)?\b|reference-checkpoints|\banchors\.md\b|\benvironment\.md\b"
-     r"|(?-i:\bDESIGN\b)|docs/DESIGN"),
+    (
+        "design notes outside the repository",
+        r"paper-notes|reference-implementation(?:\.md)?\b|reference-checkpoints|\banchors\.md\b|\benvironment\.md\b"
+        r"|(?-i:\bDESIGN\b)|docs/DESIGN",
+    ),
     ("path outside the repository", r"\.\./shared\b|(?<![\w.])/work/|\.library/|\bKINDS\.md\b"),
-    ("section citation that names no file (cite docs/reference.md §N)",
-     r"\b(?:paper|reference|notes|design)(?:'s|’s)?\s+(?:§|sections?\s+\d)|\bdesign (?:notes|brief)\b"),
+    (
+        "section citation that names no file (cite docs/reference.md §N)",
+        r"\b(?:paper|reference|notes|design)(?:'s|’s)?\s+(?:§|sections?\s+\d)|\bdesign (?:notes|brief)\b",
+    ),
 ]
 PROCESS = [
     ("work session", r"\bsessions?\b"),
     ("borrowed machine", r"\blent\b|\blend(?:s|ing)? (?:a |the )?(?:gpu|machine|device)"),
-    ("development tool", r"\bdevice tool\b|\bdrawn for (?:a|the) (?:machine|gpu|device)\b|\bgive_back\b"
-                         r"|\bfiles_(?:at|fetch)\b|\bcarry\s*:?\s*\[\s*[\"']|\bcarry\b[^\n]{0,30}\.whl\b"
-                         r"|\bthe gpu image\b"),
+    (
+        "development tool",
+        r"\bdevice tool\b|\bdrawn for (?:a|the) (?:machine|gpu|device)\b|\bgive_back\b"
+        r"|\bfiles_(?:at|fetch)\b|\bcarry\s*:?\s*\[\s*[\"']|\bcarry\b[^\n]{0,30}\.whl\b"
+        r"|\bthe gpu image\b",
+    ),
     ("development environment", r"\bworkplace\b|\b(?:this|the|our) (?:development|dev) (?:machine|box)\b"),
-    ("other people's work", r"\b(?:other|another|two|three|fellow) (?:\w+ )?(?:engineers?|developers?|colleagues?)\b"
-                            r"|\bengineers?(?:'|’)"),
+    (
+        "other people's work",
+        r"\b(?:other|another|two|three|fellow) (?:\w+ )?(?:engineers?|developers?|colleagues?)\b"
+        r"|\bengineers?(?:'|’)",
+    ),
     ("development helper", r"\bhelper (?:sessions?|agents?)\b|\bhelpers? (?:started|spawned)\b"),
     ("private issue number", r"(?<![\w/])(?:issues?|tickets?|bugs?|tasks?)\s+#\d+|\(#\d+\)"),
 ]
 #: legitimate uses: a match of the named check that lies inside a match of this regex passes ("match"), or
 #: any match on a line where this regex matches passes ("line")
 ALLOW = {
-    "work session": ("match", r"scope\s*=\s*[\"']session[\"']|\b(?:per |one |a )?test sessions?\b"
-                              r"|\bpytest sessions?\b|\bsessions? of (?:its|their) own\b|\bprocess sessions?\b"
-                              r"|\blogin sessions?\b|\w\.Session\b|\bSession\(|\bsession-scoped\b"
-                              r"|\b(?:a |in a )?new sessions?\b|\b(?:their|its) own sessions?\b"),
+    "work session": (
+        "match",
+        r"scope\s*=\s*[\"']session[\"']|\b(?:per |one |a )?test sessions?\b"
+        r"|\bpytest sessions?\b|\bsessions? of (?:its|their) own\b|\bprocess sessions?\b"
+        r"|\blogin sessions?\b|\w\.Session\b|\bSession\(|\bsession-scoped\b"
+        r"|\b(?:a |in a )?new sessions?\b|\b(?:their|its) own sessions?\b",
+    ),
     "private issue number": ("line", r"github\.com|[\w.-]+/[\w.-]+#\d+"),
 }
 #: what the checks must flag, and legitimate uses they must pass
 FLAGGED_EXAMPLES = [
-    "no GPU was available in the session that wrote the kernels", "this project's GPU sessions were single-GPU",
-    "one command on a lent machine", "the device tool reported that this task was not drawn for a machine",
-    "the machine was shared with two other engineers' test runs", "fixed in issue #12", "a regression (#34)",
-    "A probe (paper-notes.md section 2.2)", "(reference-implementation.md §4.1 item 6)", "reference-checkpoints.md",
-    "the layout of docs/DESIGN", "see ../shared/docs", "/work/.library/device/KINDS.md", "as in reference §3.1",
-    "the paper's section 5 numbers", "measured on this workplace's machines", 'carry: [".whl"]',
-    "carry the wheels in `.whl/`", "Measured on this development machine", "the GPU image has no deepspeed",
+    "no GPU was available in the session that wrote the kernels",
+    "this project's GPU sessions were single-GPU",
+    "one command on a lent machine",
+    "the device tool reported that this task was not drawn for a machine",
+    "the machine was shared with two other engineers' test runs",
+    "fixed in issue #12",
+    "a regression (#34)",
+    "A probe (paper-notes.md section 2.2)",
+    "(reference-implementation.md §4.1 item 6)",
+    "reference-checkpoints.md",
+    "the layout of docs/DESIGN",
+    "see ../shared/docs",
+    "/work/.library/device/KINDS.md",
+    "as in reference §3.1",
+    "the paper's section 5 numbers",
+    "measured on this workplace's machines",
+    'carry: [".whl"]',
+    "carry the wheels in `.whl/`",
+    "Measured on this development machine",
+    "the GPU image has no deepspeed",
 ]
 PASSED_EXAMPLES = [
-    '@pytest.fixture(scope="session")', "Built once per test session.", "loaded once per test session",
-    "Popen(cmd, start_new_session=True)", "torchrun starts its ranks in sessions of their own",
-    "s = requests.Session()", "TensorBoard event files", "docs/reference.md §4.2", "see docs/reference.md section 4",
-    "tokens drawn uniformly from the vocabulary", "the reference's labels", "an equivalent run",
-    "DeepSpeed's issue deepspeedai/DeepSpeed#5071", "the kernel design", "a LoRA helper function",
-    "a process killed without its resource tracker", "performance engineering",
+    '@pytest.fixture(scope="session")',
+    "Built once per test session.",
+    "loaded once per test session",
+    "Popen(cmd, start_new_session=True)",
+    "torchrun starts its ranks in sessions of their own",
+    "s = requests.Session()",
+    "TensorBoard event files",
+    "docs/reference.md §4.2",
+    "see docs/reference.md section 4",
+    "tokens drawn uniformly from the vocabulary",
+    "the reference's labels",
+    "an equivalent run",
+    "DeepSpeed's issue deepspeedai/DeepSpeed#5071",
+    "the kernel design",
+    "a LoRA helper function",
+    "a process killed without its resource tracker",
+    "performance engineering",
 ]
 # standalone: patterns end
 
@@ -93,8 +152,13 @@ def repo_files() -> tuple[Path, ...]:
     """Every file of the repository: tracked plus untracked-but-not-ignored (``git ls-files``), or a walk."""
     if (REPO / ".git").exists():
         try:
-            out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                                 cwd=REPO, capture_output=True, check=True, timeout=30).stdout
+            out = subprocess.run(
+                ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                cwd=REPO,
+                capture_output=True,
+                check=True,
+                timeout=30,
+            ).stdout
             names = sorted({n for n in out.decode("utf-8", "surrogateescape").split("\0") if n})
             return tuple(REPO / n for n in names if (REPO / n).is_file())
         except (OSError, subprocess.SubprocessError):
@@ -198,14 +262,15 @@ def test_scan_finds_the_repository():
 
 def test_no_citation_of_files_outside_the_repository():
     found = hits(_OUTSIDE)
-    assert not found, ("files cite documents outside the repository (put the facts in docs/reference.md and "
-                       "cite its section):\n" + "\n".join(found))
+    assert not found, (
+        "files cite documents outside the repository (put the facts in docs/reference.md and "
+        "cite its section):\n" + "\n".join(found)
+    )
 
 
 def test_no_development_process_words():
     found = hits(_PROCESS)
-    assert not found, ("files describe how the project was developed instead of what a user can do:\n"
-                       + "\n".join(found))
+    assert not found, "files describe how the project was developed instead of what a user can do:\n" + "\n".join(found)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,8 +314,11 @@ def anchors(lines: tuple[str, ...]) -> set[str]:
 
 
 def test_markdown_links_resolve():
-    docs = [p for p, _ in text_files() if p.relative_to(REPO).as_posix() == "README.md"
-            or (p.parent == REPO / "docs" and p.suffix == ".md")]
+    docs = [
+        p
+        for p, _ in text_files()
+        if p.relative_to(REPO).as_posix() == "README.md" or (p.parent == REPO / "docs" and p.suffix == ".md")
+    ]
     assert docs, "no README.md or docs/*.md found"
     contents = {p.resolve(): lines for p, lines in text_files()}
     bad = []

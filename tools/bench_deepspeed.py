@@ -11,12 +11,12 @@ variant, measured in the same run, and writes JSON (--json) on rank 0.
     torchrun --nproc_per_node 2 tools/bench_deepspeed.py yaml/tiny.yaml --steps 20 --json runs/bench/ds.json
     python tools/bench_deepspeed.py yaml/paper/memory_mixer_e512_d512.yaml --variants plain,zero1,zero2,zero3
 """
+
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import platform
 import sys
 import time
 
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from memtrain.config import apply_overrides, config_from_dict, read_yaml
+from memtrain.devices import device_name
 from memtrain.engine.distributed import init_deepspeed, shutdown
 from memtrain.engine.engines import build_engine
 from memtrain.errors import UserError
@@ -31,16 +32,14 @@ from memtrain.fileio import write_json
 from memtrain.models import build_model
 from memtrain.objectives import SpecialTokens
 
-VARIANTS = {"plain": {"dist.engine": "plain"},
-            **{f"zero{s}": {"dist.engine": "deepspeed", "dist.zero_stage": s} for s in range(4)},
-            **{f"zero{s}-offload": {"dist.engine": "deepspeed", "dist.zero_stage": s, "dist.offload_optimizer": True}
-               for s in (1, 2, 3)}}
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s) per rank"
+VARIANTS = {
+    "plain": {"dist.engine": "plain"},
+    **{f"zero{s}": {"dist.engine": "deepspeed", "dist.zero_stage": s} for s in range(4)},
+    **{
+        f"zero{s}-offload": {"dist.engine": "deepspeed", "dist.zero_stage": s, "dist.offload_optimizer": True}
+        for s in (1, 2, 3)
+    },
+}
 
 
 def bench_variant(raw: dict, name: str, info, args, vocab: int) -> dict:
@@ -54,8 +53,10 @@ def bench_variant(raw: dict, name: str, info, args, vocab: int) -> dict:
     weights = cfg.stages()[0].weights.active()
     special = SpecialTokens(pad_id=0, delimiter_id=4, n_delimiters=cfg.objective.n_delimiters, filler_id=5)
     gen = torch.Generator().manual_seed(info.rank)
-    batches = [torch.randint(6, vocab, (cfg.data.batch_size, cfg.model.seq_len), generator=gen).to(info.device)
-               for _ in range(cfg.optim.grad_accum)]
+    batches = [
+        torch.randint(6, vocab, (cfg.data.batch_size, cfg.model.seq_len), generator=gen).to(info.device)
+        for _ in range(cfg.optim.grad_accum)
+    ]
 
     def sync():
         if info.device.type == "cuda":
@@ -74,9 +75,14 @@ def bench_variant(raw: dict, name: str, info, args, vocab: int) -> dict:
     sync()
     seconds = (time.perf_counter() - t0) / args.steps
     tokens = cfg.data.batch_size * cfg.optim.grad_accum * info.world_size * cfg.model.seq_len
-    row = {"variant": name, "engine": engine.describe() if hasattr(engine, "describe") else name,
-           "ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens,
-           "n_params": n_params}
+    row = {
+        "variant": name,
+        "engine": engine.describe() if hasattr(engine, "describe") else name,
+        "ms_per_step": 1000 * seconds,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_step": tokens,
+        "n_params": n_params,
+    }
     if info.device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
     del engine, model
@@ -89,8 +95,11 @@ def bench_variant(raw: dict, name: str, info, args, vocab: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
-    p.add_argument("--variants", default="plain,zero0,zero1,zero2,zero3",
-                   help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="plain,zero0,zero1,zero2,zero3",
+        help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="rows per rank (default: the config's)")
@@ -105,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in names if v not in VARIANTS]
         if unknown:
             raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-        raw = apply_overrides(read_yaml(args.config), list(args.set) + [
-            "train.progress=false", f"train.device={args.device}"]
+        raw = apply_overrides(
+            read_yaml(args.config),
+            list(args.set)
+            + ["train.progress=false", f"train.device={args.device}"]
             + ([f"data.batch_size={args.batch_size}"] if args.batch_size else [])
-            + ([f"train.precision={args.precision}"] if args.precision else []))
+            + ([f"train.precision={args.precision}"] if args.precision else []),
+        )
         info = init_deepspeed(args.device)  # one process group for every variant (DDP uses it too)
     except UserError as err:
         print(f"bench_deepspeed: error: {err}", file=sys.stderr)
@@ -119,19 +131,32 @@ def main(argv: list[str] | None = None) -> int:
         shutdown(info)
     base = rows[0]["tokens_per_s"]
     if info.is_main:
-        print(f"# {args.config} on {info.world_size} rank(s), {device_name(info.device)}; torch {torch.__version__}; "
-              f"{args.steps} timed steps after {args.warmup} warm-up; {time.strftime('%Y-%m-%d %H:%M')}")
+        print(
+            f"# {args.config} on {info.world_size} rank(s), {device_name(info.device)}; torch {torch.__version__}; "
+            f"{args.steps} timed steps after {args.warmup} warm-up; {time.strftime('%Y-%m-%d %H:%M')}"
+        )
         print("| variant | engine | ms/step | tokens/s | vs " + names[0] + " | peak GiB |")
         print("|---|---|---|---|---|---|")
         for r in rows:
             peak = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
-            print(f"| {r['variant']} | {r['engine']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['tokens_per_s'] / base:.2f}x | {peak} |")
+            print(
+                f"| {r['variant']} | {r['engine']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['tokens_per_s'] / base:.2f}x | {peak} |"
+            )
         if args.json:
-            write_json(args.json, {
-                "config": args.config, "world_size": info.world_size, "device": device_name(info.device),
-                "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows})
+            write_json(
+                args.json,
+                {
+                    "config": args.config,
+                    "world_size": info.world_size,
+                    "device": device_name(info.device),
+                    "torch": torch.__version__,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "rows": rows,
+                },
+            )
     return 0
 
 

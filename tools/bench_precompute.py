@@ -21,11 +21,11 @@ Everything runs in one process, on one device, in one invocation:
 
 Prints a markdown table with device, torch, commit and date; ``--json`` writes the numbers too.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import subprocess
@@ -36,15 +36,10 @@ from pathlib import Path
 
 import torch
 
+from memtrain.devices import device_name
 from memtrain.fileio import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def make_tokens(work: Path, row_len: int, docs: int, tokenizer: str | None) -> Path:
@@ -64,8 +59,9 @@ def make_tokens(work: Path, row_len: int, docs: int, tokenizer: str | None) -> P
     if not tok.is_file():
         tok = train_tokenizer([str(corpus)], work / "tok", vocab_size=4096, threads=2)
     out = work / "tokens"
-    build_shards([str(corpus)], tok, out, row_len=row_len, val_fraction=0.0, workers=2, shard_size="4mb",
-                 progress=False)
+    build_shards(
+        [str(corpus)], tok, out, row_len=row_len, val_fraction=0.0, workers=2, shard_size="4mb", progress=False
+    )
     return out
 
 
@@ -83,8 +79,9 @@ def paired_steps(loop_cfg, mem_cfg, warmup: int, steps: int) -> dict[str, list[f
     sides = {}
     for name, cfg in (("loop", loop_cfg), ("mem", mem_cfg)):
         memories = open_memories(cfg, info) if cfg.data.memories else None
-        loader = make_loader(cfg.data.shards, "train", cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed,
-                             memories=memories)
+        loader = make_loader(
+            cfg.data.shards, "train", cfg.data.batch_size, cfg.data.shuffle, cfg.run.seed, memories=memories
+        )
         model, frozen = build_for_run(cfg, dist.device, info.vocab_size)
         if memories is not None:
             memories.check_encoder(model)
@@ -137,8 +134,11 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-precompute-"))
     work.mkdir(parents=True, exist_ok=True)
-    base = ["train.progress=false", "train.eval_every=0", "train.ckpt_every=0", f"train.device={device}"] + ([f"train.precision={args.precision}"] if args.precision else []) \
+    base = (
+        ["train.progress=false", "train.eval_every=0", "train.ckpt_every=0", f"train.device={device}"]
+        + ([f"train.precision={args.precision}"] if args.precision else [])
         + ([f"train.threads={args.threads}"] if args.threads else [])
+    )
 
     def config(out: str, *extra: str):
         raw = apply_overrides(read_yaml(args.config), args.set + base + [f"run.out_dir={out}", *extra])
@@ -154,47 +154,84 @@ def main() -> int:
 
         mem = work / "memories"
         t0 = time.perf_counter()
-        pre = run_precompute(enc_run, tokens, mem, splits=["train"], dtype=args.dtype, batch_size=args.batch_size,
-                             device=device, progress=False)
+        pre = run_precompute(
+            enc_run,
+            tokens,
+            mem,
+            splits=["train"],
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            device=device,
+            progress=False,
+        )
         pre_wall = time.perf_counter() - t0
 
-        frozen = [f"data.shards={tokens}", f"model.frozen_encoder.checkpoint={enc_run}", "curriculum=[]",
-                  f"train.steps={args.warmup + args.steps}"]
-        times = paired_steps(config(str(work / "loop"), *frozen), config(str(work / "mem"), *frozen,
-                                                                          f"data.memories={mem}"),
-                             args.warmup, args.steps)
+        frozen = [
+            f"data.shards={tokens}",
+            f"model.frozen_encoder.checkpoint={enc_run}",
+            "curriculum=[]",
+            f"train.steps={args.warmup + args.steps}",
+        ]
+        times = paired_steps(
+            config(str(work / "loop"), *frozen),
+            config(str(work / "mem"), *frozen, f"data.memories={mem}"),
+            args.warmup,
+            args.steps,
+        )
     except UserError as err:
         print(f"bench_precompute: error: {err}", file=sys.stderr)
         return 2
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * cfg.model.seq_len
     loop = tokens_per_step / statistics.median(times["loop"])
     memo = tokens_per_step / statistics.median(times["mem"])
     ratio = statistics.median(a / b for a, b in zip(times["loop"], times["mem"]))
     weights = cfg.stages()[0].weights.active()
     result = {
-        "device": device_name(device), "torch": torch.__version__, "commit": commit,
-        "date": time.strftime("%Y-%m-%d"), "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "config": args.config, "overrides": args.set, "objectives": weights,
-        "model": {"chunk_len": cfg.model.chunk_len, "n_chunks": cfg.model.n_chunks,
-                  "encoder": cfg.model.encoder.model_dump(), "decoder": cfg.model.decoder.model_dump()},
-        "batch_size": cfg.data.batch_size, "steps": args.steps, "warmup": args.warmup,
-        "precompute": {"memories": pre["memories"], "seconds": round(pre["seconds"], 2),
-                       "memories_per_s": round(pre["memories_per_s"], 1), "wall_s_with_setup": round(pre_wall, 2),
-                       "dtype": args.dtype, "batch_size": args.batch_size, "precision": pre["precision"]},
+        "device": device_name(torch.device("cuda" if device == "cuda" else "cpu")),
+        "torch": torch.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "config": args.config,
+        "overrides": args.set,
+        "objectives": weights,
+        "model": {
+            "chunk_len": cfg.model.chunk_len,
+            "n_chunks": cfg.model.n_chunks,
+            "encoder": cfg.model.encoder.model_dump(),
+            "decoder": cfg.model.decoder.model_dump(),
+        },
+        "batch_size": cfg.data.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "precompute": {
+            "memories": pre["memories"],
+            "seconds": round(pre["seconds"], 2),
+            "memories_per_s": round(pre["memories_per_s"], 1),
+            "wall_s_with_setup": round(pre_wall, 2),
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "precision": pre["precision"],
+        },
         "train_tokens_per_s": {"encoder in the loop": round(loop, 1), "precomputed memories": round(memo, 1)},
         "step_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "speedup_median_of_pairs": round(ratio, 3),
     }
     print(f"# {result['device']}, torch {result['torch']}, commit {commit}, {result['date']}")
-    print(f"# {args.config} {' '.join(args.set)}: C x L = {cfg.model.n_chunks} x {cfg.model.chunk_len}, "
-          f"objectives {weights}, batch {cfg.data.batch_size}, {args.steps} timed steps each, interleaved")
+    print(
+        f"# {args.config} {' '.join(args.set)}: C x L = {cfg.model.n_chunks} x {cfg.model.chunk_len}, "
+        f"objectives {weights}, batch {cfg.data.batch_size}, {args.steps} timed steps each, interleaved"
+    )
     print("| measurement | value |")
     print("|---|---|")
-    print(f"| precompute ({args.dtype} storage, {pre['precision']} compute, batch {args.batch_size}) | "
-          f"{pre['memories_per_s']:,.0f} memories/s ({pre['memories']:,} memories in {pre['seconds']:.1f} s) |")
+    print(
+        f"| precompute ({args.dtype} storage, {pre['precision']} compute, batch {args.batch_size}) | "
+        f"{pre['memories_per_s']:,.0f} memories/s ({pre['memories']:,} memories in {pre['seconds']:.1f} s) |"
+    )
     print(f"| train, encoder in the loop | {loop:,.0f} tokens/s |")
     print(f"| train, precomputed memories | {memo:,.0f} tokens/s |")
     print(f"| ratio (precomputed / in the loop, median of {args.steps} pairs) | {ratio:.2f}x |")

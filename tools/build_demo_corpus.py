@@ -28,6 +28,7 @@ Usage::
 
     python tools/build_demo_corpus.py --out memtrain/data/demo/demo-corpus.parquet
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,13 +72,58 @@ def squash(text: str) -> str:
 
 #: directives whose indented body is prose worth keeping
 PROSE_DIRECTIVES = {
-    "function", "method", "class", "attribute", "data", "exception", "decorator", "decoratormethod",
-    "classmethod", "staticmethod", "abstractmethod", "describe", "envvar", "option", "cmdoption",
-    "opcode", "pdbcommand", "module", "currentmodule", "c:function", "c:type", "c:member", "c:macro",
-    "c:var", "c:struct", "c:data", "note", "warning", "seealso", "versionadded", "versionchanged",
-    "deprecated", "deprecated-removed", "important", "tip", "caution", "attention", "hint", "admonition",
-    "impl-detail", "glossary", "topic", "sidebar", "rubric", "centered", "hlist", "coroutinefunction",
-    "coroutinemethod", "awaitablefunction", "awaitablemethod", "audit-event", "availability",
+    "function",
+    "method",
+    "class",
+    "attribute",
+    "data",
+    "exception",
+    "decorator",
+    "decoratormethod",
+    "classmethod",
+    "staticmethod",
+    "abstractmethod",
+    "describe",
+    "envvar",
+    "option",
+    "cmdoption",
+    "opcode",
+    "pdbcommand",
+    "module",
+    "currentmodule",
+    "c:function",
+    "c:type",
+    "c:member",
+    "c:macro",
+    "c:var",
+    "c:struct",
+    "c:data",
+    "note",
+    "warning",
+    "seealso",
+    "versionadded",
+    "versionchanged",
+    "deprecated",
+    "deprecated-removed",
+    "important",
+    "tip",
+    "caution",
+    "attention",
+    "hint",
+    "admonition",
+    "impl-detail",
+    "glossary",
+    "topic",
+    "sidebar",
+    "rubric",
+    "centered",
+    "hlist",
+    "coroutinefunction",
+    "coroutinemethod",
+    "awaitablefunction",
+    "awaitablemethod",
+    "audit-event",
+    "availability",
 }
 
 _LITERAL = re.compile(r"``(.+?)``")
@@ -229,8 +275,7 @@ def rst_paragraphs(source: str) -> list[str]:
                 if name in {"versionadded", "versionchanged", "deprecated", "deprecated-removed"}:
                     arg = re.sub(r"^[0-9.]+(\s+[0-9.]+)?\s*", "", arg)
                     text = [arg] if arg else []
-                elif name in {"note", "warning", "important", "tip", "caution", "attention", "hint",
-                              "seealso"}:
+                elif name in {"note", "warning", "important", "tip", "caution", "attention", "hint", "seealso"}:
                     text = [arg] if arg else []
                 else:
                     continue
@@ -270,11 +315,44 @@ def rst_paragraphs(source: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # HTML (PostgreSQL docs)
 
-_BLOCK_TAGS = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "ul",
-               "ol", "dl", "br", "td", "th", "tr", "title", "body", "hr"}
+_BLOCK_TAGS = {
+    "p",
+    "div",
+    "li",
+    "dt",
+    "dd",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "blockquote",
+    "ul",
+    "ol",
+    "dl",
+    "br",
+    "td",
+    "th",
+    "tr",
+    "title",
+    "body",
+    "hr",
+}
 _SKIP_TAGS = {"pre", "table", "script", "style", "head"}
-_SKIP_CLASSES = {"navheader", "navfooter", "toc", "calloutlist", "synopsis", "funcsynopsis",
-                 "cmdsynopsis", "refsynopsisdiv", "programlisting", "screen", "literallayout"}
+_SKIP_CLASSES = {
+    "navheader",
+    "navfooter",
+    "toc",
+    "calloutlist",
+    "synopsis",
+    "funcsynopsis",
+    "cmdsynopsis",
+    "refsynopsisdiv",
+    "programlisting",
+    "screen",
+    "literallayout",
+}
 
 
 class _HTMLProse(html.parser.HTMLParser):
@@ -359,8 +437,14 @@ def _mtime(path: Path) -> str:
 
 
 #: Python doc pages left out: release changelogs (bug-number lists) and licence/copyright boilerplate
-PY_EXCLUDE = {"whatsnew/changelog.rst.txt", "license.rst.txt", "copyright.rst.txt", "contents.rst.txt",
-              "bugs.rst.txt", "about.rst.txt"}
+PY_EXCLUDE = {
+    "whatsnew/changelog.rst.txt",
+    "license.rst.txt",
+    "copyright.rst.txt",
+    "contents.rst.txt",
+    "bugs.rst.txt",
+    "about.rst.txt",
+}
 PG_EXCLUDE = {"legalnotice.html", "bookindex.html", "index.html", "release.html"}
 
 
@@ -395,8 +479,9 @@ def collect(max_doc_chars: int, py_root: Path, pg_root: Path) -> list[dict]:
         page = rel[: -len(".rst.txt")]
         for n, text in enumerate(split_sections(pars, max_doc_chars)):
             rows.append(_row(text, f"pydoc/{page}#{n}", "python-3.11-docs", PY_URL.format(page), path))
-    pg_files = sorted(p for p in pg_root.glob("*.html") if p.name not in PG_EXCLUDE
-                      and not p.name.startswith("release-"))
+    pg_files = sorted(
+        p for p in pg_root.glob("*.html") if p.name not in PG_EXCLUDE and not p.name.startswith("release-")
+    )
     for path in pg_files:
         pars = html_paragraphs(path.read_text(encoding="utf-8"))
         for n, text in enumerate(split_sections(pars, max_doc_chars)):
@@ -405,9 +490,17 @@ def collect(max_doc_chars: int, py_root: Path, pg_root: Path) -> list[dict]:
 
 
 def _row(text: str, doc_id: str, dump: str, url: str, path: Path) -> dict:
-    return {"text": text, "id": doc_id, "dump": dump, "url": url, "date": _mtime(path),
-            "file_path": str(path), "language": "en", "language_score": 1.0,
-            "token_count": len(text.split())}
+    return {
+        "text": text,
+        "id": doc_id,
+        "dump": dump,
+        "url": url,
+        "date": _mtime(path),
+        "file_path": str(path),
+        "language": "en",
+        "language_score": 1.0,
+        "token_count": len(text.split()),
+    }
 
 
 def write_parquet(rows: list[dict], out: Path, level: int) -> None:
@@ -415,16 +508,31 @@ def write_parquet(rows: list[dict], out: Path, level: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-        ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-        ("language_score", pa.float64()), ("token_count", pa.int64()),
-    ])
+    schema = pa.schema(
+        [
+            ("text", pa.string()),
+            ("id", pa.string()),
+            ("dump", pa.string()),
+            ("url", pa.string()),
+            ("date", pa.string()),
+            ("file_path", pa.string()),
+            ("language", pa.string()),
+            ("language_score", pa.float64()),
+            ("token_count", pa.int64()),
+        ]
+    )
     table = pa.Table.from_pylist(rows, schema=schema)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    pq.write_table(table, tmp, compression="zstd", compression_level=level, row_group_size=1024,
-                   use_dictionary=["dump", "url", "date", "file_path", "language"], write_statistics=False)
+    pq.write_table(
+        table,
+        tmp,
+        compression="zstd",
+        compression_level=level,
+        row_group_size=1024,
+        use_dictionary=["dump", "url", "date", "file_path", "language"],
+        write_statistics=False,
+    )
     tmp.replace(out)
 
 
@@ -432,16 +540,22 @@ def main(argv: list[str] | None = None) -> int:
     """Build the corpus parquet; returns an exit code (2 if a documentation package is missing)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="memtrain/data/demo/demo-corpus.parquet")
-    ap.add_argument("--max-doc-chars", type=int, default=20000,
-                    help="pages longer than this are split into sections (default 20000)")
+    ap.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=20000,
+        help="pages longer than this are split into sections (default 20000)",
+    )
     ap.add_argument("--zstd-level", type=int, default=19)
     ap.add_argument("--py-root", type=Path, default=PY_ROOT)
     ap.add_argument("--pg-root", type=Path, default=PG_ROOT)
     args = ap.parse_args(argv)
     for root, pkg in ((args.py_root, "python3.11-doc"), (args.pg_root, "postgresql-doc-15")):
         if not root.is_dir():
-            print(f"{root}: not found; install it with `apt-get install -y --no-install-recommends {pkg}`",
-                  file=sys.stderr)
+            print(
+                f"{root}: not found; install it with `apt-get install -y --no-install-recommends {pkg}`",
+                file=sys.stderr,
+            )
             return 2
     rows = collect(args.max_doc_chars, args.py_root, args.pg_root)
     out = Path(args.out)
@@ -449,8 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     text_bytes = sum(len(r["text"].encode("utf-8")) for r in rows)
     for dump in ("python-3.11-docs", "postgresql-15-docs"):
         sub = [r for r in rows if r["dump"] == dump]
-        print(f"{dump}: {len(sub)} documents, {sum(len(r['text'].encode()) for r in sub) / 1e6:.2f} MB text, "
-              f"{sum(r['token_count'] for r in sub):,} words")
+        print(
+            f"{dump}: {len(sub)} documents, {sum(len(r['text'].encode()) for r in sub) / 1e6:.2f} MB text, "
+            f"{sum(r['token_count'] for r in sub):,} words"
+        )
     print(f"{out}: {len(rows)} documents, {text_bytes / 1e6:.2f} MB text, {out.stat().st_size / 1e6:.2f} MB parquet")
     return 0
 

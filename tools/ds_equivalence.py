@@ -12,6 +12,7 @@ It builds the tiny tokenizer and shards from the bundled demo corpus, trains the
 launches ``torchrun --nproc_per_node NPROC -m memtrain train`` for each DeepSpeed variant, and compares every
 logged loss and every weight. Exit code 0 when every variant is within tolerance.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import _build, tiny_config, tiny_raw, write_yaml  # noqa: E402  (the tests' tiny data and configs)
+
 from memtrain.engine.distributed import free_port  # noqa: E402
 from memtrain.engine.trainer import train  # noqa: E402
 from memtrain.fileio import write_json  # noqa: E402
@@ -55,10 +57,12 @@ def compare(run: Path, ref: Path) -> dict:
     la, lb = losses(run), losses(ref)
     wa, wb = final_weights(run), final_weights(ref)
     keys = [k for k in wb if not k.endswith("conv.bias")]  # see tests/test_engine.py on the mixers' biases
-    return {"steps": sorted(la) == sorted(lb) == list(range(1, STEPS + 1)),
-            "max_loss_diff": max(abs(la[s] - lb[s]) for s in lb),
-            "max_weight_diff": max(float((wa[k].float() - wb[k].float()).abs().max()) for k in keys),
-            "same_names": sorted(wa) == sorted(wb)}
+    return {
+        "steps": sorted(la) == sorted(lb) == list(range(1, STEPS + 1)),
+        "max_loss_diff": max(abs(la[s] - lb[s]) for s in lb),
+        "max_weight_diff": max(float((wa[k].float() - wb[k].float()).abs().max()) for k in keys),
+        "same_names": sorted(wa) == sorted(wb),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,17 +98,36 @@ def main(argv: list[str] | None = None) -> int:
         out = work / name
         config = write_yaml(work / f"{name}.yaml", tiny_raw(data.shards, out, [*run, *device, *sets]))
         start = time.time()
-        for attempt in range(2):  # one retry if the start lost streaming's shared-memory race with another job
-            done = subprocess.run([*launcher, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-                                   "-m", "memtrain", "train", str(config)], cwd=REPO, capture_output=True,
-                                  text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+        for _attempt in range(2):  # one retry if the start lost streaming's shared-memory race with another job
+            done = subprocess.run(
+                [
+                    *launcher,
+                    "--nproc_per_node",
+                    str(nproc),
+                    "--master_port",
+                    str(free_port()),
+                    "-m",
+                    "memtrain",
+                    "train",
+                    str(config),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+                timeout=600,
+            )
             if done.returncode == 0 or "FileExistsError: [Errno 17] File exists: '/0" not in done.stderr:
                 break
         row = {"returncode": done.returncode, "seconds": round(time.time() - start, 1)}
         if done.returncode == 0:
             row.update(compare(out, ref))
-            row["ok"] = (row["steps"] and row["same_names"] and row["max_loss_diff"] <= loss_tol
-                         and row["max_weight_diff"] <= weight_tol)
+            row["ok"] = (
+                row["steps"]
+                and row["same_names"]
+                and row["max_loss_diff"] <= loss_tol
+                and row["max_weight_diff"] <= weight_tol
+            )
         else:
             row["ok"] = False
             (work / f"{name}.stderr").write_text(done.stderr)
@@ -112,14 +135,24 @@ def main(argv: list[str] | None = None) -> int:
             row["stderr_tail"] = "\n".join(errors[-6:]) or done.stderr[-2000:]
         ok &= row["ok"]
         results[name] = row
-        print(f"{name}: {'OK' if row['ok'] else 'FAILED'} {json.dumps({k: v for k, v in row.items() if k != 'stderr_tail'})}",
-              flush=True)
+        print(
+            f"{name}: {'OK' if row['ok'] else 'FAILED'} {json.dumps({k: v for k, v in row.items() if k != 'stderr_tail'})}",
+            flush=True,
+        )
         if not row["ok"] and "stderr_tail" in row:
             print(row["stderr_tail"], file=sys.stderr)
-    summary = {"device": torch.cuda.get_device_name() if cuda else "cpu", "nproc": nproc, "backend":
-               "nccl" if cuda else "gloo", "torch": torch.__version__, "loss_tol": loss_tol, "weight_tol": weight_tol,
-               "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "ok": ok,
-               "variants": results}
+    summary = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "nproc": nproc,
+        "backend": "nccl" if cuda else "gloo",
+        "torch": torch.__version__,
+        "loss_tol": loss_tol,
+        "weight_tol": weight_tol,
+        "seconds": round(time.time() - t0, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "ok": ok,
+        "variants": results,
+    }
     if args.json:
         write_json(args.json, summary)
     print(f"ds_equivalence: {'ALL OK' if ok else 'FAILURES'} ({nproc} rank(s) on {summary['device']})")

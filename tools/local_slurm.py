@@ -9,6 +9,7 @@ stopped only through their PID files. Needs Debian's `slurmctld slurmd slurm-cli
 (`install_hint()` says how) and root. The cluster has one node, `localhost`, with this machine's CPUs and
 two partitions: `debug` (default) and `preempt`.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,7 @@ def missing_binaries() -> list[str]:
 
 
 def install_hint() -> str:
-    return ("apt-get update && apt-get install -y --no-install-recommends "
-            "slurmctld slurmd slurm-client munge")
+    return "apt-get update && apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 
 
 def _bin(name: str) -> str:
@@ -39,10 +39,12 @@ def _node_line() -> str:
     out = subprocess.run([_bin("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
     fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
     mem = max(int(int(fields.get("RealMemory", "2048")) * 0.9), 1024)
-    return (f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={fields.get('CPUs', '2')} "
-            f"Boards={fields.get('Boards', '1')} SocketsPerBoard={fields.get('SocketsPerBoard', '1')} "
-            f"CoresPerSocket={fields.get('CoresPerSocket', '2')} ThreadsPerCore={fields.get('ThreadsPerCore', '1')} "
-            f"RealMemory={mem} State=UNKNOWN")
+    return (
+        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={fields.get('CPUs', '2')} "
+        f"Boards={fields.get('Boards', '1')} SocketsPerBoard={fields.get('SocketsPerBoard', '1')} "
+        f"CoresPerSocket={fields.get('CoresPerSocket', '2')} ThreadsPerCore={fields.get('ThreadsPerCore', '1')} "
+        f"RealMemory={mem} State=UNKNOWN"
+    )
 
 
 def write_conf(root: Path, ctld_port: int, d_port: int) -> Path:
@@ -50,39 +52,43 @@ def write_conf(root: Path, ctld_port: int, d_port: int) -> Path:
         (root / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "munge", 0o755)
     conf = root / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=memtrain-local",
-        "SlurmctldHost=localhost",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        f"SlurmctldPort={ctld_port}",
-        f"SlurmdPort={d_port}",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"AuthInfo=socket={root}/munge/munge.socket,cred_expire=5",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
-        "MpiDefault=none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none",
-        "SchedulerParameters=bf_interval=1,sched_interval=1",
-        "ReturnToService=2",
-        "MailProg=/bin/true",
-        "KillWait=10",
-        "MinJobAge=300",
-        f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool",
-        f"SlurmctldPidFile={root}/run/slurmctld.pid",
-        f"SlurmdPidFile={root}/run/slurmd.pid",
-        f"SlurmctldLogFile={root}/log/slurmctld.log",
-        f"SlurmdLogFile={root}/log/slurmd.log",
-        _node_line(),
-        "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-        "PartitionName=preempt Nodes=localhost MaxTime=INFINITE State=UP",
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=memtrain-local",
+                "SlurmctldHost=localhost",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"SlurmctldPort={ctld_port}",
+                f"SlurmdPort={d_port}",
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                f"AuthInfo=socket={root}/munge/munge.socket,cred_expire=5",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "MpiDefault=none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "AccountingStorageType=accounting_storage/none",
+                "SchedulerParameters=bf_interval=1,sched_interval=1",
+                "ReturnToService=2",
+                "MailProg=/bin/true",
+                "KillWait=10",
+                "MinJobAge=300",
+                f"StateSaveLocation={root}/state",
+                f"SlurmdSpoolDir={root}/spool",
+                f"SlurmctldPidFile={root}/run/slurmctld.pid",
+                f"SlurmdPidFile={root}/run/slurmd.pid",
+                f"SlurmctldLogFile={root}/log/slurmctld.log",
+                f"SlurmdLogFile={root}/log/slurmd.log",
+                _node_line(),
+                "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                "PartitionName=preempt Nodes=localhost MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
     return conf
 
 
@@ -98,17 +104,29 @@ def start(root: str | Path, ctld_port: int = 16817, d_port: int = 16818, timeout
     if not key.exists():
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
-    subprocess.run([_bin("munged"), f"--socket={root}/munge/munge.socket", f"--key-file={key}",
-                    f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
-                    f"--seed-file={root}/munge/munged.seed", "--force"], check=True)
+    subprocess.run(
+        [
+            _bin("munged"),
+            f"--socket={root}/munge/munge.socket",
+            f"--key-file={key}",
+            f"--pid-file={root}/run/munged.pid",
+            f"--log-file={root}/log/munged.log",
+            f"--seed-file={root}/munge/munged.seed",
+            "--force",
+        ],
+        check=True,
+    )
     env = dict(os.environ, SLURM_CONF=str(conf))
     subprocess.run([_bin("slurmctld"), "-i"], env=env, check=True)
     subprocess.run([_bin("slurmd"), "-N", "localhost"], env=env, check=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run([_bin("sinfo"), "-h", "-o", "%T"], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip() and all(s.strip() in ("idle", "mixed", "allocated")
-                                                               for s in out.stdout.split()):
+        if (
+            out.returncode == 0
+            and out.stdout.strip()
+            and all(s.strip() in ("idle", "mixed", "allocated") for s in out.stdout.split())
+        ):
             return {"SLURM_CONF": str(conf)}
         time.sleep(0.3)
     raise RuntimeError(f"local Slurm did not come up within {timeout:.0f} s; see {root}/log/")

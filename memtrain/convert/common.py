@@ -1,4 +1,5 @@
 """What the converters share: reading a memtrain checkpoint's config, and writing an output folder safely."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,23 +7,13 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
-import yaml
 
-from memtrain.config import Config, config_from_dict, dump_config
+from memtrain.config import Config, dump_config
 from memtrain.errors import UserError
-
-
-def read_config(ckpt: Path) -> Config:
-    """The run config saved beside a checkpoint (``config.yaml``)."""
-    try:
-        raw = yaml.safe_load((ckpt / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{ckpt / 'config.yaml'}: unreadable run config ({exc})") from None
-    return config_from_dict(raw or {}, source=str(ckpt / "config.yaml"))
 
 
 def check_out_dir(out: Path) -> None:
@@ -83,8 +74,9 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
             name = aliases[0]
         value = state[name]
         if tuple(value.shape) != tuple(p.shape):
-            raise UserError(f"{source}: parameter {name} has shape {tuple(value.shape)}, the model config "
-                            f"needs {tuple(p.shape)}")
+            raise UserError(
+                f"{source}: parameter {name} has shape {tuple(value.shape)}, the model config needs {tuple(p.shape)}"
+            )
         with torch.no_grad():
             p.copy_(value.to(p.dtype))
         done.add(id(p))

@@ -21,16 +21,18 @@ pickles beside the weights (its LR-schedule functions, ...) are read as inert pl
 Only ZeRO 1-3 and bf16 ZeRO-0 go through DeepSpeed's consolidator, which unpickles the optimizer
 partitions fully (``weights_only=False``): the manifest check is what guards that path.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from memtrain.convert.common import load_strict, output_dir, read_config, write_memtrain_checkpoint
+from memtrain.convert.common import load_strict, output_dir, write_memtrain_checkpoint
 from memtrain.engine import checkpoint as ckpt
 from memtrain.errors import UserError
 
@@ -44,8 +46,10 @@ def find_deepspeed_checkpoint(src: Path) -> Path:
         ref = ckpt.latest_checkpoint(src)
         if ref is not None:
             return ref.path
-        raise UserError(f"{src}: no checkpoint found (expected {src}/checkpoints/step_*/ or a checkpoint folder "
-                        "holding meta.json and ds/)")
+        raise UserError(
+            f"{src}: no checkpoint found (expected {src}/checkpoints/step_*/ or a checkpoint folder "
+            "holding meta.json and ds/)"
+        )
     raise UserError(f"{src}: checkpoint not found")
 
 
@@ -54,12 +58,16 @@ def consolidated_state_dict(ck: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = ckpt.read_meta(ck)
     engine = meta.get("engine") or {}
     if engine.get("name") != "deepspeed":
-        raise UserError(f"{ck}: not a DeepSpeed checkpoint (written by the {engine.get('name', 'plain')} engine; "
-                        "its model.safetensors already holds the whole model)")
+        raise UserError(
+            f"{ck}: not a DeepSpeed checkpoint (written by the {engine.get('name', 'plain')} engine; "
+            "its model.safetensors already holds the whole model)"
+        )
     ds_dir = ck / engine.get("ds_dir", "ds")
     tag = engine.get("ds_tag", "state")
-    if not all(isinstance(x, str) and x not in ("", ".", "..") and "/" not in x and os.sep not in x
-               for x in (engine.get("ds_dir", "ds"), tag)):
+    if not all(
+        isinstance(x, str) and x not in ("", ".", "..") and "/" not in x and os.sep not in x
+        for x in (engine.get("ds_dir", "ds"), tag)
+    ):
         raise UserError(f"{ck / 'meta.json'}: engine.ds_dir / engine.ds_tag must name folders inside the checkpoint")
     if not (ds_dir / tag).is_dir():
         raise UserError(f"{ds_dir / tag}: missing; the checkpoint has no DeepSpeed state")
@@ -72,8 +80,10 @@ def consolidated_state_dict(ck: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
-        raise UserError(f"{ds_dir / tag}: cannot read the DeepSpeed state, it is damaged or incomplete "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserError(
+            f"{ds_dir / tag}: cannot read the DeepSpeed state, it is damaged or incomplete "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     return {k: v.float() for k, v in state.items()}, meta
 
 
@@ -89,7 +99,8 @@ def _zero_state(ds_dir: Path, tag: str, zero_stage: int, bf16: bool) -> dict[str
     # DeepSpeed's consolidator unpickles the ZeRO partitions with weights_only=False; the caller verified
     # every file against the checkpoint's manifest first (consolidated_state_dict)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag))
+        # unannotated: returns a dict of tensors here (its inferred None is the fall-through of an unknown stage)
+        return dict(cast(dict[str, torch.Tensor], get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)))
 
 
 class _Inert:
@@ -126,7 +137,7 @@ def _pipeline_state(ck: Path, folder: Path, vocab_size: int) -> dict[str, torch.
     from memtrain.engine.pipeline import layer_param_names, pipeline_layers
     from memtrain.models import build_model
 
-    cfg = read_config(ck)
+    cfg = ckpt.read_run_config(ck)
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size)
     layers = pipeline_layers(model)
@@ -136,8 +147,9 @@ def _pipeline_state(ck: Path, folder: Path, vocab_size: int) -> dict[str, torch.
             continue
         files = sorted(folder.glob(f"layer_{idx:02d}-*model_states.pt"))
         if not files:
-            raise UserError(f"{folder}: layer_{idx:02d}-model_states.pt is missing; the pipeline checkpoint is "
-                            "incomplete")
+            raise UserError(
+                f"{folder}: layer_{idx:02d}-model_states.pt is missing; the pipeline checkpoint is incomplete"
+            )
         layer_state = load_inert(files[0])
         for local, name in names.items():
             if local not in layer_state:
@@ -154,7 +166,7 @@ def convert_deepspeed(src: str | Path, out: str | Path) -> Path:
     out = Path(out)
     ck = find_deepspeed_checkpoint(Path(src))
     state, meta = consolidated_state_dict(ck)
-    cfg = read_config(ck)
+    cfg = ckpt.read_run_config(ck)
     model = build_model(cfg.model, int(meta["vocab_size"]))
     load_strict(model, state, str(ck / "ds"))
     converted = {k: v for k, v in meta.items() if k not in ("saved_at", "engine")}

@@ -6,15 +6,17 @@ memtrain's transformer block is HF Llama's decoder layer with the same parameter
 ``norm_eps``, ``rope_theta`` its ``rope_theta``, ``intermediate_size`` = ``ffn_mult`` x d, one key/value head
 per query head, and ``max_position_embeddings`` the trained context C*L.
 """
+
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from memtrain.convert.common import output_dir, read_config
+from memtrain.convert.common import output_dir
 from memtrain.engine import checkpoint as ckpt
 from memtrain.errors import UserError
 
@@ -24,13 +26,28 @@ def llama_config(cfg, vocab_size: int, special_ids: dict):
     from transformers import LlamaConfig
 
     dec = cfg.model.decoder
+    # LlamaConfig leaves these unannotated with int defaults, but None (no such token) is valid
+    token_ids: dict[str, Any] = dict(
+        bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad")
+    )
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=dec.d_model, intermediate_size=dec.ffn_mult * dec.d_model,
-        num_hidden_layers=dec.n_layers, num_attention_heads=dec.n_heads, num_key_value_heads=dec.n_heads,
-        head_dim=dec.d_model // dec.n_heads, hidden_act="silu", max_position_embeddings=cfg.model.seq_len,
-        rms_norm_eps=dec.norm_eps, rope_theta=dec.rope_theta, attention_bias=False, mlp_bias=False,
-        tie_word_embeddings=cfg.model.tie_embeddings, torch_dtype="float32",
-        bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad"))
+        vocab_size=vocab_size,
+        hidden_size=dec.d_model,
+        intermediate_size=dec.ffn_mult * dec.d_model,
+        num_hidden_layers=dec.n_layers,
+        num_attention_heads=dec.n_heads,
+        num_key_value_heads=dec.n_heads,
+        head_dim=dec.d_model // dec.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=cfg.model.seq_len,
+        rms_norm_eps=dec.norm_eps,
+        rope_theta=dec.rope_theta,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=cfg.model.tie_embeddings,
+        torch_dtype="float32",
+        **token_ids,
+    )
 
 
 def hf_name(name: str) -> str:
@@ -50,19 +67,16 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # transformers
     from transformers import LlamaForCausalLM  # may import deepspeed, which otherwise warns about its choice
 
-    from memtrain.models import build_model
-
-    ck = ckpt.resolve_checkpoint(src)
-    cfg = read_config(ck)
-    meta = ckpt.read_meta(ck)
+    ck, cfg, meta = ckpt.read_checkpoint(src)
     m = cfg.model
     if m.kind != "clm" or m.decoder.arch != "transformer":
-        raise UserError(f"{ck}: a {m.kind} model with a {m.decoder.arch} decoder has no LlamaForCausalLM form; "
-                        "only a causal LM (model.kind: clm) with a transformer decoder converts")
+        raise UserError(
+            f"{ck}: a {m.kind} model with a {m.decoder.arch} decoder has no LlamaForCausalLM form; "
+            "only a causal LM (model.kind: clm) with a transformer decoder converts"
+        )
     if not m.final_norm:
         raise UserError(f"{ck}: model.final_norm is false, but LlamaForCausalLM always applies a final RMSNorm")
-    memtrain_model = build_model(m, int(meta["vocab_size"]))
-    ckpt.load_model_weights(memtrain_model, ck)  # strict; tied weights under both names afterwards
+    memtrain_model = ckpt.load_model(ck)[0]  # strict; tied weights under both names afterwards
     hf_state = {hf_name(k): v for k, v in memtrain_model.state_dict().items()}
     config = llama_config(cfg, int(meta["vocab_size"]), meta.get("special_ids") or {})
     with torch.device("cpu"):
@@ -70,8 +84,10 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise UserError(f"{ck / 'model.safetensors'}: does not fit its config as a Llama model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{ck / 'model.safetensors'}: does not fit its config as a Llama model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     with output_dir(Path(out)) as tmp:

@@ -30,6 +30,7 @@ The reference has no final norm (``final_norm: false``) and untied embeddings; `
 ``AutoencodingMixer`` and is dropped when the model repeats its memory instead of unrolling it. What shapes
 cannot tell (repeat or unroll, which encoder position is the memory) comes from the command's hints.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,7 @@ import torch
 from memtrain.config import Config, config_from_dict
 from memtrain.convert.common import load_strict, output_dir, write_memtrain_checkpoint
 from memtrain.errors import UserError
-from memtrain.models.mixing import causal_weight
+from memtrain.kernels.reference import causal_weight  # pyright: ignore[reportMissingImports]  (kernels/ installs as memtrain.kernels)
 
 ARCHS = ("autoencoding-mixer", "language-mixer", "variable-memory-mixer")
 
@@ -72,8 +73,10 @@ def _blocks(state: dict, prefix: str) -> int:
 def _need(state: dict, key: str, arch: str) -> torch.Tensor:
     if key not in state:
         found = sorted({k.split(".")[0] for k in state})
-        raise UserError(f"reference checkpoint: no '{key}', which every {arch} has (top-level names found: "
-                        f"{', '.join(found)}); check --arch")
+        raise UserError(
+            f"reference checkpoint: no '{key}', which every {arch} has (top-level names found: "
+            f"{', '.join(found)}); check --arch"
+        )
     return state[key]
 
 
@@ -90,10 +93,17 @@ def _stack_config(state: dict, prefix: str, arch: str) -> tuple[dict, int]:
         heads = _blocks(state, f"{prefix}.0.conv.convs")
         w = _need(state, f"{prefix}.0.conv.convs.0.weight", arch)
     if w.dim() != 3 or w.shape[0] != w.shape[1]:
-        raise UserError(f"reference checkpoint: {prefix}.0 mixing weight has shape {tuple(w.shape)}, expected "
-                        "[L, L, k]")
-    return {"arch": "mixer", "d_model": d, "n_layers": n, "kernel": int(w.shape[2]), "n_heads": heads,
-            "ffn_mult": ff // d}, int(w.shape[0])
+        raise UserError(
+            f"reference checkpoint: {prefix}.0 mixing weight has shape {tuple(w.shape)}, expected [L, L, k]"
+        )
+    return {
+        "arch": "mixer",
+        "d_model": d,
+        "n_layers": n,
+        "kernel": int(w.shape[2]),
+        "n_heads": heads,
+        "ffn_mult": ff // d,
+    }, int(w.shape[0])
 
 
 def _map_blocks(state: dict, src: str, dst: str, heads: int, out: dict) -> set[str]:
@@ -122,8 +132,9 @@ def _map_blocks(state: dict, src: str, dst: str, heads: int, out: dict) -> set[s
                     used.add(key)
         out[f"{dst}.{i}.conv.proj.weight"] = torch.cat([state[f"{p}.proj_head.{h}.weight"] for h in range(heads)])
         out[f"{dst}.{i}.conv.proj.bias"] = torch.cat([state[f"{p}.proj_head.{h}.bias"] for h in range(heads)])
-        out[f"{dst}.{i}.conv.weight"] = causal_weight(torch.stack([state[f"{p}.convs.{h}.weight"]
-                                                                  for h in range(heads)]))
+        out[f"{dst}.{i}.conv.weight"] = causal_weight(
+            torch.stack([state[f"{p}.convs.{h}.weight"] for h in range(heads)])
+        )
         out[f"{dst}.{i}.conv.bias"] = torch.stack([state[f"{p}.convs.{h}.bias"] for h in range(heads)])
     return used
 
@@ -143,25 +154,33 @@ def _bottleneck(state: dict, e: int) -> tuple[int, dict[str, str]]:
         return 1, {}
     missing = [k for k in _BOTTLENECK if k not in state]
     if missing:
-        raise UserError(f"reference checkpoint: has {', '.join(present)} but no {', '.join(missing)}; a reference "
-                        "bottleneck (compression > 1) is down = Linear(e, e/c) and up = Linear(e/c, e), with biases")
+        raise UserError(
+            f"reference checkpoint: has {', '.join(present)} but no {', '.join(missing)}; a reference "
+            "bottleneck (compression > 1) is down = Linear(e, e/c) and up = Linear(e/c, e), with biases"
+        )
     w = state["down.weight"]
     if w.dim() != 2 or w.shape[1] != e:
-        raise UserError(f"reference checkpoint: down.weight has shape {tuple(w.shape)}, expected (e/c, e) with the "
-                        f"encoder width e = {e} (the memory bottleneck down = Linear(e, e/c))")
+        raise UserError(
+            f"reference checkpoint: down.weight has shape {tuple(w.shape)}, expected (e/c, e) with the "
+            f"encoder width e = {e} (the memory bottleneck down = Linear(e, e/c))"
+        )
     r = int(w.shape[0])
     if not 0 < r < e or e % r:
         widths = [str(e // c) for c in range(2, e + 1) if e % c == 0]
         ref_c = [c for c in range(2, e + 1) if e // c == r]  # the reference's width is e // c, c not dividing e
         was = f" (= {e} // {ref_c[0]})" if ref_c else ""
-        raise UserError(f"reference checkpoint: down.weight has shape {tuple(w.shape)}, a bottleneck of width {r}{was} "
-                        f"on memories of width {e}; memtrain supports only widths e/c with an integer "
-                        f"model.compression c > 1 dividing e = {e} ({', '.join(widths[:8])}"
-                        f"{', ...' if len(widths) > 8 else ''})")
+        raise UserError(
+            f"reference checkpoint: down.weight has shape {tuple(w.shape)}, a bottleneck of width {r}{was} "
+            f"on memories of width {e}; memtrain supports only widths e/c with an integer "
+            f"model.compression c > 1 dividing e = {e} ({', '.join(widths[:8])}"
+            f"{', ...' if len(widths) > 8 else ''})"
+        )
     for key, shape in (("down.bias", (r,)), ("up.weight", (e, r)), ("up.bias", (e,))):
         if tuple(state[key].shape) != shape:
-            raise UserError(f"reference checkpoint: {key} has shape {tuple(state[key].shape)}, expected {shape} "
-                            f"for the bottleneck down.weight {tuple(w.shape)} (compression {e // r} of width {e})")
+            raise UserError(
+                f"reference checkpoint: {key} has shape {tuple(state[key].shape)}, expected {shape} "
+                f"for the bottleneck down.weight {tuple(w.shape)} (compression {e // r} of width {e})"
+            )
     return e // r, {k: f"encoder.{k}" for k in _BOTTLENECK}
 
 
@@ -176,39 +195,68 @@ def _model_config(arch: str, state: dict, injection: str, memory_position: int) 
     dec, L_dec = _stack_config(state, "decoderblocks", arch)
     vocab = _need(state, "wte.weight", arch).shape[0]
     compression, bottleneck = _bottleneck(state, enc["d_model"])
-    common = {"vocab_size": vocab, "chunk_len": L, "encoder": enc, "decoder": dec, "memory_position": memory_position,
-              "compression": compression}
+    common = {
+        "vocab_size": vocab,
+        "chunk_len": L,
+        "encoder": enc,
+        "decoder": dec,
+        "memory_position": memory_position,
+        "compression": compression,
+    }
     if arch == "autoencoding-mixer":
         if L_dec != L:
-            raise UserError(f"reference checkpoint: decoder blocks mix {L_dec} positions, the encoder's {L}; an "
-                            "AutoencodingMixer has one length (is this a variable-memory-mixer?)")
+            raise UserError(
+                f"reference checkpoint: decoder blocks mix {L_dec} positions, the encoder's {L}; an "
+                "AutoencodingMixer has one length (is this a variable-memory-mixer?)"
+            )
         names = {"wte.weight": "encoder.wte.weight", "lm_head.weight": "lm_head.weight", **bottleneck}
         if injection == "unroll":
             names.update({"projection.weight": "projection.weight", "projection.bias": "projection.bias"})
         return dict(common, kind="autoencoder", n_chunks=1, injection=injection), names
     n_chunks = L_dec - L
     if n_chunks < 2:
-        raise UserError(f"reference checkpoint: decoder blocks mix {L_dec} positions for chunks of {L}; a "
-                        "VariableMemoryMixer's decoder mixes L + n_chunks (n_chunks >= 2) positions")
-    names = {"wte.weight": "encoder.wte.weight", "decoder_wte.weight": "decoder_wte.weight",
-             "lm_head.weight": "lm_head.weight", **bottleneck}
+        raise UserError(
+            f"reference checkpoint: decoder blocks mix {L_dec} positions for chunks of {L}; a "
+            "VariableMemoryMixer's decoder mixes L + n_chunks (n_chunks >= 2) positions"
+        )
+    names = {
+        "wte.weight": "encoder.wte.weight",
+        "decoder_wte.weight": "decoder_wte.weight",
+        "lm_head.weight": "lm_head.weight",
+        **bottleneck,
+    }
     if enc["d_model"] != dec["d_model"]:
         names.update({"decoder_proj.weight": "decoder_proj.weight", "decoder_proj.bias": "decoder_proj.bias"})
     return dict(common, kind="memory", n_chunks=n_chunks), names
 
 
 #: top-level names of each reference class's state dict (docs/reference.md §3.3), bottleneck included
-_TOP_LEVEL = {"autoencoding-mixer": {"wte", "encoderblocks", "decoderblocks", "lm_head", "projection", "down", "up"},
-              "language-mixer": {"wte", "mixerblocks", "lm_head"},
-              "variable-memory-mixer": {"wte", "decoder_wte", "encoderblocks", "decoderblocks", "decoder_proj",
-                                        "lm_head", "down", "up"}}
+_TOP_LEVEL = {
+    "autoencoding-mixer": {"wte", "encoderblocks", "decoderblocks", "lm_head", "projection", "down", "up"},
+    "language-mixer": {"wte", "mixerblocks", "lm_head"},
+    "variable-memory-mixer": {
+        "wte",
+        "decoder_wte",
+        "encoderblocks",
+        "decoderblocks",
+        "decoder_proj",
+        "lm_head",
+        "down",
+        "up",
+    },
+}
 
 #: reference tensors that exist but that the reference never uses in the converted configuration
 _UNUSED = {"projection.weight", "projection.bias"}
 
 
-def reference_to_memtrain(state: dict[str, torch.Tensor], arch: str, injection: str = "unroll",
-                          memory_position: int = -1, shards: str | None = None) -> tuple[Config, dict]:
+def reference_to_memtrain(
+    state: dict[str, torch.Tensor],
+    arch: str,
+    injection: str = "unroll",
+    memory_position: int = -1,
+    shards: str | None = None,
+) -> tuple[Config, dict]:
     """(run config, memtrain state dict) for a reference state dict of class ``arch`` (see :data:`ARCHS`)."""
     if arch not in ARCHS:
         raise UserError(f"--arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
@@ -226,36 +274,57 @@ def reference_to_memtrain(state: dict[str, torch.Tensor], arch: str, injection: 
     left = sorted(set(state) - used - _UNUSED)
     if left:
         found = ", ".join(f"{k} {tuple(state[k].shape)}" for k in left[:3]) + (
-            f" and {len(left) - 3} more" if len(left) > 3 else "")
+            f" and {len(left) - 3} more" if len(left) > 3 else ""
+        )
         tops = {k.split(".")[0] for k in left}
         others = [a for a in ARCHS if a != arch and tops <= _TOP_LEVEL[a]]
         if not tops <= _TOP_LEVEL[arch] and others:
             hint = f"they belong to a {' or '.join(others)}: check --arch"
         else:
             mapped = sorted({k.split(".")[0] for k in used})
-            hint = (f"memtrain maps only {', '.join(mapped)} of a {arch} (docs/reference.md §3.3); this variant is "
-                    "not supported")
-        raise UserError(f"reference checkpoint: {found} have no place in a memtrain {model['kind']} model converted "
-                        f"from {arch}; {hint}")
-    raw = {"run": {"name": f"reference-{arch}"}, "model": dict(model, final_norm=False, tie_embeddings=False),
-           "objective": {"weights": {"reconstruction": 1.0} if model["kind"] == "autoencoder" else {"causal": 1.0}}}
+            hint = (
+                f"memtrain maps only {', '.join(mapped)} of a {arch} (docs/reference.md §3.3); this variant is "
+                "not supported"
+            )
+        raise UserError(
+            f"reference checkpoint: {found} have no place in a memtrain {model['kind']} model converted "
+            f"from {arch}; {hint}"
+        )
+    raw = {
+        "run": {"name": f"reference-{arch}"},
+        "model": dict(model, final_norm=False, tie_embeddings=False),
+        "objective": {"weights": {"reconstruction": 1.0} if model["kind"] == "autoencoder" else {"causal": 1.0}},
+    }
     if shards:
         raw["data"] = {"shards": shards}
     return config_from_dict(raw, source=f"the {arch} converted config"), out
 
 
-def convert_reference(path: str | Path, arch: str, out: str | Path, injection: str = "unroll",
-                      memory_position: int = -1, shards: str | None = None) -> Path:
+def convert_reference(
+    path: str | Path,
+    arch: str,
+    out: str | Path,
+    injection: str = "unroll",
+    memory_position: int = -1,
+    shards: str | None = None,
+) -> Path:
     """Write a memtrain checkpoint folder ``out`` from the reference checkpoint ``path``. Returns ``out``."""
     from memtrain.models import build_model
 
     state = read_reference(path)
     cfg, converted = reference_to_memtrain(state, arch, injection, memory_position, shards)
+    assert cfg.model.vocab_size is not None  # the converted config takes it from the embedding's shape
     model = build_model(cfg.model, cfg.model.vocab_size)
     load_strict(model, converted, str(path))
-    meta = {"kind": cfg.model.kind, "vocab_size": cfg.model.vocab_size, "tokenizer_sha256": None,
-            "special_ids": {}, "row_len": cfg.model.seq_len, "step": 0,
-            "engine": {"name": "reference", "arch": arch, "from": str(path)}}
+    meta = {
+        "kind": cfg.model.kind,
+        "vocab_size": cfg.model.vocab_size,
+        "tokenizer_sha256": None,
+        "special_ids": {},
+        "row_len": cfg.model.seq_len,
+        "step": 0,
+        "engine": {"name": "reference", "arch": arch, "from": str(path)},
+    }
     with output_dir(Path(out)) as tmp:
         write_memtrain_checkpoint(tmp, model, cfg, meta)
     return Path(out)

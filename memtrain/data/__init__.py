@@ -6,6 +6,7 @@
 
 The heavy modules (torch, streaming, sentencepiece) load only when one of the names below is used.
 """
+
 from __future__ import annotations
 
 from importlib import import_module

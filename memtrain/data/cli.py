@@ -3,6 +3,7 @@
 :func:`register` adds them to the ``data`` command's subparsers; each handler takes the parsed ``args`` and
 returns an exit code (user errors raise :class:`memtrain.errors.UserError`, which the main CLI prints).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,13 @@ def _row_len(args) -> int:
 
 
 def _add_row_len(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    p.add_argument("--row-len", type=int, default=None, metavar="N",
-                   help="tokens per row (= model.chunk_len x model.n_chunks)"
-                        + (f"; default {default}" if default else ""))
+    p.add_argument(
+        "--row-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per row (= model.chunk_len x model.n_chunks)" + (f"; default {default}" if default else ""),
+    )
     p.add_argument("--chunk-len", type=int, default=None, metavar="L", help="with --chunks: rows of L x C tokens")
     p.add_argument("--chunks", type=int, default=None, metavar="C", help="with --chunk-len: rows of L x C tokens")
 
@@ -43,12 +48,21 @@ def cmd_tokenizer(args) -> int:
     from memtrain.data.tokenizer import Tokenizer, train_tokenizer
 
     t0 = time.time()
-    path = train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                           sample_bytes=int(args.sample_mb * 1e6), threads=args.threads, seed=args.seed,
-                           verbose=args.verbose)
+    path = train_tokenizer(
+        args.input,
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        sample_bytes=int(args.sample_mb * 1e6),
+        threads=args.threads,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
     tok = Tokenizer.load(path)
-    print(f"{path}: {args.model_type} tokenizer, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}…, "
-          f"trained in {time.time() - t0:.1f} s")
+    print(
+        f"{path}: {args.model_type} tokenizer, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}…, "
+        f"trained in {time.time() - t0:.1f} s"
+    )
     return 0
 
 
@@ -60,16 +74,40 @@ def cmd_shards(args) -> int:
         from memtrain.data.dual import build_dual_shards, format_dual_summary
 
         if args.row_len is not None or args.chunk_len is None or args.chunks is None:
-            raise UserError("--decoder-tokenizer: give --chunk-len L and --chunks C (spans are cut per chunk), "
-                            "not --row-len")
-        print(format_dual_summary(build_dual_shards(
-            args.input, args.tokenizer, args.decoder_tokenizer, args.out, chunk_len=args.chunk_len,
-            n_chunks=args.chunks, decoder_chunk_len=args.decoder_chunk_len, val_fraction=args.val_fraction,
-            shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)))
+            raise UserError(
+                "--decoder-tokenizer: give --chunk-len L and --chunks C (spans are cut per chunk), not --row-len"
+            )
+        print(
+            format_dual_summary(
+                build_dual_shards(
+                    args.input,
+                    args.tokenizer,
+                    args.decoder_tokenizer,
+                    args.out,
+                    chunk_len=args.chunk_len,
+                    n_chunks=args.chunks,
+                    decoder_chunk_len=args.decoder_chunk_len,
+                    val_fraction=args.val_fraction,
+                    shard_size=args.shard_size,
+                    seed=args.seed,
+                    overwrite=args.overwrite,
+                    progress=not args.no_progress,
+                )
+            )
+        )
         return 0
-    summary = build_shards(args.input, args.tokenizer, args.out, row_len=_row_len(args),
-                           val_fraction=args.val_fraction, workers=args.workers, shard_size=args.shard_size,
-                           seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = build_shards(
+        args.input,
+        args.tokenizer,
+        args.out,
+        row_len=_row_len(args),
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print(format_summary(summary))
     return 0
 
@@ -84,10 +122,13 @@ def _demo_shards_match(shards: Path, tokenizer: Path, row_len: int, vocab_size: 
         return None
     try:
         info = json.loads(info_path.read_text())
-        ok = (info.get("row_len") == row_len and info.get("vocab_size") == vocab_size
-              and info.get("tokenizer_sha256") == file_sha256(tokenizer)
-              and [Path(s).name for s in info.get("sources", [])] == [corpus.name]
-              and all((shards / s / "index.json").is_file() for s in info.get("splits", {})))
+        ok = (
+            info.get("row_len") == row_len
+            and info.get("vocab_size") == vocab_size
+            and info.get("tokenizer_sha256") == file_sha256(tokenizer)
+            and [Path(s).name for s in info.get("sources", [])] == [corpus.name]
+            and all((shards / s / "index.json").is_file() for s in info.get("splits", {}))
+        )
     except (OSError, ValueError):
         return None
     if not ok:
@@ -135,11 +176,21 @@ def cmd_prepare_demo(args) -> int:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".demo-tokenizer-", dir=out) as tmp:
-        new_tok = train_tokenizer([str(corpus)], tmp, vocab_size=args.vocab_size, model_type="bpe",
-                                  threads=args.workers)
+        new_tok = train_tokenizer(
+            [str(corpus)], tmp, vocab_size=args.vocab_size, model_type="bpe", threads=args.workers
+        )
         t_tok = time.time() - t0
-        summary = build_shards([str(corpus)], new_tok, shards, row_len=row_len, val_fraction=args.val_fraction,
-                               workers=args.workers, seed=0, overwrite=overwrite, progress=not args.no_progress)
+        summary = build_shards(
+            [str(corpus)],
+            new_tok,
+            shards,
+            row_len=row_len,
+            val_fraction=args.val_fraction,
+            workers=args.workers,
+            seed=0,
+            overwrite=overwrite,
+            progress=not args.no_progress,
+        )
         os.replace(new_tok, tok_path)
     print(f"{tok_path}: bpe tokenizer, vocab {args.vocab_size}, trained in {t_tok:.1f} s")
     print(format_summary(summary))
@@ -149,52 +200,83 @@ def cmd_prepare_demo(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``tokenizer``, ``shards`` and ``prepare-demo`` to the ``memtrain data`` subparsers."""
-    t = subparsers.add_parser("tokenizer", help="train a SentencePiece tokenizer on parquet/jsonl/txt text",
-                              description="Train a SentencePiece tokenizer (byte fallback; ids pad 0, unk 1, "
-                                          "bos 2, eos 3, <sep> 4, <blank> 5) and write OUT/tokenizer.model.")
-    t.add_argument("--input", nargs="+", required=True, metavar="SRC",
-                   help="parquet / jsonl / txt files, directories or globs")
+    t = subparsers.add_parser(
+        "tokenizer",
+        help="train a SentencePiece tokenizer on parquet/jsonl/txt text",
+        description="Train a SentencePiece tokenizer (byte fallback; ids pad 0, unk 1, "
+        "bos 2, eos 3, <sep> 4, <blank> 5) and write OUT/tokenizer.model.",
+    )
+    t.add_argument(
+        "--input", nargs="+", required=True, metavar="SRC", help="parquet / jsonl / txt files, directories or globs"
+    )
     t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.model")
     t.add_argument("--vocab-size", type=int, required=True, metavar="N", help="e.g. 4096 or 8000")
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    t.add_argument("--sample-mb", type=float, default=100.0, metavar="MB",
-                   help="train on at most this much text, sampled evenly by document (default 100)")
+    t.add_argument(
+        "--sample-mb",
+        type=float,
+        default=100.0,
+        metavar="MB",
+        help="train on at most this much text, sampled evenly by document (default 100)",
+    )
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0, help="which documents are sampled from a larger corpus")
     t.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     t.set_defaults(func=cmd_tokenizer)
 
-    s = subparsers.add_parser("shards", help="tokenize and pack text into train/val MDS shards",
-                              description="Tokenize documents (EOS after each), pack them into rows of exactly "
-                                          "N tokens, split train/val by document id, write zstd MDS shards.")
-    s.add_argument("--input", nargs="+", required=True, metavar="SRC",
-                   help="parquet / jsonl / txt files, directories or globs")
+    s = subparsers.add_parser(
+        "shards",
+        help="tokenize and pack text into train/val MDS shards",
+        description="Tokenize documents (EOS after each), pack them into rows of exactly "
+        "N tokens, split train/val by document id, write zstd MDS shards.",
+    )
+    s.add_argument(
+        "--input", nargs="+", required=True, metavar="SRC", help="parquet / jsonl / txt files, directories or globs"
+    )
     s.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.model (or its directory)")
     s.add_argument("--out", required=True, metavar="DIR", help="shard directory to create")
     _add_row_len(s)
-    s.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
-                   help="fraction of documents held out for validation (default 0.01; 0 = none)")
+    s.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="fraction of documents held out for validation (default 0.01; 0 = none)",
+    )
     s.add_argument("--workers", type=int, default=2, help="tokenizer processes (default 2)")
     s.add_argument("--shard-size", default="32mb", help="MDS shard size limit (default 32mb)")
     s.add_argument("--seed", type=int, default=0, help="salt of the train/val split hash (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--decoder-tokenizer", metavar="DIR", default=None,
-                   help="also tokenize with this Hugging Face tokenizer (an LLM decoder's directory): chunks are cut "
-                        "on text spans that fit both tokenizers (docs/llm_decoders.md)")
-    s.add_argument("--decoder-chunk-len", type=int, default=None, metavar="N",
-                   help="with --decoder-tokenizer: decoder tokens per chunk (default: --chunk-len)")
+    s.add_argument(
+        "--decoder-tokenizer",
+        metavar="DIR",
+        default=None,
+        help="also tokenize with this Hugging Face tokenizer (an LLM decoder's directory): chunks are cut "
+        "on text spans that fit both tokenizers (docs/llm_decoders.md)",
+    )
+    s.add_argument(
+        "--decoder-chunk-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --decoder-tokenizer: decoder tokens per chunk (default: --chunk-len)",
+    )
     s.set_defaults(func=cmd_shards)
 
-    d = subparsers.add_parser("prepare-demo", help="tokenizer + shards of the bundled demo corpus",
-                              description="Train a tokenizer on the bundled demo corpus (Python and PostgreSQL "
-                                          "documentation) and write OUT/tokenizer.model and OUT/shards. Does "
-                                          "nothing if OUT already holds matching demo shards.")
+    d = subparsers.add_parser(
+        "prepare-demo",
+        help="tokenizer + shards of the bundled demo corpus",
+        description="Train a tokenizer on the bundled demo corpus (Python and PostgreSQL "
+        "documentation) and write OUT/tokenizer.model and OUT/shards. Does "
+        "nothing if OUT already holds matching demo shards.",
+    )
     d.add_argument("--out", required=True, metavar="DIR", help="e.g. data/demo (shards go to DIR/shards)")
     d.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="default 4096")
     _add_row_len(d, default=256)
-    d.add_argument("--val-fraction", type=float, default=DEMO_VAL_FRACTION, metavar="F",
-                   help=f"default {DEMO_VAL_FRACTION}")
+    d.add_argument(
+        "--val-fraction", type=float, default=DEMO_VAL_FRACTION, metavar="F", help=f"default {DEMO_VAL_FRACTION}"
+    )
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_prepare_demo)

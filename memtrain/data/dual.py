@@ -30,6 +30,7 @@ objectives work on dual rows unchanged: the copied half repeats both streams; th
 encoder tokens of the copied half (the decoder stream has no delimiter, as in the paper's LLM copy runs); blank
 copy fills both streams of the copied half with the filler id, which the decoder reads as one constant token.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -40,14 +41,16 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from memtrain.errors import UserError
+from memtrain.labels import IGNORE_INDEX
 
 #: decoder slot value of padding
 PAD_SLOT = -1
@@ -55,7 +58,6 @@ PAD_SLOT = -1
 TOKEN_OFFSET = 101
 #: where build_dual_shards saves the decoder tokenizer inside a shard directory
 DECODER_TOKENIZER_DIR = "decoder_tokenizer"
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,10 +91,12 @@ class DualLayout:
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dual rows [B, C*(L + L_dec)] -> (encoder ids [B, C, L], decoder slots [B, C, L_dec]) (views)."""
         if rows.dim() != 2 or rows.shape[1] != self.row_len:
-            raise ValueError(f"dual rows of {self.n_chunks} chunks x ({self.enc_len} encoder + {self.dec_len} "
-                             f"decoder) positions must be [B, {self.row_len}], got {list(rows.shape)}")
+            raise ValueError(
+                f"dual rows of {self.n_chunks} chunks x ({self.enc_len} encoder + {self.dec_len} "
+                f"decoder) positions must be [B, {self.row_len}], got {list(rows.shape)}"
+            )
         blocks = rows.view(rows.shape[0], self.n_chunks, self.block_len)
-        return blocks[..., : self.enc_len], blocks[..., self.enc_len:]
+        return blocks[..., : self.enc_len], blocks[..., self.enc_len :]
 
     @staticmethod
     def decoder_tokens(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +106,10 @@ class DualLayout:
         stored = slots <= -TOKEN_OFFSET
         pad = slots == PAD_SLOT
         if bool(((slots < 0) & ~stored & ~pad).any()):
-            raise ValueError("decoder slots hold values in -100..-2, which no dual row contains; "
-                             "were targets passed where inputs belong?")
+            raise ValueError(
+                "decoder slots hold values in -100..-2, which no dual row contains; "
+                "were targets passed where inputs belong?"
+            )
         ids = torch.where(stored, -slots - TOKEN_OFFSET, torch.where(pad, torch.zeros_like(slots), slots))
         return ids, ~pad
 
@@ -111,8 +117,11 @@ class DualLayout:
     def decoder_labels(slots: torch.Tensor) -> torch.Tensor:
         """Decoder slots of a *targets* row (any shape) -> labels: the decoder token, or -100 at padding and
         at positions a task left unscored (-100)."""
-        return torch.where(slots <= -TOKEN_OFFSET, -slots - TOKEN_OFFSET,
-                           torch.where(slots >= 0, slots, torch.full_like(slots, IGNORE_INDEX)))
+        return torch.where(
+            slots <= -TOKEN_OFFSET,
+            -slots - TOKEN_OFFSET,
+            torch.where(slots >= 0, slots, torch.full_like(slots, IGNORE_INDEX)),
+        )
 
 
 def collate_dual(samples: list[dict[str, Any]]) -> torch.Tensor:
@@ -134,8 +143,9 @@ def load_decoder_tokenizer(path: str | Path):
     chunker needs: an EOS token (it ends each document). Raises :class:`UserError` with one line otherwise."""
     p = Path(path)
     if not p.is_dir():
-        raise UserError(f"{p}: decoder tokenizer directory not found (expected a Hugging Face model or "
-                        "tokenizer directory)")
+        raise UserError(
+            f"{p}: decoder tokenizer directory not found (expected a Hugging Face model or tokenizer directory)"
+        )
     from transformers import AutoTokenizer
 
     try:
@@ -144,8 +154,10 @@ def load_decoder_tokenizer(path: str | Path):
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{p}: not a Hugging Face tokenizer directory ({detail[:160]})") from None
     if tok.eos_token_id is None:
-        raise UserError(f"{p}: the decoder tokenizer has no eos_token; the chunker ends every document with "
-                        "it, so set eos_token in its tokenizer_config.json")
+        raise UserError(
+            f"{p}: the decoder tokenizer has no eos_token; the chunker ends every document with "
+            "it, so set eos_token in its tokenizer_config.json"
+        )
     return tok
 
 
@@ -158,7 +170,7 @@ def decoder_tokenizer_sha256(tok) -> str:
     return hashlib.sha256((type(tok).__name__ + "\n" + body + "\n" + specials).encode("utf-8")).hexdigest()
 
 
-def decoder_special_ids(tok) -> dict[str, Optional[int]]:
+def decoder_special_ids(tok) -> dict[str, int | None]:
     """``{"bos", "eos", "pad", "unk"}`` -> id (or None) of a Hugging Face tokenizer."""
     return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "unk": tok.unk_token_id}
 
@@ -193,19 +205,28 @@ class TextSpanChunker:
     the span itself (usually once or twice); without them every cut is a binary search over word boundaries.
     """
 
-    def __init__(self, encode_enc: Callable[[str], list[int]], encode_dec: Callable[[str], list[int]],
-                 enc_len: int, dec_len: int, enc_eos: int, dec_eos: int,
-                 offsets_enc: Optional[Callable[[str], list[int]]] = None,
-                 offsets_dec: Optional[Callable[[str], list[int]]] = None):
+    def __init__(
+        self,
+        encode_enc: Callable[[str], list[int]],
+        encode_dec: Callable[[str], list[int]],
+        enc_len: int,
+        dec_len: int,
+        enc_eos: int,
+        dec_eos: int,
+        offsets_enc: Callable[[str], list[int]] | None = None,
+        offsets_dec: Callable[[str], list[int]] | None = None,
+    ):
         if enc_len < 2 or dec_len < 2:
-            raise UserError(f"chunk lengths must be >= 2 tokens (one for a document's EOS), got encoder "
-                            f"{enc_len} and decoder {dec_len}")
+            raise UserError(
+                f"chunk lengths must be >= 2 tokens (one for a document's EOS), got encoder "
+                f"{enc_len} and decoder {dec_len}"
+            )
         self.encode_enc, self.encode_dec = encode_enc, encode_dec
         self.enc_len, self.dec_len = enc_len, dec_len
         self.enc_eos, self.dec_eos = enc_eos, dec_eos
         self.offsets_enc, self.offsets_dec = offsets_enc, offsets_dec
 
-    def _tokens(self, text: str, last: bool) -> Optional[tuple[list[int], list[int]]]:
+    def _tokens(self, text: str, last: bool) -> tuple[list[int], list[int]] | None:
         """Both tokenizations of ``text`` (+ EOS when ``last``), or None when either is too long."""
         enc = self.encode_enc(text) + ([self.enc_eos] if last else [])
         if len(enc) > self.enc_len:
@@ -213,11 +234,12 @@ class TextSpanChunker:
         dec = self.encode_dec(text) + ([self.dec_eos] if last else [])
         return (enc, dec) if len(dec) <= self.dec_len else None
 
-    def _largest(self, ends: Sequence[int], start: int, text: str, guess: Optional[int] = None):
+    def _largest(self, ends: Sequence[int], start: int, text: str, guess: int | None = None):
         """The largest k (>= 1) such that text[start:ends[k-1]] fits, with its tokens; (0, None) if none.
         A ``guess`` that fits is taken as it is."""
+
         def probe(k: int):
-            return self._tokens(text[start:ends[k - 1]], last=ends[k - 1] == len(text))
+            return self._tokens(text[start : ends[k - 1]], last=ends[k - 1] == len(text))
 
         n = len(ends)
         best_k, best, lo = 0, None, 1
@@ -247,7 +269,7 @@ class TextSpanChunker:
         return best_k, best
 
     @staticmethod
-    def _budget_end(token_ends: Optional[list[int]], start: int, budget: int, length: int) -> int:
+    def _budget_end(token_ends: list[int] | None, start: int, budget: int, length: int) -> int:
         """Where ``budget`` tokens that end after ``start`` end (``length`` if fewer remain)."""
         if token_ends is None:
             return length
@@ -268,8 +290,10 @@ class TextSpanChunker:
                 w += 1
             guess = None
             if guessing:
-                limit = min(self._budget_end(enc_ends, start, self.enc_len, len(text)),
-                            self._budget_end(dec_ends, start, self.dec_len, len(text)))
+                limit = min(
+                    self._budget_end(enc_ends, start, self.enc_len, len(text)),
+                    self._budget_end(dec_ends, start, self.dec_len, len(text)),
+                )
                 guess = bisect.bisect_right(words, limit, lo=w) - w
             k, got = self._largest(words[w:], start, text, guess)
             if k:
@@ -277,9 +301,12 @@ class TextSpanChunker:
             else:  # one word longer than a chunk: cut it between characters
                 k, got = self._largest(range(start + 1, words[w] + 1), start, text)
                 if not k:
-                    raise UserError(f"a chunk of {self.enc_len} encoder / {self.dec_len} decoder tokens cannot "
-                                    f"hold even the character {text[start]!r}; use longer chunks")
+                    raise UserError(
+                        f"a chunk of {self.enc_len} encoder / {self.dec_len} decoder tokens cannot "
+                        f"hold even the character {text[start]!r}; use longer chunks"
+                    )
                 end = start + k
+            assert got is not None  # _largest gives the tokens of every k >= 1
             out.append(Span(start, end, got[0], got[1]))
             start = end
         return out
@@ -301,7 +328,7 @@ def sentencepiece_token_ends(tok) -> Callable[[str], list[int]]:
     return ends
 
 
-def hf_token_ends(tok) -> Optional[Callable[[str], list[int]]]:
+def hf_token_ends(tok) -> Callable[[str], list[int]] | None:
     """text -> character offset where each token of a fast Hugging Face tokenizer ends (None for a slow one)."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
@@ -317,11 +344,21 @@ def dual_chunker(enc_tok, dec_tok, enc_len: int, dec_len: int) -> TextSpanChunke
     """The :class:`TextSpanChunker` of a memtrain encoder tokenizer and a Hugging Face decoder tokenizer."""
     sp = enc_tok.processor  # one string at a time: a list would go through SentencePiece's thread pool
     backend = getattr(dec_tok, "backend_tokenizer", None)  # a fast tokenizer's Rust side: same ids, less overhead
-    encode_dec = (lambda t: backend.encode(t, add_special_tokens=False).ids) if backend is not None else \
-        (lambda t: dec_tok.encode(t, add_special_tokens=False))
-    return TextSpanChunker(sp.EncodeAsIds, encode_dec,
-                           enc_len, dec_len, enc_tok.eos_id, dec_tok.eos_token_id,
-                           sentencepiece_token_ends(enc_tok), hf_token_ends(dec_tok))
+    encode_dec = (
+        (lambda t: backend.encode(t, add_special_tokens=False).ids)
+        if backend is not None
+        else (lambda t: dec_tok.encode(t, add_special_tokens=False))
+    )
+    return TextSpanChunker(
+        sp.EncodeAsIds,
+        encode_dec,
+        enc_len,
+        dec_len,
+        enc_tok.eos_id,
+        dec_tok.eos_token_id,
+        sentencepiece_token_ends(enc_tok),
+        hf_token_ends(dec_tok),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,10 +374,17 @@ class _DualSplitWriter:
         C, L, Ld = layout.n_chunks, layout.enc_len, layout.dec_len
         self.layout, self.enc_dtype, self.enc_pad = layout, np.dtype(enc_dtype), enc_pad
         self.writer = import_streaming().MDSWriter(
-            out=str(out), columns={"input_ids": f"ndarray:{enc_dtype}:{C},{L}",
-                                   "dec_input_ids": f"ndarray:int32:{C},{Ld}",
-                                   "dec_attention_mask": f"ndarray:uint8:{C},{Ld}"},
-            compression="zstd", size_limit=shard_size, progress_bar=False, exist_ok=False)
+            out=str(out),
+            columns={
+                "input_ids": f"ndarray:{enc_dtype}:{C},{L}",
+                "dec_input_ids": f"ndarray:int32:{C},{Ld}",
+                "dec_attention_mask": f"ndarray:uint8:{C},{Ld}",
+            },
+            compression="zstd",
+            size_limit=shard_size,
+            progress_bar=False,
+            exist_ok=False,
+        )
         self.pending: list[Span] = []
         self.rows = self.documents = self.enc_tokens = self.dec_tokens = 0
 
@@ -367,16 +411,31 @@ class _DualSplitWriter:
         """Close the writer; returns the split's counts (``tokens`` = rows x row length, as for other shards;
         ``encoder_tokens`` / ``decoder_tokens`` = unpadded ids written; ``dropped_tail_spans``)."""
         self.writer.finish()
-        return {"rows": self.rows, "tokens": self.rows * self.layout.row_len, "documents": self.documents,
-                "dropped_tail_tokens": sum(len(s.enc_ids) for s in self.pending),
-                "dropped_tail_spans": len(self.pending), "encoder_tokens": self.enc_tokens,
-                "decoder_tokens": self.dec_tokens}
+        return {
+            "rows": self.rows,
+            "tokens": self.rows * self.layout.row_len,
+            "documents": self.documents,
+            "dropped_tail_tokens": sum(len(s.enc_ids) for s in self.pending),
+            "dropped_tail_spans": len(self.pending),
+            "encoder_tokens": self.enc_tokens,
+            "decoder_tokens": self.dec_tokens,
+        }
 
 
-def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decoder_tokenizer: str | Path,
-                      out_dir: str | Path, chunk_len: int, n_chunks: int, decoder_chunk_len: Optional[int] = None,
-                      val_fraction: float = 0.01, shard_size: str | int = "32mb", seed: int = 0,
-                      overwrite: bool = False, progress: bool = True) -> dict:
+def build_dual_shards(
+    sources: Sequence[str],
+    tokenizer_path: str | Path,
+    decoder_tokenizer: str | Path,
+    out_dir: str | Path,
+    chunk_len: int,
+    n_chunks: int,
+    decoder_chunk_len: int | None = None,
+    val_fraction: float = 0.01,
+    shard_size: str | int = "32mb",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Cut ``sources`` into text spans and write dual train/val MDS shards to ``out_dir``.
 
     Args:
@@ -394,8 +453,8 @@ def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decode
     """
     from tqdm import tqdm
 
-    from memtrain.data.ingest import (FORMAT_VERSION, _check_out_dir, expand_sources, is_val_document,
-                                      iter_documents, publish_shards)
+    from memtrain.data.documents import expand_sources, is_val_document, iter_documents
+    from memtrain.data.ingest import FORMAT_VERSION, _check_out_dir, publish_shards
     from memtrain.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
     t0 = time.time()
@@ -420,8 +479,14 @@ def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decode
         writers = {"train": _DualSplitWriter(tmp / "train", layout, enc_dtype, enc_tok.pad_id, shard_size)}
         if val_fraction > 0:
             writers["val"] = _DualSplitWriter(tmp / "val", layout, enc_dtype, enc_tok.pad_id, shard_size)
-        bar = tqdm(desc="cutting spans", unit=" docs", disable=not progress, file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5)
+        bar = tqdm(
+            desc="cutting spans",
+            unit=" docs",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         for doc_id, text in iter_documents(files):
             split = "val" if is_val_document(doc_id, val_fraction, seed) else "train"
             writers[split].add(chunker.spans(text))
@@ -432,9 +497,11 @@ def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decode
             raise UserError(f"{', '.join(map(str, sources))}: no documents found (empty corpus)")
         for name, c in counts.items():
             if c["rows"] == 0:
-                raise UserError(f"{name} split is empty: its {c['documents']} documents make {c['dropped_tail_spans']} "
-                                f"spans, fewer than one row of {n_chunks}; add text"
-                                + (" or change --val-fraction" if name == "val" else ""))
+                raise UserError(
+                    f"{name} split is empty: its {c['documents']} documents make {c['dropped_tail_spans']} "
+                    f"spans, fewer than one row of {n_chunks}; add text"
+                    + (" or change --val-fraction" if name == "val" else "")
+                )
         shutil.copyfile(enc_tok.path, tmp / TOKENIZER_FILE)
         dec_tok.save_pretrained(str(tmp / DECODER_TOKENIZER_DIR))
         info = {
@@ -446,13 +513,19 @@ def build_dual_shards(sources: Sequence[str], tokenizer_path: str | Path, decode
             "special_ids": enc_tok.special_ids,
             "splits": counts,
             "dropped_tail_tokens": sum(c["dropped_tail_tokens"] for c in counts.values()),
-            "dual": {"n_chunks": n_chunks, "chunk_len": chunk_len, "decoder_chunk_len": decoder_chunk_len,
-                     "decoder_tokenizer": DECODER_TOKENIZER_DIR,
-                     "decoder_tokenizer_sha256": decoder_tokenizer_sha256(dec_tok),
-                     "decoder_vocab_size": len(dec_tok), "decoder_special_ids": decoder_special_ids(dec_tok)},
+            "dual": {
+                "n_chunks": n_chunks,
+                "chunk_len": chunk_len,
+                "decoder_chunk_len": decoder_chunk_len,
+                "decoder_tokenizer": DECODER_TOKENIZER_DIR,
+                "decoder_tokenizer_sha256": decoder_tokenizer_sha256(dec_tok),
+                "decoder_vocab_size": len(dec_tok),
+                "decoder_special_ids": decoder_special_ids(dec_tok),
+            },
         }
-        publish_shards(tmp, out, info, val_fraction=val_fraction, seed=seed, sources=sources, files=files,
-                       overwrite=overwrite)
+        publish_shards(
+            tmp, out, info, val_fraction=val_fraction, seed=seed, sources=sources, files=files, overwrite=overwrite
+        )
     except BaseException:
         if bar is not None:
             bar.close()
@@ -466,11 +539,15 @@ def format_dual_summary(summary: dict) -> str:
     from memtrain.data.ingest import format_summary
 
     d = summary["dual"]
-    lines = [format_summary(summary),
-             f"  dual rows: {d['n_chunks']} chunks x ({d['chunk_len']} encoder + {d['decoder_chunk_len']} decoder) "
-             f"positions; decoder tokenizer {d['decoder_tokenizer_sha256'][:12]}, vocab {d['decoder_vocab_size']}"]
+    lines = [
+        format_summary(summary),
+        f"  dual rows: {d['n_chunks']} chunks x ({d['chunk_len']} encoder + {d['decoder_chunk_len']} decoder) "
+        f"positions; decoder tokenizer {d['decoder_tokenizer_sha256'][:12]}, vocab {d['decoder_vocab_size']}",
+    ]
     for name, c in summary["splits"].items():
         slots = max(c["rows"] * d["n_chunks"], 1)
-        lines.append(f"  {name:5s} filled: encoder {c['encoder_tokens'] / (slots * d['chunk_len']):.1%}, "
-                     f"decoder {c['decoder_tokens'] / (slots * d['decoder_chunk_len']):.1%} of chunk positions")
+        lines.append(
+            f"  {name:5s} filled: encoder {c['encoder_tokens'] / (slots * d['chunk_len']):.1%}, "
+            f"decoder {c['decoder_tokens'] / (slots * d['decoder_chunk_len']):.1%} of chunk positions"
+        )
     return "\n".join(lines)

@@ -18,12 +18,13 @@ code). So an index is data from whoever wrote the shards, and it is checked befo
 A bad index raises :class:`UserError` naming the file and the entry, e.g.
 ``shards/train/index.json: shards[3].raw_data.basename '../../x' is not a plain file name``.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from memtrain.errors import UserError
 
@@ -35,13 +36,25 @@ MAX_INDEX_BYTES = 64 << 20
 #: scalar encodings memtrain writes (``idx`` of memory shards)
 INT_ENCODINGS = frozenset({"int"})
 #: value dtypes of ``ndarray:`` columns memtrain writes (token ids, masks, stored memories)
-NDARRAY_DTYPES = frozenset({"uint8", "uint16", "uint32", "int8", "int16", "int32", "int64", "float16",
-                            "float32", "float64"})
+NDARRAY_DTYPES = frozenset(
+    {"uint8", "uint16", "uint32", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}
+)
 _NDARRAY = re.compile(r"^ndarray:([a-z0-9]+)(?::(\d{1,9}(?:,\d{1,9}){0,7}))?$")
 _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _COMPRESSIONS = ("br", "bz2", "gz", "snappy", "zstd")
-_SHARD_KEYS = {"column_encodings", "column_names", "column_sizes", "compression", "format", "hashes",
-               "raw_data", "samples", "size_limit", "version", "zip_data"}
+_SHARD_KEYS = {
+    "column_encodings",
+    "column_names",
+    "column_sizes",
+    "compression",
+    "format",
+    "hashes",
+    "raw_data",
+    "samples",
+    "size_limit",
+    "version",
+    "zip_data",
+}
 
 
 def allowed_encoding(encoding: Any) -> bool:
@@ -55,11 +68,17 @@ def allowed_encoding(encoding: Any) -> bool:
 
 
 def _plain_name(name: str) -> bool:
-    return (0 < len(name) <= MAX_NAME_LEN and name not in (".", "..") and "/" not in name and "\\" not in name
-            and not any(ord(c) < 32 or ord(c) == 127 for c in name) and ":" not in name)
+    return (
+        0 < len(name) <= MAX_NAME_LEN
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+        and ":" not in name
+    )
 
 
-def plain_basename(name: Any, max_depth: int = 1) -> bool:
+def plain_basename(name: Any, max_depth: int = 1) -> TypeGuard[str]:
     """Whether ``name`` is a relative file name of at most ``max_depth`` plain ``/``-separated parts."""
     if not isinstance(name, str) or not name or name.startswith("/"):
         return False
@@ -119,14 +138,17 @@ def validate_index(obj: Any, where: str, *, max_depth: int = 1) -> dict:
             raise UserError(f"{where}: {at}.column_encodings must list one encoding per column")
         for j, enc in enumerate(encs):
             if not allowed_encoding(enc):
-                raise UserError(f"{where}: {at}.column_encodings[{j}] {str(enc)[:60]!r} is not an encoding memtrain "
-                                "writes (int or ndarray:<numeric dtype>[:<shape>])")
-        if not isinstance(sizes, list) or len(sizes) != len(names) or \
-                not all(s is None or _is_int(s) for s in sizes):
+                raise UserError(
+                    f"{where}: {at}.column_encodings[{j}] {str(enc)[:60]!r} is not an encoding memtrain "
+                    "writes (int or ndarray:<numeric dtype>[:<shape>])"
+                )
+        if not isinstance(sizes, list) or len(sizes) != len(names) or not all(s is None or _is_int(s) for s in sizes):
             raise UserError(f"{where}: {at}.column_sizes must list one size (integer or null) per column")
         if not _compression_ok(shard.get("compression")):
-            raise UserError(f"{where}: {at}.compression {str(shard.get('compression'))[:40]!r} is not a known "
-                            f"compression ({', '.join(_COMPRESSIONS)} or null)")
+            raise UserError(
+                f"{where}: {at}.compression {str(shard.get('compression'))[:40]!r} is not a known "
+                f"compression ({', '.join(_COMPRESSIONS)} or null)"
+            )
         if not _hash_names_ok(shard.get("hashes", [])):
             raise UserError(f"{where}: {at}.hashes must list streaming hash algorithm names")
         if not _is_int(shard.get("samples")):
@@ -137,8 +159,9 @@ def validate_index(obj: Any, where: str, *, max_depth: int = 1) -> dict:
             part = shard.get(key)
             if part is None and key == "zip_data":
                 if shard.get("compression") is not None:
-                    raise UserError(f"{where}: {at}.zip_data is missing but compression is "
-                                    f"{shard.get('compression')!r}")
+                    raise UserError(
+                        f"{where}: {at}.zip_data is missing but compression is {shard.get('compression')!r}"
+                    )
                 continue
             if not isinstance(part, dict):
                 raise UserError(f"{where}: {at}.{key} must be an object")
@@ -152,8 +175,11 @@ def validate_index(obj: Any, where: str, *, max_depth: int = 1) -> dict:
             if not _is_int(part.get("bytes")):
                 raise UserError(f"{where}: {at}.{key}.bytes must be a non-negative integer")
             hashes = part.get("hashes", {})
-            if not isinstance(hashes, dict) or not _hash_names_ok(list(hashes)) or \
-                    not all(isinstance(v, str) for v in hashes.values()):
+            if (
+                not isinstance(hashes, dict)
+                or not _hash_names_ok(list(hashes))
+                or not all(isinstance(v, str) for v in hashes.values())
+            ):
                 raise UserError(f"{where}: {at}.{key}.hashes must map streaming hash names to strings")
         if shard.get("zip_data") is not None and shard.get("compression") is None:
             raise UserError(f"{where}: {at}.zip_data is given but compression is null")

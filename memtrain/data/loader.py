@@ -28,7 +28,7 @@ import urllib.parse
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Generator, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -222,7 +222,7 @@ def _private_cache_root(cache_dir: str | Path | None) -> Path:
     must be a real directory owned by this user and not writable by group or others: another user could
     otherwise plant shards, indexes or symlinks in it."""
     explicit = cache_dir is not None and str(cache_dir) != ""
-    root = Path(cache_dir) if explicit else _default_cache_dir()
+    root = Path(cache_dir) if explicit and cache_dir is not None else _default_cache_dir()
     what = "data.cache_dir" if explicit else "the shard cache"
     check = [root] if explicit else [root.parent, root]
     for d in check:
@@ -484,6 +484,7 @@ class ShardLoader:
             weakref.finalize(self.dataset, _release_local, key)
         per_rank = len(self.dataset)
         if self.drop_last and per_rank < self.batch_size:
+            self.close()  # the dataset's shared memory and descriptors, which nothing could close later
             raise UserError(f"{info.path}: split '{split}' has {per_rank} rows per rank, fewer than one batch of "
                             f"{self.batch_size}; use a smaller data.batch_size or more data")
         self.dataloader = streaming.StreamingDataLoader(
@@ -523,7 +524,7 @@ class ShardLoader:
         finally:
             self._stop_prefetch()
 
-    def infinite(self) -> Iterator[torch.Tensor]:
+    def infinite(self) -> Generator[torch.Tensor, None, None]:
         """Batches forever, epoch after epoch (each epoch reshuffled when ``shuffle``)."""
         empty_epochs = 0
         try:
@@ -615,7 +616,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: worker processes ignore SIGTERM, SIGINT and SIGUSR1.
 
     torchrun, the DeepSpeed launcher and Slurm send those to the whole process group; the main process
-    handles them (checkpoint, then exit 75, :mod:`memtrain.launch.preempt`) and shuts its workers down itself,
+    handles them (checkpoint, then exit 75, :mod:`memtrain.engine.preempt`) and shuts its workers down itself,
     so a worker dying first would only turn a clean preemption into a crash."""
     import signal
 

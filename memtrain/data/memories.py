@@ -16,22 +16,23 @@ whose config and weights are the memories' encoder's), every objective the run t
 memories, the same delimiter / filler settings), the memory shards (index hash, every shard present with
 its recorded size).
 """
+
 from __future__ import annotations
 
 import bisect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from memtrain.data import memory_manifest as mf
 from memtrain.data.index_check import read_index
-from memtrain.data.memory_batch import MemoryBatch, unpack  # noqa: F401 (re-exported)
+from memtrain.data.memory_batch import MemoryBatch, split_memories  # noqa: F401 (re-exported)
 from memtrain.data.streaming_compat import import_streaming
 from memtrain.data.tokenizer import file_sha256
 from memtrain.errors import UserError
-from memtrain.precompute import manifest as mf
 
 streaming = import_streaming()
 from streaming.base.format import reader_from_json  # noqa: E402 (after the import shim)
@@ -50,31 +51,40 @@ class MemoryShards:
         self.manifest = manifest
         where = f"data.memories ({self.dir})"
         if split not in manifest["splits"]:
-            raise UserError(f"{where}: has no '{split}' split (it has {', '.join(manifest['splits']) or 'none'}); "
-                            f"precompute with --split {split}")
+            raise UserError(
+                f"{where}: has no '{split}' split (it has {', '.join(manifest['splits']) or 'none'}); "
+                f"precompute with --split {split}"
+            )
         s = manifest["splits"][split]
         index_path = self.dir / split / "index.json"
         if not index_path.is_file():
             raise UserError(f"{index_path}: missing; the memory directory is incomplete")
         if file_sha256(index_path) != s["index_sha256"]:
-            raise UserError(f"{index_path}: differs from the index the manifest records (edited or replaced); "
-                            f"re-run `memtrain precompute --merge {self.dir}`")
+            raise UserError(
+                f"{index_path}: differs from the index the manifest records (edited or replaced); "
+                f"re-run `memtrain precompute --merge {self.dir}`"
+            )
         # checked like every index: plain <unit>/<file> names, only the encodings memtrain writes (never pkl)
         shards = read_index(index_path, max_depth=2)["shards"]
         if len(shards) != len(s["units"]):
             raise UserError(f"{index_path}: {len(shards)} shards, the manifest records {len(s['units'])} units")
         self.readers, self.starts, start = [], [], 0
         for shard, rec in zip(shards, s["units"]):
-            if shard["raw_data"]["basename"] != f"{rec['unit']}/{rec['shard']}" or shard["samples"] != rec["samples"] \
-                    or rec["first_sample"] != start:
+            if (
+                shard["raw_data"]["basename"] != f"{rec['unit']}/{rec['shard']}"
+                or shard["samples"] != rec["samples"]
+                or rec["first_sample"] != start
+            ):
                 raise UserError(f"{index_path}: shard {rec['unit']} does not match the manifest's unit record")
             path = self.dir / split / shard["raw_data"]["basename"]  # a checked <unit>/<file> name
             if not path.is_file():
                 raise UserError(f"{path}: memory shard missing")
             size = path.stat().st_size
             if size != rec["bytes"]:
-                raise UserError(f"{path}: memory shard truncated or changed ({size} bytes, the manifest records "
-                                f"{rec['bytes']}); run the same `memtrain precompute` again: it recomputes damaged units")
+                raise UserError(
+                    f"{path}: memory shard truncated or changed ({size} bytes, the manifest records "
+                    f"{rec['bytes']}); run the same `memtrain precompute` again: it recomputes damaged units"
+                )
             self.readers.append(reader_from_json(str(self.dir), split, shard))
             self.starts.append(start)
             start += rec["samples"]
@@ -93,24 +103,29 @@ class MemoryShards:
         want = self.manifest["tokens"]["splits"].get(self.split, {}).get("index_sha256")
         have = file_sha256(index_path)
         if have != want:
-            raise UserError(f"data.memories ({self.dir}): made from other token shards: {self.split}/index.json of "
-                            f"data.shards has sha256 {have[:12]}…, the memories were made from {str(want)[:12]}… "
-                            f"({self.manifest['tokens']['path']}); precompute memories for these shards")
+            raise UserError(
+                f"data.memories ({self.dir}): made from other token shards: {self.split}/index.json of "
+                f"data.shards has sha256 {have[:12]}…, the memories were made from {str(want)[:12]}… "
+                f"({self.manifest['tokens']['path']}); precompute memories for these shards"
+            )
 
     def check_encoder(self, model: torch.nn.Module) -> None:
         """The model's (frozen, loaded) encoder must hold the weights the memories were made with."""
         enc = self.manifest["encoder"]
-        if mf.encoder_fingerprint(model.encoder) != enc["weights_sha256"]:
-            raise UserError(f"model.frozen_encoder.checkpoint: its encoder weights are not those the memories in "
-                            f"data.memories ({self.dir}) were made with (checkpoint {enc['checkpoint']}, step "
-                            f"{enc.get('step')}); point frozen_encoder at that checkpoint or precompute again")
+        if mf.encoder_fingerprint(cast(torch.nn.Module, model.encoder)) != enc["weights_sha256"]:
+            raise UserError(
+                f"model.frozen_encoder.checkpoint: its encoder weights are not those the memories in "
+                f"data.memories ({self.dir}) were made with (checkpoint {enc['checkpoint']}, step "
+                f"{enc.get('step')}); point frozen_encoder at that checkpoint or precompute again"
+            )
 
     def get(self, sample_id: int) -> dict[str, Any]:
         """The stored memories of token sample ``sample_id`` of the split."""
         k = bisect.bisect_right(self.starts, sample_id) - 1
         if k < 0 or sample_id >= self.samples:
-            raise UserError(f"data.memories ({self.dir}): no sample {sample_id} in split '{self.split}' "
-                            f"({self.samples} samples)")
+            raise UserError(
+                f"data.memories ({self.dir}): no sample {sample_id} in split '{self.split}' ({self.samples} samples)"
+            )
         return self.readers[k].get_item(sample_id - self.starts[k])
 
     def collate(self, samples: list[dict[str, Any]]) -> MemoryBatch:
@@ -119,7 +134,7 @@ class MemoryShards:
         ids = torch.from_numpy(np.stack([s["input_ids"] for s in samples]).astype(np.int64))
         C = self.n_chunks
         stored = {}
-        for task, (column, k) in self.columns.items():
+        for column, k in self.columns.values():
             if column:
                 stored[column] = mf.from_storage(np.stack([s["memories"][column] for s in samples]), self.dtype, k)
         plain = stored[mf.PLAIN_COLUMN]
@@ -143,16 +158,20 @@ class JoinedDataset(streaming.StreamingDataset):
         stream = self.streams[0]
         memories.check_token_index(Path(stream.local) / stream.split / "index.json")
         if self.num_samples != len(memories):
-            raise UserError(f"data.memories ({memories.dir}): {len(memories)} samples in split '{memories.split}', "
-                            f"data.shards has {self.num_samples}")
+            raise UserError(
+                f"data.memories ({memories.dir}): {len(memories)} samples in split '{memories.split}', "
+                f"data.shards has {self.num_samples}"
+            )
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)
         mem = self.memories.get(sample_id)
         if int(mem["idx"]) != sample_id:
-            raise UserError(f"data.memories ({self.memories.dir}): memory sample {sample_id} of split "
-                            f"'{self.memories.split}' is stored for token sample {int(mem['idx'])}; the memory "
-                            "shards are misaligned, re-run `memtrain precompute`")
+            raise UserError(
+                f"data.memories ({self.memories.dir}): memory sample {sample_id} of split "
+                f"'{self.memories.split}' is stored for token sample {int(mem['idx'])}; the memory "
+                "shards are misaligned, re-run `memtrain precompute`"
+            )
         return dict(sample, memories=mem)
 
 
@@ -178,34 +197,47 @@ def check_run_config(manifest: dict, cfg, shards_info, mem_dir: str | Path) -> N
         what = f"model.kind is {m.kind}" if m.kind != "memory" else "model.no_memory is true"
         raise UserError(f"{where}: only a memory model with memories reads precomputed memories ({what})")
     if m.frozen_encoder is None:
-        raise UserError(f"{where}: memories are precomputed for a frozen encoder; set model.frozen_encoder.checkpoint "
-                        f"to the encoder they were made with ({manifest['encoder']['checkpoint']})")
+        raise UserError(
+            f"{where}: memories are precomputed for a frozen encoder; set model.frozen_encoder.checkpoint "
+            f"to the encoder they were made with ({manifest['encoder']['checkpoint']})"
+        )
     if cfg.dist.pipeline_stages > 1:
-        raise UserError(f"{where}: the pipeline engine runs the encoder in its stages; use dist.pipeline_stages: 1 "
-                        "with precomputed memories")
+        raise UserError(
+            f"{where}: the pipeline engine runs the encoder in its stages; use dist.pipeline_stages: 1 "
+            "with precomputed memories"
+        )
     if manifest["tokenizer_sha256"] != shards_info.tokenizer_sha256:
-        raise UserError(f"{where}: made from token shards of tokenizer {manifest['tokenizer_sha256'][:12]}…, but "
-                        f"data.shards ({shards_info.path}) uses tokenizer {shards_info.tokenizer_sha256[:12]}…")
+        raise UserError(
+            f"{where}: made from token shards of tokenizer {manifest['tokenizer_sha256'][:12]}…, but "
+            f"data.shards ({shards_info.path}) uses tokenizer {shards_info.tokenizer_sha256[:12]}…"
+        )
     if manifest["row_len"] != shards_info.row_len:
-        raise UserError(f"{where}: made from rows of {manifest['row_len']} tokens, data.shards has rows of "
-                        f"{shards_info.row_len}")
+        raise UserError(
+            f"{where}: made from rows of {manifest['row_len']} tokens, data.shards has rows of {shards_info.row_len}"
+        )
     for name in ("chunk_len", "n_chunks"):
         if getattr(m, name) != manifest[name]:
-            raise UserError(f"model.{name} is {getattr(m, name)}, but the memories in {where} were made with "
-                            f"{name} {manifest[name]}")
+            raise UserError(
+                f"model.{name} is {getattr(m, name)}, but the memories in {where} were made with "
+                f"{name} {manifest[name]}"
+            )
     made = manifest["encoder"]["config"]
     ours = mf.encoder_config(m)
     diff = mf.first_difference(made, ours)
     if diff:
-        raise UserError(f"model.{diff} is {json.dumps(mf.lookup(ours, diff))}, but the encoder of the memories in "
-                        f"{where} has {json.dumps(mf.lookup(made, diff))}")
+        raise UserError(
+            f"model.{diff} is {json.dumps(mf.lookup(ours, diff))}, but the encoder of the memories in "
+            f"{where} has {json.dumps(mf.lookup(made, diff))}"
+        )
     tasks = manifest["tasks"]
     copies = set()
     for stage, objectives in _stage_objectives(cfg):
         for obj in objectives:
             if obj not in tasks:
-                raise UserError(f"{stage}: objective {obj} has no precomputed memories in {where} (it holds "
-                                f"{', '.join(tasks)}); precompute with --tasks {','.join(sorted(set(tasks) | {obj}))}")
+                raise UserError(
+                    f"{stage}: objective {obj} has no precomputed memories in {where} (it holds "
+                    f"{', '.join(tasks)}); precompute with --tasks {','.join(sorted(set(tasks) | {obj}))}"
+                )
             if obj != "causal":
                 copies.add(obj)
     if copies:
@@ -216,9 +248,11 @@ def check_run_config(manifest: dict, cfg, shards_info, mem_dir: str | Path) -> N
             if key == "filler_id" and copies == {"copy"}:
                 continue  # the copy task has no filler
             if getattr(special, key) != made_special.get(key):
-                raise UserError(f"objective.{key} is {getattr(special, key)}, but the {'/'.join(sorted(copies))} "
-                                f"memories in {where} were made with {made_special.get(key)}; precompute with "
-                                f"{opt} {getattr(special, key)}")
+                raise UserError(
+                    f"objective.{key} is {getattr(special, key)}, but the {'/'.join(sorted(copies))} "
+                    f"memories in {where} were made with {made_special.get(key)}; precompute with "
+                    f"{opt} {getattr(special, key)}"
+                )
 
 
 def open_memories(cfg, shards_info, split: str = "train") -> MemoryShards:
@@ -226,8 +260,9 @@ def open_memories(cfg, shards_info, split: str = "train") -> MemoryShards:
     encoder's weights: :meth:`MemoryShards.check_encoder` once the model is built) and open ``split``."""
     mem_dir = cfg.data.memories
     if "://" in str(mem_dir):
-        raise UserError(f"data.memories {mem_dir}: memory shards are read from a local (or shared-filesystem) "
-                        "directory")
+        raise UserError(
+            f"data.memories {mem_dir}: memory shards are read from a local (or shared-filesystem) directory"
+        )
     manifest = mf.read_manifest(mem_dir)
     check_run_config(manifest, cfg, shards_info, mem_dir)
     return MemoryShards(mem_dir, split, manifest)

@@ -1,10 +1,11 @@
 """A training batch that carries precomputed memories (:mod:`memtrain.data.memories` makes them).
 
-Kept apart from the loader code (no streaming import): engines only need :func:`unpack`.
+Kept apart from the loader code (no streaming import): engines only need :func:`split_memories`.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -25,18 +26,20 @@ class MemoryBatch(NamedTuple):
         """The token rows' shape ``[B, C*L]``."""
         return self.ids.shape
 
-    def to(self, device, non_blocking: bool = False) -> "MemoryBatch":
-        return MemoryBatch(self.ids.to(device, non_blocking=non_blocking),
-                           {k: v.to(device, non_blocking=non_blocking) for k, v in self.memories.items()})
+    def to(self, device, non_blocking: bool = False) -> MemoryBatch:
+        return MemoryBatch(
+            self.ids.to(device, non_blocking=non_blocking),
+            {k: v.to(device, non_blocking=non_blocking) for k, v in self.memories.items()},
+        )
 
-    def split(self, size: int) -> list["MemoryBatch"]:
+    def split(self, size: int) -> list[MemoryBatch]:
         """Micro-batches of ``size`` rows, in order."""
         ids = self.ids.split(size)
         parts = {k: v.split(size) for k, v in self.memories.items()}
         return [MemoryBatch(ids[i], {k: p[i] for k, p in parts.items()}) for i in range(len(ids))]
 
 
-def unpack(batch: torch.Tensor | MemoryBatch) -> tuple[torch.Tensor, Optional[dict[str, torch.Tensor]]]:
+def split_memories(batch: torch.Tensor | MemoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """``(ids, memories)`` of a loader batch: memories is None for a plain token batch."""
     if isinstance(batch, MemoryBatch):
         return batch.ids, batch.memories

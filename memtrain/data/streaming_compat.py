@@ -5,7 +5,8 @@ torchvision. memtrain installs mosaicml-streaming with ``--no-deps`` (torchvisio
 torch with a CUDA build), so those two subpackages are replaced by empty modules before the import.
 Text datasets (``MDSWriter``, ``StreamingDataset``, ``StreamingDataLoader``) do not need them.
 
-Everything in memtrain imports streaming through :func:`import_streaming`.
+Everything in memtrain imports streaming through :func:`import_streaming`, which also makes streaming's
+reads of a dataset's resume state release their shared-memory attachment (:func:`_free_resume_reads`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import types
 from pathlib import Path
 
 _lock = threading.Lock()
+_patch_lock = threading.Lock()
 _cleaned = False
 
 #: set to "0" to skip the once-per-process clean-up of leaked streaming shared memory
@@ -36,12 +38,47 @@ def import_streaming() -> types.ModuleType:
     full streaming install keeps working.
     """
     if "streaming" in sys.modules and hasattr(sys.modules["streaming"], "StreamingDataset"):
+        _free_resume_reads()
         return sys.modules["streaming"]
     for name in ("streaming.vision", "streaming.multimodal"):
         sys.modules.setdefault(name, types.ModuleType(name))
     import streaming  # deliberately late, after the shim
 
+    _free_resume_reads()
     return streaming
+
+
+def _free_resume_reads() -> None:
+    """Make ``StreamingDataset._resume`` free the shared memory it attaches to (idempotent).
+
+    ``_resume`` reads the dataset's resume state (written by ``load_state_dict``) by attaching to the
+    ``NNNNNN_resume`` segment, copying its bytes and dropping the object; but streaming's ``SharedMemory``
+    registers every attachment with ``atexit``, which keeps it, its file descriptor and its mapping for the life
+    of the process. A resumed loader calls ``_resume`` at the start of every epoch and in every
+    ``state_dict()`` (each checkpoint), so a resumed run, or a process running many of them, gathers one
+    descriptor per call. Attach-only reads of a resume segment are made without the ``atexit`` registration
+    here, so they are closed as soon as ``_resume`` drops them. Other segments are untouched."""
+    import streaming.base.dataset as sd
+
+    base = sd.SharedMemory  # pyright: ignore[reportPrivateImportUsage]  (streaming exposes SharedMemory without listing it)
+    if getattr(base, "memtrain_frees_resume_reads", False):
+        return
+    from streaming.base.constant import RESUME
+
+    suffix = f"_{RESUME}"
+
+    class SharedMemory(base):  # type: ignore[misc, valid-type]
+        memtrain_frees_resume_reads = True
+
+        def __init__(self, name: str | None = None, create: bool | None = None, size: int = 0,
+                     auto_cleanup: bool = True) -> None:
+            if create is False and name is not None and str(name).endswith(suffix):
+                auto_cleanup = False  # read once and dropped: closed with the object, not at exit
+            super().__init__(name=name, create=create, size=size, auto_cleanup=auto_cleanup)
+
+    with _patch_lock:  # not _lock: the clean-up holds that one while it imports streaming
+        if not getattr(sd.SharedMemory, "memtrain_frees_resume_reads", False):  # pyright: ignore[reportPrivateImportUsage]  (streaming exposes SharedMemory without listing it)
+            sd.SharedMemory = SharedMemory  # pyright: ignore[reportPrivateImportUsage]  (streaming exposes SharedMemory without listing it)
 
 
 def _mapped_segments() -> set[str] | None:
@@ -159,7 +196,7 @@ class closing_prefix_probes:
 
         self._prefix = prefix
         self._probes: list = []
-        base = prefix.SharedMemory
+        base = prefix.SharedMemory  # pyright: ignore[reportPrivateImportUsage]  (streaming exposes SharedMemory without listing it)
         probes = self._probes
 
         class _Recorded(base):  # type: ignore[misc, valid-type]
@@ -169,11 +206,11 @@ class closing_prefix_probes:
 
         _probe_lock.acquire()
         self._base = base
-        prefix.SharedMemory = _Recorded
+        prefix.SharedMemory = _Recorded  # pyright: ignore[reportPrivateImportUsage]  (streaming exposes SharedMemory without listing it)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._prefix.SharedMemory = self._base
+        self._prefix.SharedMemory = self._base  # pyright: ignore[reportPrivateImportUsage]  (streaming exposes SharedMemory without listing it)
         _probe_lock.release()
 
     def release(self, keep: object = None) -> int:

@@ -16,6 +16,7 @@ id    piece      use
 followed by the 256 byte-fallback pieces ``<0x00>..<0xFF>`` and the learned pieces. Normalisation is the
 identity and whitespace is kept as is, so ``decode(encode(text)) == text`` for any text.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any
 
 from memtrain.errors import UserError
 
@@ -75,7 +77,7 @@ def _sentences(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
                     piece, size = [], 0
                 chunk = max_bytes // 4
                 for k in range(0, len(word), chunk):
-                    yield word[k:k + chunk]
+                    yield word[k : k + chunk]
                 continue
             if size + wb > max_bytes and piece:
                 yield "".join(piece)
@@ -90,7 +92,7 @@ class _Sample:
     """Deterministic sample of documents, spread over the whole corpus, up to ``sample_bytes`` of text."""
 
     def __init__(self, sources: Sequence[str], sample_bytes: int, seed: int) -> None:
-        from memtrain.data.ingest import estimate_text_bytes, expand_sources
+        from memtrain.data.documents import estimate_text_bytes, expand_sources
 
         self.files = expand_sources(sources)
         self.sources = list(sources)
@@ -104,7 +106,7 @@ class _Sample:
         self.sentences = 0
 
     def __iter__(self) -> Iterator[str]:
-        from memtrain.data.ingest import iter_documents, stable_fraction
+        from memtrain.data.documents import iter_documents, stable_fraction
 
         for doc_id, text in iter_documents(self.sources):
             if self.rate < 1.0 and stable_fraction(doc_id, self.seed, purpose=b"tokenizer") >= self.rate:
@@ -118,9 +120,16 @@ class _Sample:
                 return
 
 
-def train_tokenizer(sources: Sequence[str], out_dir: str | Path, vocab_size: int = 8000,
-                    model_type: str = "bpe", sample_bytes: int = DEFAULT_SAMPLE_BYTES, threads: int = 2,
-                    seed: int = 0, verbose: bool = False) -> Path:
+def train_tokenizer(
+    sources: Sequence[str],
+    out_dir: str | Path,
+    vocab_size: int = 8000,
+    model_type: str = "bpe",
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+    threads: int = 2,
+    seed: int = 0,
+    verbose: bool = False,
+) -> Path:
     """Train a SentencePiece tokenizer on the documents of ``sources``; returns ``out_dir/tokenizer.model``.
 
     Args:
@@ -144,16 +153,19 @@ def train_tokenizer(sources: Sequence[str], out_dir: str | Path, vocab_size: int
         raise UserError(f"--model-type: expected 'bpe' or 'unigram', got {model_type!r}")
     min_vocab = 6 + 256 + 1
     if vocab_size < min_vocab:
-        raise UserError(f"--vocab-size: {vocab_size} is too small; it must be at least {min_vocab} "
-                        "(6 special ids + 256 byte-fallback pieces + learned pieces), e.g. 4096 or 8000")
+        raise UserError(
+            f"--vocab-size: {vocab_size} is too small; it must be at least {min_vocab} "
+            "(6 special ids + 256 byte-fallback pieces + learned pieces), e.g. 4096 or 8000"
+        )
     if vocab_size > 65536 * 4:
         raise UserError(f"--vocab-size: {vocab_size} is unreasonably large (max 262144)")
     sample = _Sample(sources, sample_bytes, seed)
     sentences = iter(sample)
     first = next(sentences, None)
     if first is None:
-        raise UserError(f"{', '.join(map(str, sources))}: no documents found (empty corpus); "
-                        "nothing to train a tokenizer on")
+        raise UserError(
+            f"{', '.join(map(str, sources))}: no documents found (empty corpus); nothing to train a tokenizer on"
+        )
 
     def feed() -> Iterator[str]:
         yield first
@@ -161,14 +173,29 @@ def train_tokenizer(sources: Sequence[str], out_dir: str | Path, vocab_size: int
 
     spm = _spm()
     model = io.BytesIO()
-    kwargs = dict(
-        sentence_iterator=feed(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=0.9995, max_sentence_length=MAX_SENTENCE_BYTES,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        user_defined_symbols=[SEP_PIECE, BLANK_PIECE], num_threads=max(1, int(threads)),
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        input_sentence_size=0, shuffle_input_sentence=False,
+    kwargs: dict[str, Any] = dict(
+        sentence_iterator=feed(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        user_defined_symbols=[SEP_PIECE, BLANK_PIECE],
+        num_threads=max(1, int(threads)),
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
         minloglevel=0 if verbose else 2,
     )
     t0 = time.time()
@@ -187,22 +214,28 @@ def train_tokenizer(sources: Sequence[str], out_dir: str | Path, vocab_size: int
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
     os.replace(tmp, path)
     if verbose:
-        print(f"trained {model_type} vocab {vocab_size} on {sample.documents} documents "
-              f"({sample.bytes / 1e6:.1f} MB, {sample.sentences} sentences) in {time.time() - t0:.1f} s")
+        print(
+            f"trained {model_type} vocab {vocab_size} on {sample.documents} documents "
+            f"({sample.bytes / 1e6:.1f} MB, {sample.sentences} sentences) in {time.time() - t0:.1f} s"
+        )
     return path
 
 
-def _explain_trainer_error(msg: str, vocab_size: int, sample: "_Sample") -> str:
+def _explain_trainer_error(msg: str, vocab_size: int, sample: _Sample) -> str:
     """Turn a SentencePiece trainer error into one line a person can act on."""
     where = f"tokenizer training on {sample.documents} documents ({sample.bytes / 1e6:.2f} MB)"
     m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
     if m:
-        return (f"{where}: --vocab-size {vocab_size} is too large for this corpus; use at most {m.group(2)} "
-                "or add more text")
+        return (
+            f"{where}: --vocab-size {vocab_size} is too large for this corpus; use at most {m.group(2)} "
+            "or add more text"
+        )
     m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
     if m:
-        return (f"{where}: --vocab-size {vocab_size} cannot hold the corpus's {int(m.group(2)) - 262} "
-                f"distinct characters plus 262 reserved pieces; use at least {int(m.group(2)) + 64}")
+        return (
+            f"{where}: --vocab-size {vocab_size} cannot hold the corpus's {int(m.group(2)) - 262} "
+            f"distinct characters plus 262 reserved pieces; use at least {int(m.group(2)) + 64}"
+        )
     last = msg.strip().splitlines()[-1] if msg.strip() else msg
     return f"{where}: sentencepiece failed: {last}"
 
@@ -223,7 +256,7 @@ class Tokenizer:
         self._sha256 = sha256
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load ``path`` (a ``.model`` file, or a directory holding ``tokenizer.model``).
 
         Raises :class:`UserError` if the file is missing, is not a SentencePiece model, or lacks
@@ -244,12 +277,16 @@ class Tokenizer:
         got = {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
         for want_id, name in expect.items():
             if got[name] != want_id:
-                raise UserError(f"{p}: not a memtrain tokenizer: its {name} id is {got[name]}, expected {want_id}; "
-                                "make one with `memtrain data tokenizer`")
+                raise UserError(
+                    f"{p}: not a memtrain tokenizer: its {name} id is {got[name]}, expected {want_id}; "
+                    "make one with `memtrain data tokenizer`"
+                )
         for want_id, piece in ((SEP_ID, SEP_PIECE), (BLANK_ID, BLANK_PIECE)):
             if sp.GetPieceSize() <= want_id or sp.IdToPiece(want_id) != piece:
-                raise UserError(f"{p}: not a memtrain tokenizer: id {want_id} is not {piece}; "
-                                "make one with `memtrain data tokenizer`")
+                raise UserError(
+                    f"{p}: not a memtrain tokenizer: id {want_id} is not {piece}; "
+                    "make one with `memtrain data tokenizer`"
+                )
         return cls(sp, p, hashlib.sha256(data).hexdigest())
 
     @property
@@ -287,8 +324,9 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of one id sequence (a list, array or 1-D tensor of ints)."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
+        tolist = getattr(ids, "tolist", None)
+        if tolist is not None:
+            ids = tolist()
         return self._sp.Decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:

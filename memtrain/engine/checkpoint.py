@@ -20,6 +20,7 @@ holds tensors and plain Python data only (RNG states included), so a file that a
 anything else is refused, never executed. Checkpoints written before manifests existed are checked for
 truncation instead (safetensors header against the file size, CRCs of ``trainer.pt``'s zip members).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model
 
+from memtrain.config import Config, config_from_dict
 from memtrain.errors import UserError
 from memtrain.fileio import write_text_atomic
 
@@ -61,10 +64,17 @@ def rng_state() -> dict:
     """torch, numpy and Python RNG states as tensors and plain Python data (loadable with weights_only)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": [int(py_version), [int(x) for x in py_internal], py_gauss]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": [int(py_version), [int(x) for x in py_internal], py_gauss],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -75,8 +85,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     nps = state["numpy"]
     if isinstance(nps, dict):
-        nps = (nps["bit_generator"], nps["keys"].numpy().astype(np.uint32), int(nps["pos"]),
-               int(nps["has_gauss"]), float(nps["cached_gaussian"]))
+        nps = (
+            nps["bit_generator"],
+            nps["keys"].numpy().astype(np.uint32),
+            int(nps["pos"]),
+            int(nps["has_gauss"]),
+            float(nps["cached_gaussian"]),
+        )
     np.random.set_state(nps)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -90,9 +105,13 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
     out = []
     if ck.is_dir():
         for p in ck.iterdir():
-            if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit() \
-                    and (p / "meta.json").is_file():
-                out.append(CheckpointRef(p, int(p.name[len(_PREFIX):])))
+            if (
+                p.is_dir()
+                and p.name.startswith(_PREFIX)
+                and p.name[len(_PREFIX) :].isdigit()
+                and (p / "meta.json").is_file()
+            ):
+                out.append(CheckpointRef(p, int(p.name[len(_PREFIX) :])))
     return sorted(out, key=lambda r: r.step)
 
 
@@ -122,13 +141,16 @@ def latest_checkpoint(run_dir: str | Path) -> CheckpointRef | None:
         damaged.append((ref.path, problem))
     if damaged:
         bad, why = damaged[0]
-        raise UserError(f"{Path(run_dir) / 'checkpoints'}: every checkpoint is damaged (newest {bad.name}: {why}); "
-                        "restore them, or remove the checkpoints folder to start the run afresh")
+        raise UserError(
+            f"{Path(run_dir) / 'checkpoints'}: every checkpoint is damaged (newest {bad.name}: {why}); "
+            "restore them, or remove the checkpoints folder to start the run afresh"
+        )
     return None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict,
-                    config_yaml: str, meta: dict, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict, config_yaml: str, meta: dict, keep: int
+) -> Path:
     """Write a complete checkpoint atomically and keep only the newest ``keep``. Returns its path."""
     tmp = staging_dir(run_dir, step)
     save_model(model, str(tmp / "model.safetensors"))
@@ -182,6 +204,7 @@ def _remove(folder: Path) -> None:
 
 # -- manifests ------------------------------------------------------------------------------------------------
 
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -210,10 +233,14 @@ def write_manifest(folder: Path) -> Path:
     files, odd = _files_below(folder)
     if odd:
         raise OSError(f"{folder / odd[0]}: not a regular file; a checkpoint holds regular files only")
-    listed = {rel: {"size": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)}
-              for rel in files if rel != MANIFEST and not rel.startswith(f".{MANIFEST}.tmp-")}
-    return write_text_atomic(folder / MANIFEST, json.dumps({"format": _MANIFEST_FORMAT, "files": listed},
-                                                            indent=1) + "\n")
+    listed = {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)}
+        for rel in files
+        if rel != MANIFEST and not rel.startswith(f".{MANIFEST}.tmp-")
+    }
+    return write_text_atomic(
+        folder / MANIFEST, json.dumps({"format": _MANIFEST_FORMAT, "files": listed}, indent=1) + "\n"
+    )
 
 
 #: folder -> signature (inode, size, ctime of every file) of the last successful verification in this process
@@ -240,9 +267,14 @@ def manifest_problem(folder: Path) -> str | None:
     try:
         manifest = json.loads(text)
         listed = manifest["files"]
-        if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(listed, dict) or not all(
+        if (
+            manifest.get("format") != _MANIFEST_FORMAT
+            or not isinstance(listed, dict)
+            or not all(
                 isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-                for v in listed.values()):
+                for v in listed.values()
+            )
+        ):
             raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is not a memtrain checkpoint manifest"
@@ -321,21 +353,27 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if isinstance(meta, dict) and meta.get("manifest"):
         return f"{MANIFEST} is missing"
     if engine == "deepspeed":
-        return (f"no {MANIFEST}: an incomplete DeepSpeed checkpoint or one written by an older memtrain; its "
-                "DeepSpeed files are not loaded without one")
+        return (
+            f"no {MANIFEST}: an incomplete DeepSpeed checkpoint or one written by an older memtrain; its "
+            "DeepSpeed files are not loaded without one"
+        )
     required = ["model.safetensors"] + (["trainer.pt"] if engine == "plain" else [])
     for name in required:
         if not (ckpt / name).is_file():
             return f"{name} is missing"
     return _safetensors_problem(ckpt / "model.safetensors") or (
-        _zip_problem(ckpt / "trainer.pt") if (ckpt / "trainer.pt").is_file() else None)
+        _zip_problem(ckpt / "trainer.pt") if (ckpt / "trainer.pt").is_file() else None
+    )
 
 
 def verify_checkpoint(ckpt: Path, require_manifest: bool = False) -> None:
     """:func:`checkpoint_problem` as a one-line UserError naming the checkpoint (``require_manifest``: a
     checkpoint without manifest.json is refused whatever wrote it)."""
-    problem = f"no {MANIFEST}; the checkpoint is incomplete or was written by an older memtrain" \
-        if require_manifest and not (Path(ckpt) / MANIFEST).exists() else checkpoint_problem(ckpt)
+    problem = (
+        f"no {MANIFEST}; the checkpoint is incomplete or was written by an older memtrain"
+        if require_manifest and not (Path(ckpt) / MANIFEST).exists()
+        else checkpoint_problem(ckpt)
+    )
     if problem is not None:
         raise UserError(f"{ckpt}: refused, the checkpoint is damaged or was changed after it was written ({problem})")
 
@@ -366,8 +404,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         ref = latest_checkpoint(p)
         if ref is not None:
             return ref.path
-        raise UserError(f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_*/ or a "
-                        "checkpoint directory holding model.safetensors and meta.json)")
+        raise UserError(
+            f"{p}: no complete checkpoint found (expected {p}/checkpoints/step_*/ or a "
+            "checkpoint directory holding model.safetensors and meta.json)"
+        )
     raise UserError(f"{p}: checkpoint not found")
 
 
@@ -384,29 +424,67 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: missing; the checkpoint is incomplete")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        missing, unexpected = load_safetensors_model(model, str(path), strict=False)
     except SafetensorError as exc:
         raise UserError(f"{path}: unreadable weights, the file is damaged or incomplete ({exc})") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln or "shape" in ln), first[-1] if first else "")
+        detail = next(
+            (ln.strip() for ln in first if "size mismatch" in ln or "shape" in ln), first[-1] if first else ""
+        )
         raise UserError(f"{path}: weights do not fit this model config ({detail.rstrip('.')})") from None
     if missing or unexpected:
-        what = (f"missing {sorted(missing)[:3]}" if missing else "") + \
-               (f" unexpected {sorted(unexpected)[:3]}" if unexpected else "")
+        what = (f"missing {sorted(missing)[:3]}" if missing else "") + (
+            f" unexpected {sorted(unexpected)[:3]}" if unexpected else ""
+        )
         raise UserError(f"{path}: checkpoint was made for another model config ({what.strip()})")
+
+
+def read_run_config(ckpt: Path) -> Config:
+    """The run config saved in a checkpoint (``config.yaml``), validated."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((ckpt / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{ckpt / 'config.yaml'}: unreadable run config ({exc})") from None
+    return config_from_dict(raw or {}, source=str(ckpt / "config.yaml"))
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, Config, dict]:
+    """(checkpoint directory, its run config, its meta.json) from a checkpoint or run directory."""
+    ck = resolve_checkpoint(path)
+    return ck, read_run_config(ck), read_meta(ck)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """(model in eval mode on ``device``, run config, meta) of a checkpoint or run directory of one of
+    memtrain's own models: the one way every command turns a checkpoint into a model (an HF-decoder run's
+    export is read by :func:`memtrain.inference.load_memory_model`)."""
+    from memtrain.models import build_model
+
+    ck, cfg, meta = read_checkpoint(path)
+    model = build_model(cfg.model, int(meta["vocab_size"]))
+    load_model_weights(model, ck)
+    return model.to(device).eval(), cfg, meta
 
 
 def _legacy_numpy_globals() -> list:
     """What numpy's RNG state (``np.random.get_state()``: a uint32 array) pickles as, for ``trainer.pt``
     written before RNG states were stored as tensors: array reconstruction and dtypes only."""
     try:
-        from numpy._core.multiarray import _reconstruct
+        from numpy._core.multiarray import _reconstruct  # pyright: ignore[reportAttributeAccessIssue]  (numpy's stubs omit this private function)
     except ImportError:  # numpy 1
         from numpy.core.multiarray import _reconstruct
     dtype_classes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
-    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
-            (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtype_classes]
+    return [
+        _reconstruct,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (_reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        *dtype_classes,
+    ]
 
 
 def unpickling_refusal(path: Path, exc: BaseException) -> UserError | None:
@@ -416,8 +494,10 @@ def unpickling_refusal(path: Path, exc: BaseException) -> UserError | None:
     if not isinstance(exc, pickle.UnpicklingError) or not found:
         return None
     what = next(g for g in found.groups() if g)
-    return UserError(f"{path}: refused, it asks the unpickler for {what}, which memtrain never stores there "
-                     "(tampered with, or not written by memtrain); nothing was loaded")
+    return UserError(
+        f"{path}: refused, it asks the unpickler for {what}, which memtrain never stores there "
+        "(tampered with, or not written by memtrain); nothing was loaded"
+    )
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -437,8 +517,9 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise UserError(f"{path}: unreadable trainer state, the file is damaged ({type(exc).__name__})") from None
     except Exception as exc:  # torch.load raises pickle, zip and EOF errors for a damaged file
         raise UserError(f"{path}: unreadable trainer state, the file is damaged ({type(exc).__name__})") from None
-    missing = [k for k in ("step", "optimizer", "scheduler", "loader", "rng")
-               if not isinstance(state, dict) or k not in state]
+    missing = [
+        k for k in ("step", "optimizer", "scheduler", "loader", "rng") if not isinstance(state, dict) or k not in state
+    ]
     if missing:
         raise UserError(f"{path}: not a memtrain trainer state (no {', '.join(missing)})")
     return state

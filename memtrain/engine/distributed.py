@@ -5,6 +5,7 @@ The engine reads the standard launcher variables (RANK, LOCAL_RANK, WORLD_SIZE, 
 process group is created; a DeepSpeed run then sets them for one rank in-process (DeepSpeed always wants a
 process group, and would otherwise look for MPI).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -13,10 +14,12 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from memtrain.devices import pick_device
 from memtrain.errors import UserError
 
 
@@ -40,20 +43,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("train.device: cuda was requested but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 #: default of ``dist.timeout_s``
 DEFAULT_TIMEOUT_S = 600
 
 
-def init_distributed(device_request: str = "auto", backend: str = "auto", engine: str = "plain",
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+def init_distributed(
+    device_request: str = "auto", backend: str = "auto", engine: str = "plain", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> DistInfo:
     """Join the process group when launched by torchrun; otherwise describe a single process.
 
     ``timeout_s``: how long the rendezvous and every collective wait for the other ranks before failing (so
@@ -72,8 +68,7 @@ def init_distributed(device_request: str = "auto", backend: str = "auto", engine
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own,
-                    own_group=world > 1)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own, own_group=world > 1)
 
 
 def adopt_launcher_env() -> list[str]:
@@ -88,12 +83,6 @@ def adopt_launcher_env() -> list[str]:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def shutdown(info: DistInfo) -> None:
@@ -123,23 +112,37 @@ def import_deepspeed(device: torch.device):
     try:
         import deepspeed
     except ImportError as exc:
-        raise UserError(f"dist.engine: deepspeed cannot be imported ({exc}); install it "
-                        "(pip install deepspeed==0.19.8) or use dist.engine: plain") from None
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        raise UserError(
+            f"dist.engine: deepspeed cannot be imported ({exc}); install it "
+            "(pip install deepspeed==0.19.8) or use dist.engine: plain"
+        ) from None
+    # the submodule itself: the package attribute deepspeed.comm.torch is the torch library
+    comm_torch: Any = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
     import logging
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return deepspeed
 
 
-def init_deepspeed(device_request: str = "auto", backend: str = "auto", own: list[str] | None = None,
-                   timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+def init_deepspeed(
+    device_request: str = "auto",
+    backend: str = "auto",
+    own: list[str] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> DistInfo:
     """DeepSpeed's process group, from the launcher's variables, or for one in-process rank when there are
     none (RANK=0, WORLD_SIZE=1 and a free MASTER_PORT are set here and removed at :func:`shutdown`)."""
     own = list(own or [])
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        for name, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+        ):
             if name not in os.environ:
                 os.environ[name] = value
                 own.append(name)
@@ -152,7 +155,7 @@ def init_deepspeed(device_request: str = "auto", backend: str = "auto", own: lis
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own,
-                    own_group=True)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, own_env=own, own_group=True)

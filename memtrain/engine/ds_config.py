@@ -7,11 +7,10 @@ is its own data-parallel replica; with ``S`` pipeline stages the ``world / S`` r
 that ``S`` ranks loaded, so DeepSpeed's gradient-accumulation steps (= micro-batches per replica per step)
 are ``S x batch_size x grad_accum / micro_batch_size``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from memtrain.config import Config
 from memtrain.errors import UserError
@@ -40,17 +39,19 @@ def layout(cfg: Config, world_size: int) -> Layout:
     """The rank and batch layout of ``cfg`` on ``world_size`` ranks; UserError if the stages do not fit."""
     stages = cfg.dist.pipeline_stages
     if world_size % stages:
-        raise UserError(f"dist.pipeline_stages {stages} does not divide the {world_size} rank(s) of this launch; "
-                        f"start a multiple of {stages} ranks (e.g. torchrun --nproc_per_node {stages})")
+        raise UserError(
+            f"dist.pipeline_stages {stages} does not divide the {world_size} rank(s) of this launch; "
+            f"start a multiple of {stages} ranks (e.g. torchrun --nproc_per_node {stages})"
+        )
     mbs = cfg.dist.micro_batch_size or cfg.data.batch_size
     rows = stages * cfg.data.batch_size * cfg.optim.grad_accum  # rows per replica per step
-    return Layout(world_size=world_size, pipeline_stages=stages, data_parallel=world_size // stages,
-                  micro_batch_size=mbs, micro_batches=rows // mbs)
-
-
-def wants_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 when asked for, or 'auto' on a CUDA device that supports it (the plain engine's rule)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return Layout(
+        world_size=world_size,
+        pipeline_stages=stages,
+        data_parallel=world_size // stages,
+        micro_batch_size=mbs,
+        micro_batches=rows // mbs,
+    )
 
 
 def deepspeed_config(cfg: Config, lay: Layout, bf16: bool, device_type: str) -> dict:
@@ -82,6 +83,8 @@ def deepspeed_config(cfg: Config, lay: Layout, bf16: bool, device_type: str) -> 
     }
     if d.pipeline_stages > 1:
         # non-reentrant checkpointing: the first stage's inputs are token ids, which need no gradient
-        out["pipeline"] = {"activation_checkpoint_interval": 1 if d.activation_checkpointing else 0,
-                           "use_reentrant": False}
+        out["pipeline"] = {
+            "activation_checkpoint_interval": 1 if d.activation_checkpointing else 0,
+            "use_reentrant": False,
+        }
     return out

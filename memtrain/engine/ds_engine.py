@@ -1,6 +1,6 @@
 """The DeepSpeed engine: ZeRO stages 0-3 (optionally offloaded), bf16, and the pipeline over model stages.
 
-It is driven by the same loop as the plain engine (:mod:`memtrain.engine.engines` lists the methods). The
+It keeps the same contract as the plain engine (:class:`memtrain.engine.contract.Engine`). The
 DeepSpeed config comes from the run config (:mod:`memtrain.engine.ds_config`); the optimizer is memtrain's
 torch AdamW and the schedule memtrain's, handed to ``deepspeed.initialize``.
 
@@ -24,23 +24,30 @@ code). memtrain therefore lets DeepSpeed load a checkpoint only after every file
 checkpoint's manifest (:func:`memtrain.engine.checkpoint.verify_checkpoint`): a missing, extra, planted or
 modified file is refused before anything is unpickled, and a checkpoint without a manifest is incomplete.
 """
+
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 
 from memtrain.config import Config
+from memtrain.data.memory_batch import split_memories
+from memtrain.devices import resolve_precision
 from memtrain.engine import checkpoint as ckpt
+from memtrain.engine.contract import StepResult, checkpoint_blocks, split_micro_batches
 from memtrain.engine.distributed import DistInfo, barrier, import_deepspeed
-from memtrain.engine.ds_config import deepspeed_config, layout, wants_bf16
-from memtrain.engine.engines import ModelView, StepResult, add_stats, checkpoint_blocks, split_micro_batches
+from memtrain.engine.ds_config import deepspeed_config, layout
 from memtrain.engine.optim import make_adamw, staged_param_groups, staged_scheduler, unmasked_lr
 from memtrain.errors import UserError
-from memtrain.data.memory_batch import unpack
 from memtrain.objectives import compute_losses
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedSchedulerCallable
+    from deepspeed.runtime.pipe.engine import PipelineEngine
 
 #: DeepSpeed's checkpoint tag inside ``<checkpoint>/ds``
 TAG = "state"
@@ -53,7 +60,7 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed(info.device)
         self.cfg, self.model, self.info, self.vocab_size = cfg, model, info, vocab_size
         self.layout = layout(cfg, info.world_size)
-        self.bf16 = wants_bf16(cfg.train.precision, info.device)
+        self.bf16 = resolve_precision(cfg.train.precision, info.device) == "bf16"
         self.pipeline = cfg.dist.pipeline_stages > 1
         self.always_frozen = list(always_frozen)
         stages = cfg.stages()
@@ -64,19 +71,25 @@ class DeepSpeedEngine:
 
             self.loss = PipelineLoss(model)
             module, self.layers, self.parts = build_pipeline_module(
-                model, cfg.dist.pipeline_stages, cfg.dist.pipeline_partition, self.loss,
-                cfg.dist.activation_checkpointing)
+                model,
+                cfg.dist.pipeline_stages,
+                cfg.dist.pipeline_partition,
+                self.loss,
+                cfg.dist.activation_checkpointing,
+            )
         elif cfg.dist.activation_checkpointing:
             checkpoint_blocks(model)
-        groups, frozen = staged_param_groups(model, cfg.optim.weight_decay, stages, self.always_frozen,
-                                             params=list(module.parameters()))
+        groups, frozen = staged_param_groups(
+            model, cfg.optim.weight_decay, stages, self.always_frozen, params=list(module.parameters())
+        )
         self._trained = {id(p) for g in groups for p in g["params"]}
         optimizer = make_adamw(groups, cfg.optim, info.device, allow_apex=False)
         schedule = lambda opt: staged_scheduler(opt, cfg.optim, cfg.train.steps, stages, frozen)  # noqa: E731
         ds_cfg = deepspeed_config(cfg, self.layout, self.bf16, info.device.type)
-        self.ds, _, _, self.scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                             lr_scheduler=schedule, config=ds_cfg)
-        self.view = None if self.pipeline else ModelView(self.ds, model)
+        # DeepSpeed annotates the callable as returning the deprecated _LRScheduler; a LambdaLR works
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=cast("DeepSpeedSchedulerCallable", schedule), config=ds_cfg
+        )
         self._shadow = None
 
     def autocast(self):
@@ -97,21 +110,22 @@ class DeepSpeedEngine:
     def start_stage(self, frozen: list[str]) -> None:
         self.model.freeze(frozen)
         if self.pipeline:  # a stage's objectives (rows per micro-batch) and frozen outputs (dtypes) may change
-            self.ds.reset_activation_shape()
+            self._pipe().reset_activation_shape()
 
     def train_step(self, batches: list[torch.Tensor], weights: dict[str, float], special) -> StepResult:
         if self.pipeline:
             return self._pipeline_step(batches, weights, special)
         micro = split_micro_batches(batches, self.cfg.dist.micro_batch_size)
         assert len(micro) == self.layout.micro_batches, (len(micro), self.layout)
-        sums: dict[str, list] = {}
+        stats = []
         for batch in micro:
-            ids, memories = unpack(batch)  # memories: precomputed (data.memories), else None
-            total, parts = compute_losses(self.view, ids, weights, special, memories=memories)
+            ids, memories = split_memories(batch)  # memories: precomputed (data.memories), else None
+            # forward through the DeepSpeed engine (it reduces gradients); everything else from the model
+            total, parts = compute_losses(self.model, ids, weights, special, memories=memories, forward=self.ds)
             self.ds.backward(total)  # DeepSpeed divides by the micro-batch count itself
             self.ds.step()  # steps (clip, AdamW, schedule) at the last micro-batch only
-            add_stats(sums, parts)
-        return StepResult(sums, self.ds.get_global_grad_norm())
+            stats.append(parts)
+        return StepResult(stats, self.ds.get_global_grad_norm())
 
     def _pipeline_step(self, batches, weights, special) -> StepResult:
         from memtrain.engine.pipeline import stack_tasks
@@ -121,11 +135,8 @@ class DeepSpeedEngine:
         assert len(micro) == self.layout.micro_batches, (len(micro), self.layout)
         self.loss.weights, self.loss.records = dict(weights), []
         data = iter([((x,), y) for x, y in (stack_tasks(self.model, ids, weights, special) for ids in micro)])
-        self.ds.train_batch(data_iter=data)
-        sums: dict[str, list] = {name: [0.0, 0, 0] for name in weights}  # stages without the loss log zeros
-        for record in self.loss.records:
-            add_stats(sums, record)
-        return StepResult(sums, self.ds.get_global_grad_norm())
+        self._pipe().train_batch(data_iter=data)
+        return StepResult(list(self.loss.records), self.ds.get_global_grad_norm())  # none on stages without the loss
 
     def _replica_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's loaded rows [n, T] -> the rows of its pipeline replica [n * stages, T]: all ranks'
@@ -134,8 +145,12 @@ class DeepSpeedEngine:
             return rows
         gathered = [torch.empty_like(rows) for _ in range(self.info.world_size)]
         dist.all_gather(gathered, rows.contiguous())
-        replica = self.ds.grid.data_parallel_id
+        replica = self._pipe().grid.data_parallel_id
         return torch.cat(gathered).view(self.layout.data_parallel, -1, rows.shape[1])[replica]
+
+    def _pipe(self) -> PipelineEngine:
+        """The DeepSpeed engine under a pipeline (deepspeed.initialize makes a PipelineEngine of a PipelineModule)."""
+        return cast("PipelineEngine", self.ds)
 
     def lr(self) -> float:
         return unmasked_lr(self.scheduler)  # groups frozen in this stage are at 0, and a stage may hold only them
@@ -170,6 +185,7 @@ class DeepSpeedEngine:
                     value = safe_get_full_fp32_param(p)
                 finally:
                     p.requires_grad_(was)
+                assert value is not None  # the parameter requires grad while it is read
                 return value.detach().float()
             import deepspeed
 
@@ -184,7 +200,7 @@ class DeepSpeedEngine:
             return {name: self._fp32(p).cpu() for name, p in self.model.named_parameters()}
         from memtrain.engine.pipeline import layer_param_names
 
-        grid = self.ds.grid
+        grid = self._pipe().grid
         names = layer_param_names(self.model, self.layers)
         state = {}
         for idx, layer in enumerate(self.layers):
@@ -202,10 +218,17 @@ class DeepSpeedEngine:
     # -- checkpoints ---------------------------------------------------------------------------------------
     def engine_meta(self) -> dict:
         lay = self.layout
-        return {"name": "deepspeed", "zero_stage": self.cfg.dist.zero_stage, "world_size": lay.world_size,
-                "pipeline_stages": lay.pipeline_stages, "data_parallel": lay.data_parallel, "bf16": self.bf16,
-                "ds_dir": "ds", "ds_tag": TAG,
-                "pipeline_parts": list(self.parts) if self.pipeline else None}
+        return {
+            "name": "deepspeed",
+            "zero_stage": self.cfg.dist.zero_stage,
+            "world_size": lay.world_size,
+            "pipeline_stages": lay.pipeline_stages,
+            "data_parallel": lay.data_parallel,
+            "bf16": self.bf16,
+            "ds_dir": "ds",
+            "ds_tag": TAG,
+            "pipeline_parts": list(self.parts) if self.pipeline else None,
+        }
 
     def save(self, run_dir: Path, step: int, client_state: dict, config_yaml: str, meta: dict, keep: int) -> None:
         """Every rank writes its DeepSpeed shards into the staged folder; rank 0 adds the consolidated
@@ -215,6 +238,7 @@ class DeepSpeedEngine:
         name = [str(ckpt.staging_dir(run_dir, step)) if self.info.is_main else None]
         if self.info.world_size > 1:
             dist.broadcast_object_list(name, src=0)
+        assert name[0] is not None  # rank 0's, on every rank
         tmp = Path(name[0])
         self.ds.save_checkpoint(str(tmp / "ds"), tag=TAG, client_state=client_state, save_latest=False)
         state = self.full_state_dict()
@@ -239,31 +263,39 @@ class DeepSpeedEngine:
         # DeepSpeed unpickles its files with weights_only=False: only files the manifest vouches for
         ckpt.verify_checkpoint(path, require_manifest=True)
         try:
-            loaded, client = self.ds.load_checkpoint(str(ds_dir), tag=saved.get("ds_tag", TAG),
-                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+            loaded, client = self.ds.load_checkpoint(
+                str(ds_dir), tag=saved.get("ds_tag", TAG), load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         except (OSError, RuntimeError, KeyError, AssertionError, EOFError, ValueError) as exc:
-            raise UserError(f"{ds_dir}: cannot load the DeepSpeed state, it is damaged or incomplete "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise UserError(
+                f"{ds_dir}: cannot load the DeepSpeed state, it is damaged or incomplete "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
         if loaded is None or not client or "step" not in client:
             raise UserError(f"{ds_dir}: no DeepSpeed state with the loop's client state; the checkpoint is incomplete")
         return client
 
     def _check_resumable(self, path: Path, saved: dict) -> None:
         if saved.get("name") != "deepspeed":
-            raise UserError(f"{path}: written by the {saved.get('name', 'plain')} engine; resume it with "
-                            f"dist.engine: {saved.get('name', 'plain')}, or start a new run from its weights")
+            raise UserError(
+                f"{path}: written by the {saved.get('name', 'plain')} engine; resume it with "
+                f"dist.engine: {saved.get('name', 'plain')}, or start a new run from its weights"
+            )
         now = self.engine_meta()
         for key, what in (("pipeline_stages", "dist.pipeline_stages"), ("zero_stage", "dist.zero_stage")):
             if saved.get(key) != now[key]:
-                raise UserError(f"{path}: saved with {what} = {saved.get(key)}, this run has {now[key]}; resume "
-                                f"with the same setting, or convert it (memtrain convert deepspeed {path} --out DIR) "
-                                "and start a new run from its weights")
+                raise UserError(
+                    f"{path}: saved with {what} = {saved.get(key)}, this run has {now[key]}; resume "
+                    f"with the same setting, or convert it (memtrain convert deepspeed {path} --out DIR) "
+                    "and start a new run from its weights"
+                )
         if saved.get("data_parallel") != now["data_parallel"] and (saved.get("zero_stage") or saved.get("bf16")):
             raise UserError(
                 f"{path}: saved by {saved.get('world_size')} rank(s) ({saved.get('data_parallel')} data-parallel), "
                 f"this launch has {now['world_size']} ({now['data_parallel']}); the ZeRO optimizer state is "
                 f"split per rank, so resume with {saved.get('world_size')} rank(s), or convert the checkpoint "
-                f"(memtrain convert deepspeed {path} --out DIR) and start a new run from its weights")
+                f"(memtrain convert deepspeed {path} --out DIR) and start a new run from its weights"
+            )
 
 
 __all__ = ["DeepSpeedEngine", "TAG"]

@@ -4,7 +4,10 @@ AdamW is apex's ``FusedAdam`` when apex imports (CUDA only), else torch's fused 
 supports it, else the foreach implementation. The schedule is transformers' warmup + cosine / linear /
 constant schedule; it is not re-implemented here.
 """
+
 from __future__ import annotations
+
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,16 +46,21 @@ def make_adamw(groups: list[dict], cfg: OptimConfig, device: torch.device, allow
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     from transformers import get_scheduler
 
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    return get_scheduler(_SCHEDULES[cfg.schedule], optimizer=opt, num_warmup_steps=warmup,
-                         num_training_steps=total_steps)
+    sched = get_scheduler(
+        _SCHEDULES[cfg.schedule], optimizer=opt, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    return cast(torch.optim.lr_scheduler.LambdaLR, sched)  # every schedule of _SCHEDULES is a LambdaLR
 
 
-def staged_param_groups(model, weight_decay: float, stages: list, always_frozen: list[str],
-                        params: list[nn.Parameter] | None = None) -> tuple[list[dict], list[tuple[bool, ...]]]:
+def staged_param_groups(
+    model, weight_decay: float, stages: list, always_frozen: list[str], params: list[nn.Parameter] | None = None
+) -> tuple[list[dict], list[tuple[bool, ...]]]:
     """Parameter groups for an engine whose optimizer cannot skip a parameter without a gradient (ZeRO
     flattens each group): one group per (frozen-in-which-curriculum-stages, weight decay or not).
 
@@ -74,8 +82,9 @@ def staged_param_groups(model, weight_decay: float, stages: list, always_frozen:
     return groups, [frozen for frozen, _ in by_key]
 
 
-def staged_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, stages: list,
-                     frozen: list[tuple[bool, ...]]):
+def staged_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, stages: list, frozen: list[tuple[bool, ...]]
+):
     """:func:`build_scheduler`'s schedule for every group, times 0 at the steps where the group is frozen."""
     from memtrain.objectives import stage_at
 
@@ -86,10 +95,12 @@ def staged_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: 
         def lr_lambda(step: int) -> float:
             idx = stage_of[min(step, total_steps)]
             return 0.0 if flags[idx] else base(step)
+
         return lr_lambda
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [masked(f) for f in frozen])
-    sched.peak_lr, sched.base_lambda = cfg.lr, base  # for unmasked_lr (both pickle with the state dict)
+    extra: Any = sched  # attributes LambdaLR does not declare
+    extra.peak_lr, extra.base_lambda = cfg.lr, base  # for unmasked_lr (both pickle with the state dict)
     return sched
 
 

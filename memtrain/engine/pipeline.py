@@ -2,9 +2,10 @@
 ``PipelineModule``.
 
 The layers are built from the model's own submodules (the same parameter objects), so a pipeline run and a
-plain run train the same weights under the same names, and the maths is the model's: the memory model's
-chunks stay folded into the batch (:meth:`MemoryModel.encoder_chunks`, :meth:`MemoryModel.decoder_input`,
-:meth:`MemoryModel.decoder_output`) and blocks are the stacks' blocks. Activations between layers are tuples:
+plain run train the same weights under the same names, and every computation is one of the model's own
+stage functions, composed here: ``ChunkEncoder.embed`` / ``readout``, ``Stack.run_blocks`` (one block per
+layer), ``MemoryModel.encoder_chunks`` / ``unfold_memories`` / ``decoder_input``, ``Autoencoder.inject`` and
+``decoder_output`` (the memory model's chunks stay folded into the batch). Activations between layers are tuples:
 
     memory       ids [R, C*L] -> encoder embedding (x [R*(C-1), L, e], ids) -> encoder blocks (x, ids)
                  -> memory assembly (x_dec [R*C, C+L, d],) -> decoder blocks -> head: hidden [R, C*L, d]
@@ -23,18 +24,19 @@ integer view of its bits: DeepSpeed would otherwise ask the receiving stage for 
 backward pass into a tensor without a graph. A frozen layer always shares a stage with the next layer that
 trains (:func:`pipeline_parts`), because DeepSpeed cannot build an optimizer for a stage without parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from memtrain.errors import UserError
 from memtrain.objectives import SpecialTokens, make_task, supervised_loss, task_chunks
-from memtrain.models.autoencoder import unroll_index
 
 #: float dtype -> the integer dtype of the same width that carries it between stages, and back
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -65,72 +67,80 @@ def _stack_layers(stack, prefix: str, carry: bool) -> list[PipeLayer]:
     layers = []
     for i, block in enumerate(stack.blocks):
         if carry:
-            def fn(x, ids, block=block):
-                return block(x, stack.rope_for(x)), ids
+
+            def carried(x, ids, i=i):
+                return stack.run_blocks(x, i, i + 1), ids
+
+            fn = carried
         else:
-            def fn(x, block=block):
-                return (block(x, stack.rope_for(x)),)
+
+            def single(x, i=i):
+                return (stack.run_blocks(x, i, i + 1),)
+
+            fn = single
         layers.append(PipeLayer(f"{prefix}.blocks.{i}", fn, block=block))
     return layers
 
 
-def _readout(encoder, x: torch.Tensor) -> torch.Tensor:
-    """Encoder block output [N, L, e] -> memories [N, e] (final norm, memory position, bottleneck), as
-    :class:`~memtrain.models.base.ChunkEncoder` does after its blocks."""
-    return encoder.up(encoder.down(encoder.norm(x)[:, encoder.memory_position]))
+def _head(model) -> PipeLayer:
+    """The decoder's final norm and the output alignment; the loss applies the model's norm and lm_head."""
+    dec = model.decoder
+    return PipeLayer(
+        "head",
+        lambda x: model.decoder_output(dec.norm(x)),
+        decoder_norm=dec.norm,
+        norm=model.norm,
+        lm_head=model.lm_head,
+    )
 
 
 def _memory_layers(model) -> list[PipeLayer]:
-    C = model.cfg.n_chunks
-    dec = model.decoder
     layers: list[PipeLayer] = []
     assembly = dict(decoder_proj=model.decoder_proj, decoder_wte=model.decoder_wte)
     enc = model.encoder
     if enc is not None:
-        layers.append(PipeLayer("encoder.embed", lambda ids: (enc.wte(model.encoder_chunks(ids)), ids), wte=enc.wte))
+        layers.append(PipeLayer("encoder.embed", lambda ids: (enc.embed(model.encoder_chunks(ids)), ids), wte=enc.wte))
         layers += _stack_layers(enc, "encoder", carry=True)
-
-        def assemble(x, ids):
-            memories = _readout(enc, x).view(ids.shape[0], C - 1, -1)  # [R, C-1, e]
-            return (model.decoder_input(ids, memories),)
-
-        layers.append(PipeLayer("memory assembly", assemble, norm=enc.norm, down=enc.down, up=enc.up, **assembly))
+        layers.append(
+            PipeLayer(
+                "memory assembly",
+                lambda x, ids: (model.decoder_input(ids, model.unfold_memories(enc.readout(x), ids.shape[0])),),
+                norm=enc.norm,
+                down=enc.down,
+                up=enc.up,
+                **assembly,
+            )
+        )
     else:
         layers.append(PipeLayer("memory assembly", lambda ids: (model.decoder_input(ids),), **assembly))
-    layers += _stack_layers(dec, "decoder", carry=False)
-    layers.append(PipeLayer("head", lambda x: model.decoder_output(dec.norm(x)), decoder_norm=dec.norm,
-                            norm=model.norm, lm_head=model.lm_head))
-    return layers
+    return layers + _stack_layers(model.decoder, "decoder", carry=False) + [_head(model)]
 
 
 def _autoencoder_layers(model) -> list[PipeLayer]:
-    enc, dec, cfg = model.encoder, model.decoder, model.cfg
-    layers = [PipeLayer("encoder.embed", lambda ids: (enc.wte(ids),), wte=enc.wte)]
+    enc = model.encoder
+    layers = [PipeLayer("encoder.embed", lambda ids: (enc.embed(ids),), wte=enc.wte)]
     layers += _stack_layers(enc, "encoder", carry=False)
-
-    def inject(x):  # Autoencoder.forward between its encoder and its decoder stack
-        m = model.decoder_proj(_readout(enc, x))  # [R, d]
-        if cfg.injection == "repeat":
-            return (m.unsqueeze(1).expand(-1, cfg.chunk_len, -1).contiguous(),)
-        return (model.projection(m[:, unroll_index(cfg.chunk_len, m.shape[-1], m.device)]),)
-
-    layers.append(PipeLayer("memory injection", inject, norm=enc.norm, down=enc.down, up=enc.up,
-                            decoder_proj=model.decoder_proj, projection=model.projection))
-    layers += _stack_layers(dec, "decoder", carry=False)
-    layers.append(PipeLayer("head", lambda x: dec.norm(x), decoder_norm=dec.norm, norm=model.norm,
-                            lm_head=model.lm_head))
-    return layers
+    # contiguous: a repeated memory is an expanded view, and a stage sends whole tensors
+    layers.append(
+        PipeLayer(
+            "memory injection",
+            lambda x: (model.inject(enc.readout(x)).contiguous(),),
+            norm=enc.norm,
+            down=enc.down,
+            up=enc.up,
+            decoder_proj=model.decoder_proj,
+            projection=model.projection,
+        )
+    )
+    return layers + _stack_layers(model.decoder, "decoder", carry=False) + [_head(model)]
 
 
 def _clm_layers(model) -> list[PipeLayer]:
-    dec = model.decoder
     layers = [PipeLayer("embed", lambda ids: (model.wte(ids),), wte=model.wte)]
-    layers += _stack_layers(dec, "decoder", carry=False)
-    layers.append(PipeLayer("head", lambda x: dec.norm(x), decoder_norm=dec.norm, norm=model.norm,
-                            lm_head=model.lm_head))
-    return layers
+    return layers + _stack_layers(model.decoder, "decoder", carry=False) + [_head(model)]
 
 
+#: how each model kind of :data:`memtrain.kinds.KINDS` is cut into layers (a test checks every kind has one)
 _BUILDERS = {"memory": _memory_layers, "autoencoder": _autoencoder_layers, "clm": _clm_layers}
 
 
@@ -154,7 +164,7 @@ def pipeline_layers(model) -> list[PipeLayer]:
 
 def run_layers(layers: Sequence[nn.Module], input_ids: torch.Tensor) -> torch.Tensor:
     """Apply ``layers`` in order to ``(input_ids,)`` in one process: hidden [R, T, d]."""
-    acts = (input_ids,)
+    acts: Any = (input_ids,)  # tuples of tensors between layers; the last layer gives the hidden states
     for layer in layers:
         acts = layer(acts)
     return acts
@@ -187,8 +197,9 @@ def pipeline_parts(layers: Sequence[nn.Module], stages: int, method: str) -> lis
         raise UserError("dist.pipeline_stages: the model has no trainable layer")
     ends = starts[1:] + [len(layers)]
     if stages > len(starts):
-        raise UserError(f"dist.pipeline_stages {stages} is more than the {len(starts)} pipeline layers that train; "
-                        "use fewer stages")
+        raise UserError(
+            f"dist.pipeline_stages {stages} is more than the {len(starts)} pipeline layers that train; use fewer stages"
+        )
     if method == "parameters":
         unit_parts = partition_balanced([sum(trainable[a:b]) for a, b in zip(starts, ends)], stages)
     else:
@@ -200,8 +211,9 @@ def pipeline_parts(layers: Sequence[nn.Module], stages: int, method: str) -> lis
 # Data and loss
 
 
-def stack_tasks(model, ids: torch.Tensor, weights: dict[str, float],
-                special: SpecialTokens) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_tasks(
+    model, ids: torch.Tensor, weights: dict[str, float], special: SpecialTokens
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pipeline micro-batch from token rows ``ids`` [m, T]: every active objective's task rows, stacked
     in the order of ``weights``: inputs [K*m, T] and aligned labels [K*m, T] (rows k*m..(k+1)*m-1 are
     objective k's, built by :func:`memtrain.objectives.make_task` and ``model.align_labels``)."""
@@ -228,10 +240,11 @@ class PipelineLoss:
         total = None
         record = {}
         for k, (name, w) in enumerate(self.weights.items()):
-            stats = supervised_loss(self.model, hidden[k * m:(k + 1) * m], labels[k * m:(k + 1) * m])
+            stats = supervised_loss(self.model, hidden[k * m : (k + 1) * m], labels[k * m : (k + 1) * m])
             record[name] = stats
             total = w * stats.loss if total is None else total + w * stats.loss
         self.records.append(record)
+        assert total is not None  # self.weights is not empty (m divides by its length)
         return total
 
 
@@ -239,7 +252,7 @@ class PipelineLoss:
 # Between stages
 
 
-def pack(acts):
+def to_wire(acts):
     """A stage's outputs (a tensor or a tuple) -> what DeepSpeed sends: float tensors that need no gradient
     as integer views."""
     if not torch.is_grad_enabled():
@@ -251,9 +264,10 @@ def pack(acts):
     return tuple(one(t) for t in acts) if isinstance(acts, tuple) else one(acts)
 
 
-def unpack(acts):
+def from_wire(acts):
     """What a stage received (a tensor or a tuple) -> its inputs (integer views back to the float tensors
     they carry)."""
+
     def one(t):
         return t.view(_AS_FLOAT[t.dtype]) if t.dtype in _AS_FLOAT else t
 
@@ -266,7 +280,7 @@ def build_pipeline_module(model, stages: int, method: str, loss_fn: PipelineLoss
     from deepspeed.pipe import PipelineModule
 
     class MemtrainPipe(PipelineModule):
-        """PipelineModule with preset stage boundaries that packs/unpacks activations at stage edges."""
+        """PipelineModule with preset stage boundaries that converts activations for the wire at stage edges."""
 
         def _partition_layers(self, method="uniform"):
             self.parts = list(parts)
@@ -274,16 +288,21 @@ def build_pipeline_module(model, stages: int, method: str, loss_fn: PipelineLoss
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
         def forward(self, forward_input):
-            out = super().forward(unpack(forward_input))
+            out = super().forward(from_wire(forward_input))
             if self._local_stop == len(layers):
                 return out
             # always a tuple: DeepSpeed skips non-float members of a tuple when it returns gradients, but it
             # wants a gradient for a lone tensor (non-reentrant checkpointing unwraps one-element tuples)
-            return pack(out if isinstance(out, tuple) else (out,))
+            return to_wire(out if isinstance(out, tuple) else (out,))
 
     layers = pipeline_layers(model)
     parts = pipeline_parts(layers, stages, method)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed and topology settings
-        module = MemtrainPipe(layers=layers, num_stages=stages, loss_fn=loss_fn, partition_method=method,
-                              activation_checkpoint_interval=1 if activation_checkpointing else 0)
+        module = MemtrainPipe(
+            layers=layers,
+            num_stages=stages,
+            loss_fn=loss_fn,
+            partition_method=method,
+            activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        )
     return module, layers, parts

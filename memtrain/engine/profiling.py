@@ -12,12 +12,13 @@ Each file appears complete or not at all (written beside, then renamed). The pro
 the others; the time spent writing the files is not counted in the logged throughput. A run resumed past
 ``start`` does not profile again; one that stops inside the window writes what it recorded.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -28,14 +29,20 @@ class StepProfiler:
     """Call :meth:`before_step` (with the number of the step about to run) and :meth:`after_step` (the number
     of the step just finished) around every step, and :meth:`close` at the end."""
 
-    def __init__(self, cfg, run_dir: Path, info: DistInfo, start_step: int,
-                 pause: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 announce: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg,
+        run_dir: Path,
+        info: DistInfo,
+        start_step: int,
+        pause: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        announce: Callable[[str], None] = print,
+    ):
         self.cfg = cfg if cfg is not None and start_step < cfg.start else None
         self.dir = run_dir / "profile"
         self.info = info
         self.pause, self.announce = pause, announce
-        self._prof: Optional[torch.profiler.profile] = None
+        self._prof: torch.profiler.profile | None = None
         self._first = 0
         self._memory = False
 
@@ -54,7 +61,7 @@ class StepProfiler:
         self._first = step
 
     def after_step(self, step: int) -> None:
-        if self._prof is not None and step >= self.cfg.start + self.cfg.steps - 1:
+        if self._prof is not None and self.cfg is not None and step >= self.cfg.start + self.cfg.steps - 1:
             self._finish(step)
 
     def close(self) -> None:
@@ -62,8 +69,9 @@ class StepProfiler:
         if self._prof is not None:
             self._finish(None)
 
-    def _finish(self, last: Optional[int]) -> None:
+    def _finish(self, last: int | None) -> None:
         prof, self._prof = self._prof, None
+        assert prof is not None  # callers check self._prof first
         with self.pause():
             if self.info.device.type == "cuda":
                 torch.cuda.synchronize(self.info.device)
@@ -73,8 +81,9 @@ class StepProfiler:
             trace = self.dir / f"trace-{stem}.json"
             _atomic(trace, prof.export_chrome_trace)
             cuda = self.info.device.type == "cuda"
-            table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                              row_limit=30)
+            table = prof.key_averages().table(
+                sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30
+            )
             _atomic(self.dir / f"ops-{stem}.txt", lambda p: Path(p).write_text(table + "\n"))
             written = [trace.name, f"ops-{stem}.txt"]
             if self._memory:
@@ -83,8 +92,11 @@ class StepProfiler:
                 written.append(f"memory-{stem}.pickle")
             self.cfg = None  # once per run
         if self.info.is_main:
-            self.announce(f"profile: steps {stem.split('-steps')[1]} of rank 0 written to {self.dir}: "
-                          + ", ".join(written) + " (docs/observability.md says how to read them)")
+            self.announce(
+                f"profile: steps {stem.split('-steps')[1]} of rank 0 written to {self.dir}: "
+                + ", ".join(written)
+                + " (docs/observability.md says how to read them)"
+            )
 
 
 def _atomic(path: Path, write: Callable[[str], object]) -> None:

@@ -3,22 +3,22 @@
 One window is the steps since the previous logged step. Its time is wall-clock time on rank 0 minus the time
 spent in held-out evaluation and checkpoint writes (:meth:`Rates.paused`), measured after the host has read
 the window's losses back, so a GPU's queued work is inside the window it belongs to. The FLOP count is
-:func:`memtrain.bench.flops_per_token` of the curriculum stage (the one count of ``bench`` and ``sweep
+:func:`memtrain.flops.flops_per_token` of the curriculum stage (the one count of ``bench`` and ``sweep
 collect``); MFU divides by the dense datasheet peak of the device (``train.peak_tflops`` overrides it).
 """
+
 from __future__ import annotations
 
 import contextlib
 import resource
 import time
-from typing import Optional
 
 import torch
 
-from memtrain.bench import device_name, device_peak_tflops, matmul_precision, mfu, stage_flops_per_token
 from memtrain.config import Config
+from memtrain.devices import device_name, resolve_precision
 from memtrain.engine.distributed import DistInfo
-from memtrain.engine.ds_config import wants_bf16
+from memtrain.flops import device_peak_tflops, matmul_precision, mfu, stage_flops_per_token
 
 
 class Rates:
@@ -34,11 +34,11 @@ class Rates:
         self.flops_per_token = stage_flops_per_token(cfg, vocab)
         self.device_name = device_name(self.device)
         #: {"tflops": per-device dense peak, "source": where it came from}, or None (no MFU)
-        self.peak: Optional[dict] = None
+        self.peak: dict | None = None
         if cfg.train.peak_tflops:
             self.peak = {"tflops": cfg.train.peak_tflops, "source": "train.peak_tflops"}
         elif self.device.type == "cuda":
-            precision = matmul_precision("bf16" if wants_bf16(cfg.train.precision, self.device) else "fp32")
+            precision = matmul_precision(resolve_precision(cfg.train.precision, self.device))
             found = device_peak_tflops(self.device_name, precision)
             if found is not None:
                 self.peak = {"tflops": found[0], "source": f"datasheet {found[1]}"}
@@ -69,8 +69,12 @@ class Rates:
         elapsed = max(now - self._t0 - self._paused, 1e-9)
         steps = max(self.steps, 1)
         tok_s = self.tokens_per_step * steps / elapsed
-        out = {"tokens_per_s": tok_s, "tokens_per_s_per_rank": tok_s / self.world, "step_time_s": elapsed / steps,
-               "eta_s": (self.total_steps - step) * elapsed / steps}
+        out = {
+            "tokens_per_s": tok_s,
+            "tokens_per_s_per_rank": tok_s / self.world,
+            "step_time_s": elapsed / steps,
+            "eta_s": (self.total_steps - step) * elapsed / steps,
+        }
         if self.flops_per_token is not None:
             flops_s = self.flops_per_token[min(stage, len(self.flops_per_token) - 1)] * tok_s
             out["model_tflops_per_rank"] = flops_s / self.world / 1e12
@@ -78,9 +82,9 @@ class Rates:
             if util is not None:
                 out["mfu"] = util
         if self.device.type == "cuda":
-            out["memory/peak_alloc_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            out["memory/peak_alloc_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
         # ru_maxrss is in KiB on Linux: the largest resident set of this process so far
-        out["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        out["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.steps, self._t0, self._paused = 0, now, 0.0
         return out

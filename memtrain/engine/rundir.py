@@ -9,6 +9,7 @@ One process per directory: the process that writes the run (rank 0) holds an exc
 dies, also on SIGKILL, so a stale lock file never blocks a restart). A second process on the same directory
 stops with a message naming the holder's pid and host (written into the lock file) and changes nothing.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,7 +20,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from memtrain.config import Config, dump_config
 from memtrain.engine.checkpoint import latest_checkpoint
 from memtrain.errors import UserError
@@ -63,8 +63,10 @@ def _holder_error(run_dir: Path, fd: int) -> UserError:
     except OSError:
         holder = []
     who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process that is starting"
-    return UserError(f"run.out_dir: {run_dir} is in use by another memtrain process ({who}, lock "
-                     f"{run_dir / LOCK_NAME}); wait for it to end, or choose another run.out_dir")
+    return UserError(
+        f"run.out_dir: {run_dir} is in use by another memtrain process ({who}, lock "
+        f"{run_dir / LOCK_NAME}); wait for it to end, or choose another run.out_dir"
+    )
 
 
 def _check_not_held(run_dir: Path) -> None:
@@ -105,8 +107,12 @@ def lock_run_dir(run_dir: Path) -> None:
             os.close(fd)
             raise error from None
         os.close(fd)
-        print(f"memtrain: warning: run.out_dir: cannot lock {path} ({exc.strerror}); make sure no other "
-              "process trains in this directory", file=sys.stderr, flush=True)
+        print(
+            f"memtrain: warning: run.out_dir: cannot lock {path} ({exc.strerror}); make sure no other "
+            "process trains in this directory",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     text = f"{os.getpid()} {socket.gethostname()}\n".encode()
     os.ftruncate(fd, 0)
@@ -129,8 +135,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.out_dir: {run_dir} exists and is not a directory")
     if not saved.is_file() and run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise UserError(f"run.out_dir: {run_dir} exists, is not empty and is not a memtrain run directory; "
-                        "choose another run.out_dir")
+        raise UserError(
+            f"run.out_dir: {run_dir} exists, is not empty and is not a memtrain run directory; "
+            "choose another run.out_dir"
+        )
     fresh = str(run_dir.resolve()) not in _held
     if run_dir.is_dir():
         if fresh:
@@ -154,12 +162,18 @@ def _validate(run_dir: Path, saved: Path, new: dict, resume: bool) -> None:
             raise UserError(f"{saved}: unreadable run config; choose another run.out_dir") from None
         diff = first_difference(old, new)
         if diff is not None:
-            raise UserError(f"run.out_dir: {run_dir} holds a different run ({diff}); choose another "
-                            "run.out_dir or remove that directory")
+            raise UserError(
+                f"run.out_dir: {run_dir} holds a different run ({diff}); choose another "
+                "run.out_dir or remove that directory"
+            )
         latest = latest_checkpoint(run_dir)
         if latest is not None and not resume:
-            raise UserError(f"run.out_dir: {run_dir} already holds this run up to step {latest.step}; "
-                            "pass --resume to continue it, or choose another run.out_dir")
+            raise UserError(
+                f"run.out_dir: {run_dir} already holds this run up to step {latest.step}; "
+                "pass --resume to continue it, or choose another run.out_dir"
+            )
     elif any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise UserError(f"run.out_dir: {run_dir} exists, is not empty and is not a memtrain run directory; "
-                        "choose another run.out_dir")
+        raise UserError(
+            f"run.out_dir: {run_dir} exists, is not empty and is not a memtrain run directory; "
+            "choose another run.out_dir"
+        )

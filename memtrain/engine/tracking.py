@@ -19,6 +19,7 @@ MLflow continue the same run: their ids are kept in ``<run>/trackers.json``; the
 same values again). :meth:`Tracker.flush` (called at every checkpoint) makes the files hold every step up to
 the checkpoint even if the process is killed afterwards.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,8 +30,9 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from tqdm import tqdm
 
@@ -44,21 +46,30 @@ IDS_FILE = "trackers.json"
 WANDB_STEP = "trainer/step"
 
 
-def check_loggers(loggers: list[str]) -> None:
+def check_loggers(loggers: Sequence[str]) -> None:
     """UserError (exit 2) naming the install command when a logger of ``train.loggers`` is not installed."""
     for name in loggers:
         if name in INSTALL and importlib.util.find_spec(name) is None:
-            raise UserError(f"train.loggers: {name} is not installed in this environment; install it with: "
-                            f"{INSTALL[name]}")
+            raise UserError(
+                f"train.loggers: {name} is not installed in this environment; install it with: {INSTALL[name]}"
+            )
 
 
 class Tracker:
     """The sinks of ``loggers`` plus the console. ``enabled=False`` (ranks other than 0) makes every call a
     no-op. ``config`` is the resolved run config (a dict), logged as hyperparameters."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
-                 loggers: tuple[str, ...] | list[str] = ("tensorboard", "jsonl"), config: Optional[dict] = None,
-                 run_name: str = "run"):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+        loggers: Sequence[str] = ("tensorboard", "jsonl"),
+        config: dict | None = None,
+        run_name: str = "run",
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.sinks: list = []
@@ -81,8 +92,9 @@ class Tracker:
             self.close("failed")
             raise
         if progress and sys.stderr.isatty():
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                             dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, smoothing=0.1
+            )
 
     @property
     def lines(self) -> bool:
@@ -99,15 +111,18 @@ class Tracker:
                 if isinstance(sink, (_TensorBoard, _Jsonl)):
                     raise
                 self.sinks.remove(sink)
-                self.write(f"memtrain: warning: {sink.name} logging failed at step {step} ({_one_line(err)}); "
-                           f"training continues without {sink.name} (metrics.jsonl and tb/ keep every step)")
+                self.write(
+                    f"memtrain: warning: {sink.name} logging failed at step {step} ({_one_line(err)}); "
+                    f"training continues without {sink.name} (metrics.jsonl and tb/ keep every step)"
+                )
 
     def log_step(self, step: int, values: dict[str, float], weights: dict[str, float]) -> None:
         """A training record: to every sink, then to the bar's postfix or as one plain line."""
         self.scalars(step, values)
         if self._bar is not None:
-            self._bar.set_postfix({"loss": f"{values['loss/total']:.3f}", "tok/s": f"{values['tokens_per_s']:,.0f}"},
-                                  refresh=False)
+            self._bar.set_postfix(
+                {"loss": f"{values['loss/total']:.3f}", "tok/s": f"{values['tokens_per_s']:,.0f}"}, refresh=False
+            )
         elif self.enabled:
             print(format_line(step, self.total_steps, values, weights), flush=True)
 
@@ -177,6 +192,7 @@ def format_line(step: int, total: int, v: dict[str, Any], weights: dict[str, flo
 # ---------------------------------------------------------------------------------------------------------
 # Sinks: scalars(step, values, kind), flush(), close(status)
 
+
 class _TensorBoard:
     name = "tensorboard"
 
@@ -236,13 +252,23 @@ class _Wandb:
             _write_ids(run_dir, {**ids, "wandb_id": run_id})
             ids["wandb_id"] = run_id
         try:
-            self.run = wandb.init(project=settings.get("project", "memtrain"), entity=settings.get("entity"),
-                                  group=settings.get("group"), tags=settings.get("tags") or None, name=run_name,
-                                  id=run_id, resume="allow", dir=str(run_dir), config=config,
-                                  reinit="create_new")
+            self.run = wandb.init(
+                project=settings.get("project", "memtrain"),
+                entity=settings.get("entity"),
+                group=settings.get("group"),
+                tags=settings.get("tags") or None,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+                reinit="create_new",
+            )
         except Exception as err:
-            raise UserError(f"train.loggers: wandb could not start run {run_id} ({_one_line(err)}); log in with "
-                            "`wandb login`, or set WANDB_MODE=offline and sync later with `wandb sync`") from None
+            raise UserError(
+                f"train.loggers: wandb could not start run {run_id} ({_one_line(err)}); log in with "
+                "`wandb login`, or set WANDB_MODE=offline and sync later with `wandb sync`"
+            ) from None
         self.run.define_metric(WANDB_STEP)
         self.run.define_metric("*", step_metric=WANDB_STEP)
 
@@ -275,8 +301,9 @@ class _Mlflow:
                 name = settings.get("experiment", "memtrain")
                 exp = self.client.get_experiment_by_name(name)
                 exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
-                run_id = self.client.create_run(exp_id, run_name=run_name, tags={"memtrain.run_dir": str(run_dir)}
-                                                ).info.run_id
+                run_id = self.client.create_run(
+                    exp_id, run_name=run_name, tags={"memtrain.run_dir": str(run_dir)}
+                ).info.run_id
                 _write_ids(run_dir, {**ids, "mlflow_run_id": run_id})
                 ids["mlflow_run_id"] = run_id
                 logged: dict = {}
@@ -287,13 +314,15 @@ class _Mlflow:
             # (the run directory's config.yaml is the current one)
             params = [Param(k, v) for k, v in _flat_params(config).items() if k not in logged]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-                self.client.log_batch(run_id, params=params[i:i + 100])
+                self.client.log_batch(run_id, params=params[i : i + 100])
         except UserError:
             raise
         except Exception as err:
-            raise UserError(f"train.loggers: mlflow could not open a run at tracking URI "
-                            f"{uri or os.environ.get('MLFLOW_TRACKING_URI', '(MLflow default)')} "
-                            f"({_one_line(err)}); set train.mlflow.tracking_uri") from None
+            raise UserError(
+                f"train.loggers: mlflow could not open a run at tracking URI "
+                f"{uri or os.environ.get('MLFLOW_TRACKING_URI', '(MLflow default)')} "
+                f"({_one_line(err)}); set train.mlflow.tracking_uri"
+            ) from None
         self.run_id = run_id
 
     def scalars(self, step: int, values: dict, kind: str) -> None:
@@ -302,7 +331,7 @@ class _Mlflow:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):  # at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def flush(self) -> None:
         """Every batch is written when it is logged."""
@@ -337,8 +366,10 @@ def _read_ids(run_dir: Path) -> dict:
     except (OSError, ValueError):
         raise UserError(f"{path}: unreadable; remove it to start new W&B/MLflow runs for this run") from None
     if not isinstance(ids, dict) or not all(isinstance(v, str) and _ID.match(v) for v in ids.values()):
-        raise UserError(f"{path}: expected {{\"wandb_id\": ID, \"mlflow_run_id\": ID}} with ids of letters, "
-                        "digits, '-' and '_'; remove it to start new W&B/MLflow runs for this run")
+        raise UserError(
+            f'{path}: expected {{"wandb_id": ID, "mlflow_run_id": ID}} with ids of letters, '
+            "digits, '-' and '_'; remove it to start new W&B/MLflow runs for this run"
+        )
     return {k: v for k, v in ids.items() if k in ("wandb_id", "mlflow_run_id")}
 
 

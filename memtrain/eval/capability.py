@@ -3,7 +3,7 @@ Llama-3.2-1B decoder fall as memory copy training goes on).
 
     memtrain capability RUN_OR_CKPT_OR_HF_DIR [--baseline HF_DIR] --text held-out.jsonl [--tasks arc_easy,...]
 
-Both models are plain causal LMs: an HF-decoder run's LLM with LoRA merged (:mod:`memtrain.models.hf_export`),
+Both models are plain causal LMs: an HF-decoder run's LLM with LoRA merged (:mod:`memtrain.convert.export_decoder`),
 or any Hugging Face model directory. The baseline defaults to the run's ``model.hf_decoder.path`` (the LLM it
 started from). Reported:
 
@@ -14,11 +14,13 @@ started from). Reported:
   memtrain requirement (``pip install lm-eval``); without it the tasks are skipped with a note. Its tasks
   download their datasets, so they need a network connection or a populated Hugging Face datasets cache.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +41,25 @@ def load_causal_lm_and_tokenizer(path: str | Path, device: torch.device):
         check_causal_lm_dir(p, field=str(p))
         lm = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        return lm.to(device).eval(), tok, f"{p} (Hugging Face model)"
+        # PreTrainedModel.to is wrapped with functools.wraps, whose type pyright does not bind as a method
+        return cast(torch.nn.Module, lm).to(device).eval(), tok, f"{p} (Hugging Face model)"
     from memtrain.inference import load_memory_model, read_run_checkpoint
+    from memtrain.models.hf_memory import HFMemoryModel
 
     ck, cfg, meta = read_run_checkpoint(p)
     if cfg.model.hf_decoder is None:
-        raise UserError(f"{p}: a memtrain run without an HF decoder (model.hf_decoder is null); give a run that "
-                        "trained a Hugging Face LLM decoder, or a Hugging Face model directory")
+        raise UserError(
+            f"{p}: a memtrain run without an HF decoder (model.hf_decoder is null); give a run that "
+            "trained a Hugging Face LLM decoder, or a Hugging Face model directory"
+        )
     model = load_memory_model(ck, cfg, meta, torch.device("cpu"))
+    assert isinstance(model, HFMemoryModel)  # the model of a config with model.hf_decoder
     tok = AutoTokenizer.from_pretrained(cfg.model.hf_decoder.path, local_files_only=True)
-    lm = model.merged_causal_lm().float()
+    lm = cast(torch.nn.Module, model.merged_causal_lm().float())
     return lm.to(device).eval(), tok, f"{ck} (step {meta.get('step', '?')}, mode {cfg.model.hf_decoder.mode})"
 
 
-def default_baseline(path: str | Path) -> Optional[str]:
+def default_baseline(path: str | Path) -> str | None:
     """The LLM an HF-decoder run started from (its ``model.hf_decoder.path``), or None for an HF directory."""
     if (Path(path) / "config.json").is_file():
         return None
@@ -61,6 +68,8 @@ def default_baseline(path: str | Path) -> Optional[str]:
     ck, cfg, meta = read_run_checkpoint(path)
     if meta.get(EXPORT_KEY):  # an export's config points at the exported LLM; the original is in its source run
         _, src_cfg, _ = read_run_checkpoint(meta[EXPORT_KEY]["source"])
+        if src_cfg.model.hf_decoder is None:
+            raise UserError(f"{meta[EXPORT_KEY]['source']}: the source run of export {ck} has no model.hf_decoder")
         return src_cfg.model.hf_decoder.path
     return cfg.model.hf_decoder.path if cfg.model.hf_decoder is not None else None
 
@@ -97,7 +106,7 @@ class CausalLMScorer:
         out = []
         for context, continuation in requests:
             moved = len(context) - len(context.rstrip(" "))
-            context, continuation = context[: len(context) - moved], context[len(context) - moved:] + continuation
+            context, continuation = context[: len(context) - moved], context[len(context) - moved :] + continuation
             ctx = [self.start] + self._encode(context)
             whole = [self.start] + self._encode(context + continuation)
             if whole[: len(ctx)] != ctx or len(whole) == len(ctx):  # the boundary merged: score the parts apart
@@ -106,7 +115,7 @@ class CausalLMScorer:
             if n_cont == 0:
                 out.append((0.0, True))
                 continue
-            ids = whole[-(self.max_len + 1):]
+            ids = whole[-(self.max_len + 1) :]
             logp, greedy = self._logprobs(ids)
             target = torch.tensor(ids[1:], device=logp.device)[-n_cont:]
             lp = logp[-n_cont:].gather(1, target[:, None]).sum()
@@ -121,7 +130,7 @@ class CausalLMScorer:
             ids = [self.start] + self._encode(text)
             total = 0.0
             for s in range(0, len(ids) - 1, self.max_len):
-                window = ids[s: s + self.max_len + 1]
+                window = ids[s : s + self.max_len + 1]
                 logp, _ = self._logprobs(window)
                 total += float(logp.gather(1, torch.tensor(window[1:], device=logp.device)[:, None]).sum())
             out.append(total)
@@ -137,11 +146,15 @@ class CausalLMScorer:
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = ([self.start] + self._encode(context))[-self.max_len:]
-            gen = self.lm.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_new,
-                                   do_sample=False, pad_token_id=self.tok.eos_token_id,
-                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device))
-            text = self.tok.decode(gen[0, len(ids):], skip_special_tokens=True)
+            ids = ([self.start] + self._encode(context))[-self.max_len :]
+            gen = self.lm.generate(
+                torch.tensor([ids], device=self.device),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=self.tok.eos_token_id,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+            )
+            text = self.tok.decode(gen[0, len(ids) :], skip_special_tokens=True)
             cut = min([text.find(u) for u in until if u and u in text] or [len(text)])
             out.append(text[:cut])
         return out
@@ -149,7 +162,7 @@ class CausalLMScorer:
 
 def lm_eval_adapter(scorer: CausalLMScorer):
     """``scorer`` as an ``lm_eval.api.model.LM`` (raises ImportError when lm-eval is not installed)."""
-    from lm_eval.api.model import LM
+    from lm_eval.api.model import LM  # pyright: ignore[reportMissingImports]  (optional: lm-eval, memtrain[hf])
 
     class MemtrainCausalLM(LM):
         """lm-eval's model interface over a memtrain :class:`CausalLMScorer`."""
@@ -173,19 +186,20 @@ def lm_eval_adapter(scorer: CausalLMScorer):
 def lm_eval_available() -> bool:
     """Whether ``import lm_eval`` works here."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional: lm-eval, memtrain[hf])
     except ImportError:
         return False
     return True
 
 
-def run_tasks(scorer: CausalLMScorer, tasks: list[str], limit: Optional[int] = None) -> dict[str, dict]:
+def run_tasks(scorer: CausalLMScorer, tasks: list[str], limit: int | None = None) -> dict[str, dict]:
     """lm-eval results ({task: {metric: value}}) of ``tasks`` 0-shot; UserError when a task cannot run."""
-    import lm_eval
+    import lm_eval  # pyright: ignore[reportMissingImports]  (optional: lm-eval, memtrain[hf])
 
     try:
-        res = lm_eval.simple_evaluate(model=lm_eval_adapter(scorer), tasks=tasks, num_fewshot=0, limit=limit,
-                                      bootstrap_iters=0, log_samples=False)
+        res = lm_eval.simple_evaluate(
+            model=lm_eval_adapter(scorer), tasks=tasks, num_fewshot=0, limit=limit, bootstrap_iters=0, log_samples=False
+        )
     except Exception as exc:  # unknown task names, datasets that cannot be downloaded, ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({detail[:200]})") from None
@@ -199,7 +213,7 @@ def perplexity(lm, tokenizer, texts: Sequence[str], device: torch.device, max_le
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         for s in range(0, len(ids), max_len):
-            window = ids[s: s + max_len]
+            window = ids[s : s + max_len]
             if len(window) < 2:
                 continue
             x = torch.tensor([window], device=device)
@@ -211,9 +225,15 @@ def perplexity(lm, tokenizer, texts: Sequence[str], device: torch.device, max_le
     return {"perplexity": math.exp(nll / n), "nll": nll / n, "tokens": n, "documents": len(texts)}
 
 
-def capability_report(target: str | Path, baseline: Optional[str | Path], texts: Sequence[str],
-                      tasks: Sequence[str] = (), device: str = "cpu", max_len: int = 512,
-                      limit: Optional[int] = None) -> dict:
+def capability_report(
+    target: str | Path,
+    baseline: str | Path | None,
+    texts: Sequence[str],
+    tasks: Sequence[str] = (),
+    device: str = "cpu",
+    max_len: int = 512,
+    limit: int | None = None,
+) -> dict:
     """Perplexity (and lm-eval task scores, when lm-eval is installed) of ``baseline`` and ``target``."""
     dev = torch.device(device)
     report: dict = {"models": {}, "tasks_requested": list(tasks)}
@@ -225,8 +245,9 @@ def capability_report(target: str | Path, baseline: Optional[str | Path], texts:
             if lm_eval_available():
                 entry["tasks"] = run_tasks(CausalLMScorer(lm, tok, dev), list(tasks), limit)
             else:
-                report["tasks_skipped"] = ("lm-eval is not installed (pip install lm-eval); only held-out perplexity "
-                                           "was measured")
+                report["tasks_skipped"] = (
+                    "lm-eval is not installed (pip install lm-eval); only held-out perplexity was measured"
+                )
         report["models"][label] = entry
     if "before" in report["models"]:
         b, a = (report["models"][k]["held_out"]["perplexity"] for k in ("before", "after"))
@@ -239,8 +260,10 @@ def format_report(report: dict) -> str:
     lines = []
     for label, entry in report["models"].items():
         h = entry["held_out"]
-        lines.append(f"{label:6s} {entry['model']}: held-out perplexity {h['perplexity']:.3f} "
-                     f"(NLL {h['nll']:.4f} over {h['tokens']:,} tokens of {h['documents']} documents)")
+        lines.append(
+            f"{label:6s} {entry['model']}: held-out perplexity {h['perplexity']:.3f} "
+            f"(NLL {h['nll']:.4f} over {h['tokens']:,} tokens of {h['documents']} documents)"
+        )
         for task, metrics in entry.get("tasks", {}).items():
             lines.append(f"       {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     if "perplexity_ratio" in report:
@@ -251,7 +274,7 @@ def format_report(report: dict) -> str:
 
 
 def _cmd_capability(args) -> int:
-    from memtrain.data.ingest import iter_documents
+    from memtrain.data.documents import iter_documents
 
     texts = [t for _, t in iter_documents(args.text)][: args.max_docs]
     if not texts:
@@ -267,11 +290,15 @@ def _cmd_capability(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``memtrain capability``."""
-    c = subparsers.add_parser("capability", help="held-out perplexity (and lm-eval tasks) of an LLM decoder "
-                                                 "before and after memory training")
+    c = subparsers.add_parser(
+        "capability", help="held-out perplexity (and lm-eval tasks) of an LLM decoder before and after memory training"
+    )
     c.add_argument("model", help="an HF-decoder run / checkpoint / export, or a Hugging Face model directory")
-    c.add_argument("--baseline", metavar="HF_DIR",
-                   help="the model before memory training (default: the run's model.hf_decoder.path)")
+    c.add_argument(
+        "--baseline",
+        metavar="HF_DIR",
+        help="the model before memory training (default: the run's model.hf_decoder.path)",
+    )
     c.add_argument("--text", nargs="+", required=True, metavar="SRC", help="held-out jsonl / txt / parquet text")
     c.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy (needs lm-eval)")
     c.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")

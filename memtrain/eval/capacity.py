@@ -5,21 +5,26 @@ from its single memory, on the same corpus re-packed into rows of L tokens; the 
 rate of rows regenerated exactly, and the information the memory carries ((baseline CE - CE) / ln 2 x L bits)
 are reported against L. Each length is an ordinary run (checkpoints, TensorBoard, resume).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from memtrain.config import Config, apply_overrides, config_from_dict, read_yaml
 from memtrain.eval.data import finished, retained_bits, run_baseline, shards_with_row_len
 from memtrain.eval.probe import merge
-from memtrain.eval.report import num, write_report
+from memtrain.eval.report import write_report
+from memtrain.tables import markdown_table, num
 
 CAPACITY_DEFAULTS: dict[str, Any] = {
-    "model": {"kind": "autoencoder", "n_chunks": 1,
-              "encoder": {"arch": "mixer", "d_model": 128, "n_layers": 2, "n_heads": 4},
-              "decoder": {"arch": "mixer", "d_model": 128, "n_layers": 2, "n_heads": 4}},
+    "model": {
+        "kind": "autoencoder",
+        "n_chunks": 1,
+        "encoder": {"arch": "mixer", "d_model": 128, "n_layers": 2, "n_heads": 4},
+        "decoder": {"arch": "mixer", "d_model": 128, "n_layers": 2, "n_heads": 4},
+    },
     "objective": {"weights": {"reconstruction": 1.0}},
     "data": {"batch_size": 32},
     "optim": {"warmup_steps": 50, "schedule": "cosine", "grad_clip": 1.0},
@@ -33,21 +38,24 @@ class CapacitySettings:
 
     out: str = "runs/capacity"
     lengths: tuple[int, ...] | list[int] = (8, 16, 32, 64)
-    d_model: Optional[int] = None
-    arch: Optional[str] = None
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    steps: Optional[int] = None
+    d_model: int | None = None
+    arch: str | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    steps: int | None = None
     shards: str = "data/demo/shards"
-    overlay: Optional[str] = None
+    overlay: str | None = None
     overrides: tuple[str, ...] = ()
 
 
 def capacity_config(s: CapacitySettings, length: int) -> Config:
     """The autoencoder run of chunk length ``length``: defaults <- overlay <- options <- ``--set``."""
     raw = merge(CAPACITY_DEFAULTS, read_yaml(s.overlay) if s.overlay else {})
-    stack = {k: v for k, v in (("arch", s.arch), ("d_model", s.d_model), ("n_layers", s.n_layers),
-                               ("n_heads", s.n_heads)) if v is not None}
+    stack = {
+        k: v
+        for k, v in (("arch", s.arch), ("d_model", s.d_model), ("n_layers", s.n_layers), ("n_heads", s.n_heads))
+        if v is not None
+    }
     model = raw["model"]
     for side in ("encoder", "decoder"):
         model[side] = merge(model.get(side, {}), stack)
@@ -77,25 +85,45 @@ def run_capacity(s: CapacitySettings) -> dict:
         cfg = capacity_config(s, length)
         m = finished(train(cfg, resume=True), cfg.run.out_dir)["eval"]["reconstruction"]
         baseline = run_baseline(cfg)
-        points.append({"length": length, "run_dir": cfg.run.out_dir, "steps": cfg.train.steps,
-                       **{k: m[k] for k in ("ce", "accuracy", "exact_match", "I_e", "I_e_paper")},
-                       "tokens_regenerated": m["accuracy"] * length, "baseline_ce": baseline["information_less_ce"],
-                       **{f"retained_{k}": v for k, v in retained_bits(m["ce"], baseline["information_less_ce"],
-                                                                       length).items()}})
+        points.append(
+            {
+                "length": length,
+                "run_dir": cfg.run.out_dir,
+                "steps": cfg.train.steps,
+                **{k: m[k] for k in ("ce", "accuracy", "exact_match", "I_e", "I_e_paper")},
+                "tokens_regenerated": m["accuracy"] * length,
+                "baseline_ce": baseline["information_less_ce"],
+                **{
+                    f"retained_{k}": v
+                    for k, v in retained_bits(m["ce"], baseline["information_less_ce"], length).items()
+                },
+            }
+        )
     enc = cfg.model.encoder
-    report = {"encoder": enc.model_dump(mode="json"), "decoder": cfg.model.decoder.model_dump(mode="json"),
-              "injection": cfg.model.injection, "points": points}
+    report = {
+        "encoder": enc.model_dump(mode="json"),
+        "decoder": cfg.model.decoder.model_dump(mode="json"),
+        "injection": cfg.model.injection,
+        "points": points,
+    }
     write_capacity_report(s.out, report)
     return report
 
 
 def capacity_table(report: dict) -> str:
     """Markdown table: one row per chunk length."""
-    lines = ["| tokens | CE | token acc | exact match | tokens regenerated | bits / memory |", "|" + "---|" * 6]
-    for p in report["points"]:
-        lines.append(f"| {p['length']} | {num(p['ce'])} | {num(p['accuracy'])} | {num(p['exact_match'])} | "
-                     f"{num(p['tokens_regenerated'], 1)} | {num(p['retained_bits_per_memory'], 0)} |")
-    return "\n".join(lines)
+    rows = [
+        (
+            p["length"],
+            num(p["ce"]),
+            num(p["accuracy"]),
+            num(p["exact_match"]),
+            num(p["tokens_regenerated"], 1),
+            num(p["retained_bits_per_memory"], 0),
+        )
+        for p in report["points"]
+    ]
+    return markdown_table(("tokens", "CE", "token acc", "exact match", "tokens regenerated", "bits / memory"), rows)
 
 
 def write_capacity_report(out: str | Path, report: dict) -> Path:
@@ -105,14 +133,36 @@ def write_capacity_report(out: str | Path, report: dict) -> Path:
     e = report["encoder"]
     what = f"{e['arch']} d{e['d_model']} n{e['n_layers']}"
     xs = [p["length"] for p in report["points"]]
-    line_chart(out / "capacity.png", {"token accuracy": (xs, [p["accuracy"] for p in report["points"]]),
-                                      "exact match (rows)": (xs, [p["exact_match"] for p in report["points"]])},
-               xlabel="tokens per memory", ylabel="fraction", title=f"capacity of one {what} memory", logx=True)
-    line_chart(out / "bits.png", {"bits per memory": (xs, [p["retained_bits_per_memory"] for p in report["points"]])},
-               xlabel="tokens per memory", ylabel="bits", title="information carried by one memory", logx=True)
-    training_curves(out / "curves.png", {f"L={p['length']}": p["run_dir"] for p in report["points"]},
-                    title="autoencoder training")
-    md = [f"# Capacity of one memory vector ({what}, {report['injection']} injection)", "", capacity_table(report), "",
-          "Held-out rows. tokens regenerated = token accuracy x tokens; bits / memory = (CE of the token "
-          "frequencies - CE) / ln 2 x tokens.", "", "![capacity](capacity.png) ![bits](bits.png) ![curves](curves.png)"]
+    line_chart(
+        out / "capacity.png",
+        {
+            "token accuracy": (xs, [p["accuracy"] for p in report["points"]]),
+            "exact match (rows)": (xs, [p["exact_match"] for p in report["points"]]),
+        },
+        xlabel="tokens per memory",
+        ylabel="fraction",
+        title=f"capacity of one {what} memory",
+        logx=True,
+    )
+    line_chart(
+        out / "bits.png",
+        {"bits per memory": (xs, [p["retained_bits_per_memory"] for p in report["points"]])},
+        xlabel="tokens per memory",
+        ylabel="bits",
+        title="information carried by one memory",
+        logx=True,
+    )
+    training_curves(
+        out / "curves.png", {f"L={p['length']}": p["run_dir"] for p in report["points"]}, title="autoencoder training"
+    )
+    md = [
+        f"# Capacity of one memory vector ({what}, {report['injection']} injection)",
+        "",
+        capacity_table(report),
+        "",
+        "Held-out rows. tokens regenerated = token accuracy x tokens; bits / memory = (CE of the token "
+        "frequencies - CE) / ln 2 x tokens.",
+        "",
+        "![capacity](capacity.png) ![bits](bits.png) ![curves](curves.png)",
+    ]
     return write_report(out, report, "\n".join(md))

@@ -3,6 +3,7 @@ baseline a retention probe is compared with.
 
 Shapes: B rows, T tokens per row, V vocabulary.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,9 @@ from memtrain.errors import UserError
 from memtrain.metrics import uniform_logit_ce
 
 
-def shards_with_row_len(shards: str | Path, row_len: int, cache_dir: str | Path | None = None,
-                        progress: bool = False) -> str:
+def shards_with_row_len(
+    shards: str | Path, row_len: int, cache_dir: str | Path | None = None, progress: bool = False
+) -> str:
     """A shard directory with rows of ``row_len`` tokens made from the same corpus and tokenizer as ``shards``.
 
     ``shards`` itself when its rows already hold ``row_len`` tokens. Otherwise the corpus named in its
@@ -33,17 +35,27 @@ def shards_with_row_len(shards: str | Path, row_len: int, cache_dir: str | Path 
     sources = [str(s) for s in info.raw.get("sources", [])]
     missing = [s for s in sources if not Path(s).exists()]
     if not sources or missing:
-        raise UserError(f"{shards}: rows hold {info.row_len} tokens, not {row_len}, and the corpus they were made "
-                        f"from ({', '.join(missing) or 'not recorded'}) is not there to re-pack; pass shards with "
-                        f"rows of {row_len} tokens (`memtrain data shards --row-len {row_len}`)")
+        raise UserError(
+            f"{shards}: rows hold {info.row_len} tokens, not {row_len}, and the corpus they were made "
+            f"from ({', '.join(missing) or 'not recorded'}) is not there to re-pack; pass shards with "
+            f"rows of {row_len} tokens (`memtrain data shards --row-len {row_len}`)"
+        )
     val_fraction = float(info.raw.get("val_fraction", 0.01))
     seed = int(info.raw.get("seed", 0))
     key = hashlib.sha256(json.dumps([info.tokenizer_sha256, sources, row_len, val_fraction, seed]).encode())
     base = Path(cache_dir) if cache_dir is not None else info.local_dir.parent
     out = base / f"{info.local_dir.name}-rows{row_len}-{key.hexdigest()[:8]}"
     if not (out / INFO_FILE).is_file():
-        build_shards(sources, info.tokenizer_path, out, row_len=row_len, val_fraction=val_fraction, seed=seed,
-                     workers=1, progress=progress)
+        build_shards(
+            sources,
+            info.tokenizer_path,
+            out,
+            row_len=row_len,
+            val_fraction=val_fraction,
+            seed=seed,
+            workers=1,
+            progress=progress,
+        )
     return str(out)
 
 
@@ -58,8 +70,10 @@ class RunStopped(UserError):
 def finished(summary: dict, run_dir) -> dict:
     """The trainer's ``summary`` if the run completed; raises :class:`RunStopped` otherwise."""
     if not summary.get("complete"):
-        raise RunStopped(f"{run_dir}: stopped at step {summary.get('step')} before the end of the run; run the "
-                         "same command again to continue")
+        raise RunStopped(
+            f"{run_dir}: stopped at step {summary.get('step')} before the end of the run; run the "
+            "same command again to continue"
+        )
     return summary
 
 
@@ -83,8 +97,9 @@ class RandomTokens:
         self.vocab_size, self.low, self.seed = int(vocab_size), int(low), int(seed)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        digest = hashlib.blake2b(ids.detach().cpu().numpy().tobytes(), digest_size=8,
-                                 salt=self.seed.to_bytes(8, "little", signed=True)).digest()
+        digest = hashlib.blake2b(
+            ids.detach().cpu().numpy().tobytes(), digest_size=8, salt=self.seed.to_bytes(8, "little", signed=True)
+        ).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
         return torch.randint(self.low, self.vocab_size, tuple(ids.shape), generator=gen, dtype=ids.dtype)
 
@@ -94,8 +109,9 @@ class RandomTokens:
         return math.log(self.vocab_size - self.low)
 
 
-def unigram_baseline(fit_rows: list[torch.Tensor], eval_rows: list[torch.Tensor], vocab_size: int,
-                     pad_id: int | None) -> dict[str, float]:
+def unigram_baseline(
+    fit_rows: list[torch.Tensor], eval_rows: list[torch.Tensor], vocab_size: int, pad_id: int | None
+) -> dict[str, float]:
     """The information-less baseline measured on the data: every position predicted by the token frequencies.
 
     ``fit_rows``: batches [B, T] the frequencies are counted on (add-1/2 smoothing over all V ids);
@@ -135,7 +151,6 @@ def retained_bits(ce: float, baseline_ce: float, tokens: int) -> dict[str, float
     return {"bits_per_token": per_token, "bits_per_memory": per_token * tokens}
 
 
-
 #: training batches whose token frequencies give the information-less baseline
 BASELINE_FIT_BATCHES = 64
 
@@ -145,15 +160,24 @@ def run_baseline(cfg, transform=None) -> dict[str, float]:
     batches, scored on the held-out batches the run is evaluated on (both through ``transform`` if given;
     random tokens then have no padding). Adds ``information_less_ce``: the uniform CE of a
     :class:`RandomTokens` transform, else the frequency baseline."""
-    from memtrain.eval.evaluate import take_batches
+    from memtrain.evaluation import take_batches
 
     def rows(split: str, n: int) -> list[torch.Tensor]:
         batches = take_batches(cfg.data.shards, split, cfg.data.batch_size, n, cfg.data.cache_dir)
         return [transform(b) for b in batches] if transform else batches
 
     info = read_shard_info(cfg.data.shards, cfg.data.cache_dir)
-    uni = unigram_baseline(rows("train", BASELINE_FIT_BATCHES), rows("val", cfg.train.eval_batches),
-                           info.vocab_size, None if transform else info.pad_id)
+    uni = unigram_baseline(
+        rows("train", BASELINE_FIT_BATCHES),
+        rows("val", cfg.train.eval_batches),
+        info.vocab_size,
+        None if transform else info.pad_id,
+    )
     info_less = transform.baseline_ce if isinstance(transform, RandomTokens) else uni["ce"]
-    return {"ln_V": math.log(info.vocab_size), "uniform_logits": uniform_logit_ce(info.vocab_size),
-            "unigram_ce": uni["ce"], "unigram_accuracy": uni["accuracy"], "information_less_ce": info_less}
+    return {
+        "ln_V": math.log(info.vocab_size),
+        "uniform_logits": uniform_logit_ce(info.vocab_size),
+        "unigram_ce": uni["ce"],
+        "unigram_accuracy": uni["accuracy"],
+        "information_less_ce": info_less,
+    }

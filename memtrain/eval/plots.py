@@ -1,11 +1,16 @@
 """Small PNG plots for reports (matplotlib, Agg backend): bars by model, curves over a swept quantity, and
 training curves read from runs' ``metrics.jsonl``. Each function writes one file of about 20-60 kB."""
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.typing import LineStyleType
 
 SIZE = (6.4, 3.6)
 DPI = 90
@@ -20,7 +25,7 @@ def _pyplot():
     return plt
 
 
-def _finish(fig, ax, path: Path, title: str, reference: Mapping[str, float] | None) -> Path:
+def _finish(fig, ax, path: str | Path, title: str, reference: Mapping[str, float | None] | None) -> Path:
     for i, (name, y) in enumerate((reference or {}).items()):
         if y is not None and math.isfinite(y):
             ax.axhline(y, color=f"C{(i + 3) % 10}", linestyle="--", linewidth=1, label=name)
@@ -44,12 +49,24 @@ def _label_bars(ax, bars, values: Sequence[float], digits: int, fontsize: int) -
     """Each bar's value above it (none for NaN)."""
     for bar, v in zip(bars, values):
         if math.isfinite(v):
-            ax.annotate(f"{v:.{digits}f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=fontsize)
+            ax.annotate(
+                f"{v:.{digits}f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=fontsize,
+            )
 
 
-def bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str,
-              reference: Mapping[str, float] | None = None) -> Path:
+def bar_chart(
+    path: str | Path,
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    ylabel: str,
+    title: str,
+    reference: Mapping[str, float | None] | None = None,
+) -> Path:
     """One bar per label (values: len(labels) numbers; NaN draws no bar), with optional dashed reference
     lines ``{name: y}``. Returns the path written."""
     plt = _pyplot()
@@ -62,8 +79,15 @@ def bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     return _finish(fig, ax, path, title, reference)
 
 
-def grouped_bar_chart(path: str | Path, groups: Sequence[str], series: Mapping[str, Sequence[float]], *,
-                      ylabel: str, title: str, reference: Mapping[str, float] | None = None) -> Path:
+def grouped_bar_chart(
+    path: str | Path,
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    ylabel: str,
+    title: str,
+    reference: Mapping[str, float | None] | None = None,
+) -> Path:
     """Bars grouped on the x axis: for each group, one bar per series ``{name: len(groups) values}`` in the
     series' colour (NaN draws no bar), labelled with its value; a legend names the series."""
     plt = _pyplot()
@@ -79,8 +103,16 @@ def grouped_bar_chart(path: str | Path, groups: Sequence[str], series: Mapping[s
     return _finish(fig, ax, path, title, reference)
 
 
-def line_chart(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
-               ylabel: str, title: str, logx: bool = False, reference: Mapping[str, float] | None = None) -> Path:
+def line_chart(
+    path: str | Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    reference: Mapping[str, float | None] | None = None,
+) -> Path:
     """One line with markers per series ``{name: (xs, ys)}``; ``logx`` puts x on a log2 axis with the xs as ticks."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=SIZE)
@@ -96,23 +128,38 @@ def line_chart(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     return _finish(fig, ax, path, title, reference)
 
 
-def panel_lines(path: str | Path, panels: Mapping[str, Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
-                *, xlabel: str, ylabel: str, title: str) -> Path:
+def panel_lines(
+    path: str | Path,
+    panels: Mapping[str, Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
     """Line charts side by side, one panel per key of ``panels`` (``{panel: {colour: {style: (xs, ys)}}}``): the
     colour names one quantity (e.g. the objective), the line style another (e.g. the memories given: solid,
     dashed, dotted, dash-dot in order of first appearance). Integer x ticks; the legend sits below the panels."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     colours = list(dict.fromkeys(c for panel in panels.values() for c in panel))
     styles = list(dict.fromkeys(s for panel in panels.values() for lines in panel.values() for s in lines))
-    dashes = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(SIZE[0], 4.2 * len(panels)), SIZE[1] + 0.6),
-                             sharey=True, squeeze=False)
+    dashes: list[LineStyleType] = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(
+        1, max(len(panels), 1), figsize=(max(SIZE[0], 4.2 * len(panels)), SIZE[1] + 0.6), sharey=True, squeeze=False
+    )
     ticks: set[float] = set()
     for ax, (name, panel) in zip(axes[0], panels.items()):
         for colour, lines in panel.items():
             for style, (xs, ys) in lines.items():
-                ax.plot(list(xs), list(ys), marker="o", markersize=3, color=f"C{colours.index(colour) % 10}",
-                        linestyle=dashes[styles.index(style) % len(dashes)])
+                ax.plot(
+                    list(xs),
+                    list(ys),
+                    marker="o",
+                    markersize=3,
+                    color=f"C{colours.index(colour) % 10}",
+                    linestyle=dashes[styles.index(style) % len(dashes)],
+                )
                 ticks.update(xs)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
@@ -120,9 +167,11 @@ def panel_lines(path: str | Path, panels: Mapping[str, Mapping[str, Mapping[str,
     for ax in axes[0]:
         ax.set_xticks(sorted(ticks))
     axes[0][0].set_ylabel(ylabel)
-    handles = [plt.Line2D([], [], color=f"C{i % 10}", label=c) for i, c in enumerate(colours)]
+    handles = [Line2D([], [], color=f"C{i % 10}", label=c) for i, c in enumerate(colours)]
     if len(styles) > 1:
-        handles += [plt.Line2D([], [], color="0.3", linestyle=dashes[i % len(dashes)], label=s) for i, s in enumerate(styles)]
+        handles += [
+            Line2D([], [], color="0.3", linestyle=dashes[i % len(dashes)], label=s) for i, s in enumerate(styles)
+        ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

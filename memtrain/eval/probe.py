@@ -16,20 +16,22 @@ the information-less baselines: ln V, the uniform-logit CE H_u (the paper's 9.03
 the data's token frequencies (what a decoder that learns nothing from the memory reaches), from which the
 information a memory carries is estimated in bits.
 """
+
 from __future__ import annotations
 
 import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from memtrain.config import Config, StackConfig, apply_overrides, config_from_dict, load_config, read_yaml
 from memtrain.data.loader import check_compatible, read_shard_info
+from memtrain.engine.checkpoint import read_checkpoint
 from memtrain.errors import UserError
-from memtrain.eval.data import (RandomTokens, finished, n_special, retained_bits, run_baseline,
-                                shards_with_row_len)
-from memtrain.eval.report import num, read_checkpoint, write_report
+from memtrain.eval.data import RandomTokens, finished, n_special, retained_bits, run_baseline, shards_with_row_len
+from memtrain.eval.report import write_report
+from memtrain.tables import markdown_table, num
 
 #: settings of a probe run that the source does not decide (override with --config / --set)
 PROBE_DEFAULTS: dict[str, Any] = {
@@ -44,18 +46,18 @@ PROBE_DEFAULTS: dict[str, Any] = {
 class Source:
     """What is probed. ``checkpoint`` None: the untrained encoder of ``cfg``."""
 
-    where: str                    # as the user named it (checkpoint, run directory or config file)
+    where: str  # as the user named it (checkpoint, run directory or config file)
     label: str
-    cfg: Config                   # the source's run config
-    checkpoint: Optional[Path]
-    vocab_size: Optional[int]
-    tokenizer_sha256: Optional[str]
+    cfg: Config  # the source's run config
+    checkpoint: Path | None
+    vocab_size: int | None
+    tokenizer_sha256: str | None
 
     @property
     def kind(self) -> str:
         return self.cfg.model.kind
 
-    def untrained(self) -> "Source":
+    def untrained(self) -> Source:
         """The control: the same config, freshly initialised."""
         return Source(self.where, f"{self.cfg.run.name} untrained", self.cfg, None, self.vocab_size, None)
 
@@ -80,8 +82,9 @@ def encoder_spec(src: Source) -> tuple[StackConfig, int, int]:
     if m.kind == "clm":
         return m.decoder, m.seq_len, -2
     if m.kind == "memory" and m.no_memory:
-        raise UserError(f"{src.where}: this memory model was trained with model.no_memory: true and has no "
-                        "encoder to probe")
+        raise UserError(
+            f"{src.where}: this memory model was trained with model.no_memory: true and has no encoder to probe"
+        )
     return m.encoder, m.chunk_len, m.memory_position
 
 
@@ -103,15 +106,15 @@ class ProbeSettings:
     """What the `memtrain probe` options choose; None keeps the default (see PROBE_DEFAULTS and the source)."""
 
     out: str = "runs/probe"
-    decoder: Optional[str] = None          # mixer | transformer
-    injection: Optional[str] = None        # repeat | unroll (default: repeat for mixers, unroll for transformers)
-    length: Optional[int] = None
-    memory_position: Optional[int] = None
-    steps: Optional[int] = None
+    decoder: str | None = None  # mixer | transformer
+    injection: str | None = None  # repeat | unroll (default: repeat for mixers, unroll for transformers)
+    length: int | None = None
+    memory_position: int | None = None
+    steps: int | None = None
     random_tokens: bool = False
-    shards: Optional[str] = None
-    overlay: Optional[str] = None          # a partial run config (YAML) laid over PROBE_DEFAULTS
-    overrides: tuple[str, ...] = ()        # --set a.b=c, applied last
+    shards: str | None = None
+    overlay: str | None = None  # a partial run config (YAML) laid over PROBE_DEFAULTS
+    overrides: tuple[str, ...] = ()  # --set a.b=c, applied last
     resume: bool = True
 
 
@@ -125,11 +128,15 @@ def probe_config(src: Source, s: ProbeSettings, out_dir: str | Path) -> Config:
     stack, context, default_position = encoder_spec(src)
     length = s.length or context
     if length > context:
-        raise UserError(f"--length {length}: longer than the context of {src.where} ({context} tokens); "
-                        f"probe at most {context} tokens")
+        raise UserError(
+            f"--length {length}: longer than the context of {src.where} ({context} tokens); "
+            f"probe at most {context} tokens"
+        )
     if length != context and stack.arch == "mixer" and src.kind != "clm":
-        raise UserError(f"--length {length}: the mixer encoder of the {src.kind} {src.where} reads exactly "
-                        f"{context} tokens (its memory is the last of them); leave --length out")
+        raise UserError(
+            f"--length {length}: the mixer encoder of the {src.kind} {src.where} reads exactly "
+            f"{context} tokens (its memory is the last of them); leave --length out"
+        )
     raw = merge(PROBE_DEFAULTS, read_yaml(s.overlay) if s.overlay else {})
     model = raw.setdefault("model", {})
     dec = model.setdefault("decoder", {})
@@ -143,11 +150,19 @@ def probe_config(src: Source, s: ProbeSettings, out_dir: str | Path) -> Config:
         model["injection"] = s.injection
     model.setdefault("injection", "unroll" if dec.get("arch") == "transformer" else "repeat")
     m = src.cfg.model
-    model.update(kind="autoencoder", chunk_len=length, n_chunks=1, encoder=stack.model_dump(mode="json"),
-                 compression=1 if m.kind == "clm" else m.compression, final_norm=m.final_norm,
-                 memory_position=s.memory_position if s.memory_position is not None else default_position,
-                 vocab_size=src.vocab_size, tie_embeddings=False, kernels=m.kernels,
-                 frozen_encoder={"checkpoint": None if src.checkpoint is None else str(src.checkpoint)})
+    model.update(
+        kind="autoencoder",
+        chunk_len=length,
+        n_chunks=1,
+        encoder=stack.model_dump(mode="json"),
+        compression=1 if m.kind == "clm" else m.compression,
+        final_norm=m.final_norm,
+        memory_position=s.memory_position if s.memory_position is not None else default_position,
+        vocab_size=src.vocab_size,
+        tie_embeddings=False,
+        kernels=m.kernels,
+        frozen_encoder={"checkpoint": None if src.checkpoint is None else str(src.checkpoint)},
+    )
     raw["objective"] = {"weights": {"reconstruction": 1.0}}
     raw["curriculum"] = []
     raw["run"] = merge({"seed": 0}, raw.get("run", {}))
@@ -164,8 +179,9 @@ def probe_config(src: Source, s: ProbeSettings, out_dir: str | Path) -> Config:
     info = read_shard_info(shards, raw["data"].get("cache_dir"))
     check_compatible(info, tokenizer_sha256=src.tokenizer_sha256, tokenizer_source=f"the tokenizer of {src.where}")
     if not info.rows("val"):
-        raise UserError(f"data.shards ({shards}): a probe is measured on held-out rows, and these shards have "
-                        "no validation split")
+        raise UserError(
+            f"data.shards ({shards}): a probe is measured on held-out rows, and these shards have no validation split"
+        )
     raw["data"]["shards"] = shards_with_row_len(shards, length)
     return config_from_dict(raw, source=f"probe config for {src.where}")
 
@@ -183,29 +199,64 @@ def run_probe(src: Source, s: ProbeSettings, out_dir: str | Path) -> dict:
     m = cfg.model
     return {
         "label": src.label + (" random-tokens" if s.random_tokens else ""),
-        "source": src.where, "source_kind": src.kind, "trained": src.checkpoint is not None,
-        "random_tokens": s.random_tokens, "length": m.chunk_len, "memory_position": m.memory_position,
-        "encoder": m.encoder.model_dump(mode="json"), "decoder": m.decoder.model_dump(mode="json"),
-        "injection": m.injection, "steps": cfg.train.steps, "run_dir": str(out_dir),
-        "vocab_size": info.vocab_size, "eval_rows": metrics["rows"], "eval_tokens": metrics["tokens"],
+        "source": src.where,
+        "source_kind": src.kind,
+        "trained": src.checkpoint is not None,
+        "random_tokens": s.random_tokens,
+        "length": m.chunk_len,
+        "memory_position": m.memory_position,
+        "encoder": m.encoder.model_dump(mode="json"),
+        "decoder": m.decoder.model_dump(mode="json"),
+        "injection": m.injection,
+        "steps": cfg.train.steps,
+        "run_dir": str(out_dir),
+        "vocab_size": info.vocab_size,
+        "eval_rows": metrics["rows"],
+        "eval_tokens": metrics["tokens"],
         **{k: metrics[k] for k in ("ce", "accuracy", "I_e", "I_e_paper", "bits_per_token", "exact_match")},
         "baseline": baseline,
-        **{f"retained_{k}": v for k, v in retained_bits(metrics["ce"], baseline["information_less_ce"],
-                                                        m.chunk_len).items()},
+        **{
+            f"retained_{k}": v
+            for k, v in retained_bits(metrics["ce"], baseline["information_less_ce"], m.chunk_len).items()
+        },
     }
 
 
 def probe_table(results: list[dict]) -> str:
     """Markdown table, one row per probe."""
-    lines = ["| probe | encoder | tokens | CE | token acc | I_e (ln V) | I_e (paper) | exact match | "
-             "info-less CE | bits / memory |", "|" + "---|" * 10]
+    rows = []
     for r in results:
         e = r["encoder"]
         enc = f"{e['arch']} d{e['d_model']} n{e['n_layers']}" + (" (trained)" if r["trained"] else " (untrained)")
-        lines.append(f"| {r['label']} | {enc} | {r['length']} | {num(r['ce'])} | {num(r['accuracy'])} | "
-                     f"{num(r['I_e'])} | {num(r['I_e_paper'])} | {num(r['exact_match'])} | "
-                     f"{num(r['baseline']['information_less_ce'])} | {num(r['retained_bits_per_memory'], 0)} |")
-    return "\n".join(lines)
+        rows.append(
+            (
+                r["label"],
+                enc,
+                r["length"],
+                num(r["ce"]),
+                num(r["accuracy"]),
+                num(r["I_e"]),
+                num(r["I_e_paper"]),
+                num(r["exact_match"]),
+                num(r["baseline"]["information_less_ce"]),
+                num(r["retained_bits_per_memory"], 0),
+            )
+        )
+    return markdown_table(
+        (
+            "probe",
+            "encoder",
+            "tokens",
+            "CE",
+            "token acc",
+            "I_e (ln V)",
+            "I_e (paper)",
+            "exact match",
+            "info-less CE",
+            "bits / memory",
+        ),
+        rows,
+    )
 
 
 def write_probe_report(out: str | Path, results: list[dict], title: str = "Retention probes") -> Path:
@@ -215,18 +266,35 @@ def write_probe_report(out: str | Path, results: list[dict], title: str = "Reten
     out = Path(out)
     labels = [r["label"] for r in results]
     base = results[0]["baseline"] if results else {}
-    bar_chart(out / "retention.png", labels, [r["accuracy"] for r in results], ylabel="token accuracy",
-              title="tokens regenerated from one memory vector",
-              reference={"token frequencies": base.get("unigram_accuracy")})
-    bar_chart(out / "ce.png", labels, [r["ce"] for r in results], ylabel="CE (nats)", title="probe CE",
-              reference={"ln V": base.get("ln_V"), "token frequencies": base.get("unigram_ce")})
+    bar_chart(
+        out / "retention.png",
+        labels,
+        [r["accuracy"] for r in results],
+        ylabel="token accuracy",
+        title="tokens regenerated from one memory vector",
+        reference={"token frequencies": base.get("unigram_accuracy")},
+    )
+    bar_chart(
+        out / "ce.png",
+        labels,
+        [r["ce"] for r in results],
+        ylabel="CE (nats)",
+        title="probe CE",
+        reference={"ln V": base.get("ln_V"), "token frequencies": base.get("unigram_ce")},
+    )
     training_curves(out / "curves.png", {r["label"]: r["run_dir"] for r in results}, title="probe training")
-    md = [f"# {title}", "", probe_table(results), "",
-          "CE in nats on held-out rows; I_e = 1 - CE/ln V, and 1 - CE/H_u with H_u the uniform-logit CE "
-          "(the paper's 9.03 at V = 8000); exact match: whole rows regenerated correctly (one greedy pass); "
-          "info-less CE: CE of the token frequencies (ln of the value count for random tokens); bits / memory: "
-          "(info-less CE - CE) / ln 2 x tokens.", "",
-          "![retention](retention.png) ![ce](ce.png) ![curves](curves.png)"]
+    md = [
+        f"# {title}",
+        "",
+        probe_table(results),
+        "",
+        "CE in nats on held-out rows; I_e = 1 - CE/ln V, and 1 - CE/H_u with H_u the uniform-logit CE "
+        "(the paper's 9.03 at V = 8000); exact match: whole rows regenerated correctly (one greedy pass); "
+        "info-less CE: CE of the token frequencies (ln of the value count for random tokens); bits / memory: "
+        "(info-less CE - CE) / ln 2 x tokens.",
+        "",
+        "![retention](retention.png) ![ce](ce.png) ![curves](curves.png)",
+    ]
     return write_report(out, {"probes": results}, "\n".join(md))
 
 

@@ -13,6 +13,7 @@
 Every run resumes, so an interrupted reproduction continues where it stopped. ``--quick`` runs every stage
 for a few steps (the test suite's end-to-end check); its document says so.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -22,16 +23,16 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 from memtrain.config import load_config
+from memtrain.engine.checkpoint import read_checkpoint
 from memtrain.errors import UserError
 from memtrain.eval.data import finished
 from memtrain.eval.probe import ProbeSettings, Source, run_probe, write_probe_report
-from memtrain.eval.report import (evaluate_checkpoints, num, per_chunk_table, read_checkpoint, results_table,
-                                  write_eval_report, write_report)
+from memtrain.eval.report import evaluate_checkpoints, per_chunk_table, results_table, write_eval_report, write_report
 from memtrain.fileio import write_json
 from memtrain.shipped import resolve_config_dir
+from memtrain.tables import num
 
 #: the roles of the run configs that ``<configs>/repro.yaml`` names
 ROLES = ("mixer_ae", "transformer_ae", "mixer_clm", "transformer_clm", "memory_causal", "memory_combined")
@@ -54,8 +55,7 @@ PAPER = {
     "transformer causal LM": (6.214, 0.311, 0.0462),
     "transformer untrained": (6.643, 0.264, 0.0409),
 }
-QUICK = ["train.steps=6", "train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=2",
-         "data.batch_size=8"]
+QUICK = ["train.steps=6", "train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=2", "data.batch_size=8"]
 
 
 def read_manifest(cfg_dir: Path) -> dict:
@@ -94,8 +94,10 @@ def device_description() -> str:
     except OSError:
         pass
     where = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
-    return (f"{cpu}, {os.cpu_count()} cores visible, {where}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, {where}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; Python {platform.python_version()}"
+    )
 
 
 class Stopwatch:
@@ -139,13 +141,30 @@ def ensure_demo_shards(shards: str) -> None:
     from memtrain.data.cli import cmd_prepare_demo
 
     _say("preparing the demo shards (memtrain data prepare-demo --out data/demo --vocab-size 4096 --row-len 32)")
-    cmd_prepare_demo(argparse.Namespace(out="data/demo", vocab_size=4096, row_len=32, chunk_len=None, chunks=None,
-                                        val_fraction=0.02, workers=2, no_progress=True))
+    cmd_prepare_demo(
+        argparse.Namespace(
+            out="data/demo",
+            vocab_size=4096,
+            row_len=32,
+            chunk_len=None,
+            chunks=None,
+            val_fraction=0.02,
+            workers=2,
+            no_progress=True,
+        )
+    )
 
 
-def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] = None, shards: Optional[str] = None,
-              configs: str = "yaml/repro", overrides: tuple[str, ...] = (), command: str = "memtrain repro",
-              rewrite_doc: bool = False) -> dict:
+def run_repro(
+    out: str = "runs/repro",
+    quick: bool = False,
+    doc: str | None = None,
+    shards: str | None = None,
+    configs: str = "yaml/repro",
+    overrides: tuple[str, ...] = (),
+    command: str = "memtrain repro",
+    rewrite_doc: bool = False,
+) -> dict:
     """The whole pipeline (see the module docstring). Returns the report also written to ``OUT/report.json``.
 
     ``rewrite_doc``: run nothing; write the document again from ``OUT/report.json`` (e.g. after a change to
@@ -173,38 +192,62 @@ def run_repro(out: str = "runs/repro", quick: bool = False, doc: Optional[str] =
         watch.lap("train")
 
     probe_sets = tuple((QUICK if quick else []) + list(overrides))
-    settings = ProbeSettings(out=str(out_dir / "probes"), overlay=str(cfg_dir / plan["probe"]), shards=shards,
-                             length=plan.get("probe_length"), overrides=probe_sets)
+    settings = ProbeSettings(
+        out=str(out_dir / "probes"),
+        overlay=str(cfg_dir / plan["probe"]),
+        shards=shards,
+        length=plan.get("probe_length"),
+        overrides=probe_sets,
+    )
     probes = []
     for label, key, trained in PROBES:
         ck, cfg, meta = read_checkpoint(runs[key])
-        src = Source(str(runs[key]), label, cfg, ck if trained else None, int(meta["vocab_size"]),
-                     meta.get("tokenizer_sha256") if trained else None)
+        src = Source(
+            str(runs[key]),
+            label,
+            cfg,
+            ck if trained else None,
+            int(meta["vocab_size"]),
+            meta.get("tokenizer_sha256") if trained else None,
+        )
         _say(f"probing {label}")
         probes.append(run_probe(src, settings, out_dir / "probes" / label.replace(" ", "-")))
         watch.lap("probe")
     write_probe_report(out_dir / "probes", probes, title="Retention probes (memtrain repro)")
 
     _say("evaluating the memory models (causal per chunk; copy and blank copy with normal, zero, shuffled memories)")
-    memory = evaluate_checkpoints([str(runs["memory_causal"]), str(runs["memory_combined"])], shards=shards,
-                                  batches=2 if quick else int(plan.get("eval_batches", 16)),
-                                  objectives=["causal", "copy", "blank_copy"],
-                                  per_chunk=True, memories=["normal", "zero", "shuffle"])
+    memory = evaluate_checkpoints(
+        [str(runs["memory_causal"]), str(runs["memory_combined"])],
+        shards=shards,
+        batches=2 if quick else int(plan.get("eval_batches", 16)),
+        objectives=["causal", "copy", "blank_copy"],
+        per_chunk=True,
+        memories=["normal", "zero", "shuffle"],
+    )
     write_eval_report(out_dir / "memory", memory)
     watch.lap("memory eval")
 
-    report = {"quick": quick, "command": command, "models": model_summaries(out_dir, plan), "notes": plan["notes"],
-              "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": device_description(),
-              "seconds": {**watch.stages, "total": watch.total}, "configs": str(cfg_dir),
-              "steps": {k: load_config(cfg_dir / v, sets).train.steps for k, v in plan["models"].items()},
-              "probe_steps": probes[0]["steps"] if probes else None,
-              "probes": probes, "memory": memory, "checks": claim_checks(probes, memory)}
+    report = {
+        "quick": quick,
+        "command": command,
+        "models": model_summaries(out_dir, plan),
+        "notes": plan["notes"],
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "device": device_description(),
+        "seconds": {**watch.stages, "total": watch.total},
+        "configs": str(cfg_dir),
+        "steps": {k: load_config(cfg_dir / v, sets).train.steps for k, v in plan["models"].items()},
+        "probe_steps": probes[0]["steps"] if probes else None,
+        "probes": probes,
+        "memory": memory,
+        "checks": claim_checks(probes, memory),
+    }
     doc_path = publish(out_dir, report, doc)
     _say(f"done in {watch.total / 60:.1f} min; {doc_path}")
     return report
 
 
-def publish(out_dir: Path, report: dict, doc: Optional[str]) -> Path:
+def publish(out_dir: Path, report: dict, doc: str | None) -> Path:
     """``OUT/report.json`` + ``OUT/report.md`` and the document (``doc``; default docs/reproduction.md, or
     ``OUT/reproduction.md`` for a quick run) with its plots; returns the document's path."""
     write_report(out_dir, report, reproduction_markdown(report, {name: src for src, name in IMAGES}))
@@ -224,12 +267,17 @@ def model_summaries(out_dir: Path, plan: dict) -> dict[str, dict]:
             _, cfg, meta = read_checkpoint(run)
         except (OSError, ValueError, UserError):
             continue
-        out[role] = {"name": cfg.run.name, "kind": cfg.model.kind, "n_params": meta.get("n_params"),
-                     "steps": summary.get("step"), "eval": summary.get("eval", {})}
+        out[role] = {
+            "name": cfg.run.name,
+            "kind": cfg.model.kind,
+            "n_params": meta.get("n_params"),
+            "steps": summary.get("step"),
+            "eval": summary.get("eval", {}),
+        }
     return out
 
 
-def rewrite_document(out_dir: Path, plan: dict, doc: Optional[str]) -> dict:
+def rewrite_document(out_dir: Path, plan: dict, doc: str | None) -> dict:
     """``memtrain repro --rewrite-doc``: the document and ``OUT/report.md`` again from ``OUT/report.json``."""
     try:
         report = json.loads((out_dir / "report.json").read_text())
@@ -245,6 +293,7 @@ def rewrite_document(out_dir: Path, plan: dict, doc: Optional[str]) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The paper's claims, checked on the measured numbers
 
+
 def _acc(rows: list[dict], label: str) -> float:
     return next(r["accuracy"] for r in rows if r["label"] == label)
 
@@ -255,13 +304,21 @@ def claim_checks(probes: list[dict], memory: dict[str, dict]) -> list[dict]:
     for arch in ("mixer", "transformer"):
         ae, clm, raw = (_acc(probes, f"{arch} {w}") for w in ("autoencoder", "causal LM", "untrained"))
         top = max(clm, raw)
-        checks.append({
-            "claim": f"{arch}: autoencoder memories >> causal-LM memories ~ untrained",
-            "holds": ae >= 2 * top and ae - top >= 0.1 and abs(clm - raw) <= max(0.05, 0.5 * top),
-            "evidence": f"token accuracy {ae:.3f} (autoencoder) vs {clm:.3f} (causal LM) and {raw:.3f} (untrained)"})
+        checks.append(
+            {
+                "claim": f"{arch}: autoencoder memories >> causal-LM memories ~ untrained",
+                "holds": ae >= 2 * top and ae - top >= 0.1 and abs(clm - raw) <= max(0.05, 0.5 * top),
+                "evidence": f"token accuracy {ae:.3f} (autoencoder) vs {clm:.3f} (causal LM) and {raw:.3f} (untrained)",
+            }
+        )
     mix, tr = _acc(probes, "mixer autoencoder"), _acc(probes, "transformer autoencoder")
-    checks.append({"claim": "mixer autoencoders >= transformer autoencoders at equal width and depth",
-                   "holds": mix >= tr - 0.01, "evidence": f"token accuracy {mix:.3f} (mixer) vs {tr:.3f} (transformer)"})
+    checks.append(
+        {
+            "claim": "mixer autoencoders >= transformer autoencoders at equal width and depth",
+            "holds": mix >= tr - 0.01,
+            "evidence": f"token accuracy {mix:.3f} (mixer) vs {tr:.3f} (transformer)",
+        }
+    )
     names = list(memory)
     if len(names) == 2:
         causal, combined = (memory[n] for n in names)
@@ -269,33 +326,46 @@ def claim_checks(probes: list[dict], memory: dict[str, dict]) -> list[dict]:
         def uses(r: dict, task: str) -> float:
             return r[task]["accuracy"] - r[f"{task} (memories shuffle)"]["accuracy"]
 
-        checks.append({
-            "claim": "causal-only memory models fail copy; causal + copy models pass it (their memories carry the "
-                     "copied text)",
-            "holds": combined["copy"]["accuracy"] >= causal["copy"]["accuracy"] + 0.1 and uses(combined, "copy") >= 0.1
-            and uses(causal, "copy") < 0.05,
-            "evidence": f"copy accuracy {causal['copy']['accuracy']:.3f} (causal only) vs "
-                        f"{combined['copy']['accuracy']:.3f} (causal + copy); shuffling memories across the batch "
-                        f"costs {uses(causal, 'copy'):.3f} and {uses(combined, 'copy'):.3f}; blank copy "
-                        f"{causal['blank_copy']['accuracy']:.3f} vs {combined['blank_copy']['accuracy']:.3f}"})
+        checks.append(
+            {
+                "claim": "causal-only memory models fail copy; causal + copy models pass it (their memories carry the "
+                "copied text)",
+                "holds": combined["copy"]["accuracy"] >= causal["copy"]["accuracy"] + 0.1
+                and uses(combined, "copy") >= 0.1
+                and uses(causal, "copy") < 0.05,
+                "evidence": f"copy accuracy {causal['copy']['accuracy']:.3f} (causal only) vs "
+                f"{combined['copy']['accuracy']:.3f} (causal + copy); shuffling memories across the batch "
+                f"costs {uses(causal, 'copy'):.3f} and {uses(combined, 'copy'):.3f}; blank copy "
+                f"{causal['blank_copy']['accuracy']:.3f} vs {combined['blank_copy']['accuracy']:.3f}",
+            }
+        )
     return checks
 
 
 # ----------------------------------------------------------------------------------------------------
 # The document
 
-IMAGES = [("probes/retention.png", "retention.png"), ("probes/curves.png", "probe-curves.png"),
-          ("memory/accuracy.png", "memory-accuracy.png"), ("memory/per_chunk.png", "memory-per-chunk.png")]
+IMAGES = [
+    ("probes/retention.png", "retention.png"),
+    ("probes/curves.png", "probe-curves.png"),
+    ("memory/accuracy.png", "memory-accuracy.png"),
+    ("memory/per_chunk.png", "memory-per-chunk.png"),
+]
 
 
 def _probe_rows(probes: list[dict]) -> str:
-    lines = ["| encoder probed | params trained | CE | token acc | I_e (paper: 1-CE/H_u) | exact match | "
-             "bits / memory | paper CE | paper I_e | paper token acc |", "|" + "---|" * 10]
+    lines = [
+        "| encoder probed | params trained | CE | token acc | I_e (paper: 1-CE/H_u) | exact match | "
+        "bits / memory | paper CE | paper I_e | paper token acc |",
+        "|" + "---|" * 10,
+    ]
     for p in probes:
         ce, ie, acc = PAPER.get(p["label"], (None, None, None))
-        lines.append(f"| {p['label']} | {'yes' if p['trained'] else 'no'} | {num(p['ce'])} | {num(p['accuracy'])} | "
-                     f"{num(p['I_e_paper'])} | {num(p['exact_match'])} | {num(p['retained_bits_per_memory'], 0)} | "
-                     f"{num(ce)} | {num(ie)} | {num(acc, 4)} |")
+        lines.append(
+            f"| {p['label']} | {'yes' if p['trained'] else 'no'} | {num(p['ce'])} | {num(p['accuracy'])} | "
+            f"{num(p['I_e_paper'])} | {num(p['exact_match'])} | {num(p['retained_bits_per_memory'], 0)} | "
+            f"{num(ce)} | {num(ie)} | {num(acc, 4)} |"
+        )
     return "\n".join(lines)
 
 
@@ -317,8 +387,12 @@ def reproduction_markdown(report: dict, images: dict[str, str]) -> str:
     lines = [
         "# Reproduction in miniature",
         "",
-        ("**Quick run: a few training steps per stage, a check that the pipeline works. The numbers below mean "
-         "nothing.**\n" if report["quick"] else ""),
+        (
+            "**Quick run: a few training steps per stage, a check that the pipeline works. The numbers below mean "
+            "nothing.**\n"
+            if report["quick"]
+            else ""
+        ),
         f"Produced by `{report['command']}` on {report['date']} (configs: `{report['configs']}`), in "
         f"{secs['total'] / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in secs.items() if k != 'total')}).",
         f"Device: {report['device']}.",

@@ -1,4 +1,5 @@
 """``memtrain submit``, ``memtrain sweep`` and ``memtrain config-get``."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,18 @@ def _slurm_overrides(args) -> list[tuple[str, object]]:
     """--nodes etc. as config overrides (flags win over the config's slurm section), set as values: argparse
     has already typed them (``--time 10:00:00`` and ``--account 12345`` stay text, never YAML)."""
     out: list[tuple[str, object]] = []
-    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("tasks_per_node", "tasks_per_node"),
-                      ("cpus_per_task", "cpus_per_task"), ("time", "time"), ("partition", "partition"),
-                      ("account", "account"), ("launcher", "launcher"), ("signal_seconds", "signal_seconds"),
-                      ("max_requeues", "max_requeues")):
+    for flag, key in (
+        ("nodes", "nodes"),
+        ("gpus_per_node", "gpus_per_node"),
+        ("tasks_per_node", "tasks_per_node"),
+        ("cpus_per_task", "cpus_per_task"),
+        ("time", "time"),
+        ("partition", "partition"),
+        ("account", "account"),
+        ("launcher", "launcher"),
+        ("signal_seconds", "signal_seconds"),
+        ("max_requeues", "max_requeues"),
+    ):
         v = getattr(args, flag, None)
         if v is not None:
             out.append((f"slurm.{key}", v))
@@ -37,8 +46,10 @@ def cmd_submit(args) -> int:
         print(f"# written to {script} (not submitted: --dry-run)")
         return 0
     job = sbatch(script)
-    print(f"submitted job {job}: {cfg.run.name} on {cfg.slurm.nodes} node(s) x {cfg.slurm.ranks_per_node} rank(s); "
-          f"script {script}; logs {script.parent / 'logs'}; run dir {cfg.run.out_dir}")
+    print(
+        f"submitted job {job}: {cfg.run.name} on {cfg.slurm.nodes} node(s) x {cfg.slurm.ranks_per_node} rank(s); "
+        f"script {script}; logs {script.parent / 'logs'}; run dir {cfg.run.out_dir}"
+    )
     return 0
 
 
@@ -64,8 +75,10 @@ def cmd_sweep(args) -> int:
         rows = collect(args.rest[0], peak_tflops=args.peak_tflops)
         root = Path(args.rest[0])
         print((root / "results.md").read_text(), end="")
-        print(f"{len(rows)} run(s): {root / 'results.csv'}, {root / 'results.md'}, {root / 'scaling.png'}, "
-              f"{root / 'loss_vs_compute.png'}")
+        print(
+            f"{len(rows)} run(s): {root / 'results.csv'}, {root / 'results.md'}, {root / 'scaling.png'}, "
+            f"{root / 'loss_vs_compute.png'}"
+        )
         return 0
     from memtrain.launch.slurm import check_resources, check_workdir, new_job_dir, partitions_to_check, render, sbatch
     from memtrain.launch.sweep import expand, resource_groups, run_local, write_points
@@ -89,8 +102,9 @@ def cmd_sweep(args) -> int:
         job_dir = new_job_dir(workdir, f"{grid.name}-g{gi}")
         listing = job_dir / "configs.txt"
         listing.write_text("".join(f"{(root / 'configs' / (p.name + '.yaml')).resolve()}\n" for p in group))
-        text = render(group[0].cfg, None, workdir, job_dir, array_list=listing, n_array=len(group),
-                      job_name=f"{grid.name}-g{gi}")
+        text = render(
+            group[0].cfg, None, workdir, job_dir, array_list=listing, n_array=len(group), job_name=f"{grid.name}-g{gi}"
+        )
         script = job_dir / "job.sbatch"
         script.write_text(text)
         if args.dry_run:
@@ -113,8 +127,10 @@ def cmd_scale(args) -> int:
             raise UserError(f"--from-run {args.from_run}: no finished run with logged tokens/s and a checkpoint")
         per_step = rec["tokens"] / max(rec["steps"], 1)
         step, params, tokens = per_step / rec["tokens_per_s"], rec["params"], per_step
-        print(f"from {args.from_run}: {rec['ranks']} rank(s), {params:,} parameters, "
-              f"{step * 1e3:.1f} ms/step, {tokens:,.0f} tokens/step")
+        print(
+            f"from {args.from_run}: {rec['ranks']} rank(s), {params:,} parameters, "
+            f"{step * 1e3:.1f} ms/step, {tokens:,.0f} tokens/step"
+        )
     if step is None or params is None:
         raise UserError("give --step-time and --params, or --from-run RUN_DIR")
     net = NETWORKS[args.net]
@@ -124,10 +140,22 @@ def cmd_scale(args) -> int:
         nodes = [int(n) for n in args.nodes.split(",")]
     except ValueError:
         raise UserError(f"--nodes: expected comma-separated integers, got {args.nodes!r}") from None
-    rows = [predict(step, params, n, args.gpus_per_node, net, zero_stage=args.zero_stage,
-                    bytes_per_param=args.bytes_per_param, pipeline_stages=args.pipeline_stages,
-                    micro_batches=args.micro_batches, overlap=args.overlap, tokens_per_step_1gpu=tokens)
-            for n in nodes]
+    rows = [
+        predict(
+            step,
+            params,
+            n,
+            args.gpus_per_node,
+            net,
+            zero_stage=args.zero_stage,
+            bytes_per_param=args.bytes_per_param,
+            pipeline_stages=args.pipeline_stages,
+            micro_batches=args.micro_batches,
+            overlap=args.overlap,
+            tokens_per_step_1gpu=tokens,
+        )
+        for n in nodes
+    ]
     print(f"network {net.name}: {net.intra_gbps} GB/s per GPU in a node, {net.inter_gbps} GB/s per node")
     print(table(rows))
     return 0
@@ -142,11 +170,19 @@ def _add_slurm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--launcher", choices=["srun", "torchrun", "deepspeed"])
-    p.add_argument("--signal-seconds", dest="signal_seconds", type=int,
-                   help="checkpoint-and-requeue signal this many seconds before the limit (0: none)")
+    p.add_argument(
+        "--signal-seconds",
+        dest="signal_seconds",
+        type=int,
+        help="checkpoint-and-requeue signal this many seconds before the limit (0: none)",
+    )
     p.add_argument("--no-requeue", dest="no_requeue", action="store_true")
-    p.add_argument("--max-requeues", dest="max_requeues", type=int,
-                   help="most times a preempted job requeues itself (slurm.max_requeues)")
+    p.add_argument(
+        "--max-requeues",
+        dest="max_requeues",
+        type=int,
+        help="most times a preempted job requeues itself (slurm.max_requeues)",
+    )
 
 
 def register(sub) -> None:
@@ -181,8 +217,9 @@ def register(sub) -> None:
     c.add_argument("--micro-batches", type=int, default=1)
     c.add_argument("--bytes-per-param", type=float, default=2.0, help="gradient/parameter bytes on the wire")
     c.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden by compute")
-    c.add_argument("--net", default="h100-nvlink-ib8x400",
-                   choices=["h100-nvlink-ib8x400", "a100-nvlink-ib4x200", "ethernet-100g"])
+    c.add_argument(
+        "--net", default="h100-nvlink-ib8x400", choices=["h100-nvlink-ib8x400", "a100-nvlink-ib4x200", "ethernet-100g"]
+    )
     c.add_argument("--intra-gbps", type=float, help="override: per-GPU bandwidth inside a node (GB/s)")
     c.add_argument("--inter-gbps", type=float, help="override: network bandwidth per node (GB/s)")
     c.set_defaults(func=cmd_scale)

@@ -3,7 +3,7 @@
 Per run: ranks (the world size recorded in the run's provenance, ``meta.json`` / ``summary.json``; the config's
 slurm section only for runs that predate it), parameters, tokens/s (median over the run's logged windows after
 the first, which holds start-up), tokens/s per rank, model TFLOP/s per rank from the model FLOPs per token the
-run recorded in meta.json (:func:`memtrain.bench.flops_per_token`, the same analytic count as ``memtrain bench``
+run recorded in meta.json (:func:`memtrain.flops.flops_per_token`, the same analytic count as ``memtrain bench``
 and the training log: every objective a forward + backward pass, the decoder on its real positions, causal
 mixing and attention on the lower triangle; per curriculum stage; recomputed for runs that predate it), MFU
 (against ``--peak-tflops``, else the MFU the run logged against its device's datasheet peak), final training
@@ -11,6 +11,7 @@ loss, the held-out metrics of ``summary.json`` and the memtrain commit that trai
 ``results.csv``, ``results.md``, ``scaling.png`` (throughput against ranks with ideal linear scaling from each
 model's smallest run) and ``loss_vs_compute.png``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,8 @@ import statistics
 from pathlib import Path
 
 import yaml
-
 from memtrain.errors import UserError
+from memtrain.tables import markdown_table
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -41,8 +42,9 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
         return None
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
     logs = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or \
-          [r["tokens_per_s"] for r in logs if "tokens_per_s" in r]
+    tps = [r["tokens_per_s"] for r in logs[1:] if "tokens_per_s" in r] or [
+        r["tokens_per_s"] for r in logs if "tokens_per_s" in r
+    ]
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -57,18 +59,27 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
     steps = int(summary.get("step") or (logs[-1]["step"] if logs else 0))
     data, optim = cfg.get("data", {}), cfg.get("optim", {})
     tokens = steps * int(data.get("batch_size", 0)) * int(optim.get("grad_accum", 1)) * ranks * row_len
-    rec = {"run": cfg.get("run", {}).get("name", run_dir.name), "run_dir": str(run_dir), "ranks": ranks,
-           "params": n_params, "steps": steps, "tokens": tokens,
-           "tokens_per_s": statistics.median(tps) if tps else None,
-           "final_loss": logs[-1].get("loss/total") if logs else None,
-           "complete": bool(summary.get("complete"))}
+    rec = {
+        "run": cfg.get("run", {}).get("name", run_dir.name),
+        "run_dir": str(run_dir),
+        "ranks": ranks,
+        "params": n_params,
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_per_s": statistics.median(tps) if tps else None,
+        "final_loss": logs[-1].get("loss/total") if logs else None,
+        "complete": bool(summary.get("complete")),
+    }
     rec["tokens_per_s_per_rank"] = rec["tokens_per_s"] / ranks if rec["tokens_per_s"] else None
     per_token = recorded_flops(meta) or stage_flops_per_token(cfg, meta.get("vocab_size"))
     if per_token and rec["tokens_per_s"]:
-        from memtrain.bench import mfu
+        from memtrain.flops import mfu
 
-        rates = [per_token[min(r.get("stage", 0), len(per_token) - 1)] * r["tokens_per_s"]
-                 for r in (logs[1:] or logs) if "tokens_per_s" in r]
+        rates = [
+            per_token[min(r.get("stage", 0), len(per_token) - 1)] * r["tokens_per_s"]
+            for r in (logs[1:] or logs)
+            if "tokens_per_s" in r
+        ]
         rec["flops_per_token"] = per_token[0] if len(per_token) == 1 else None
         rec["model_tflops_per_rank"] = statistics.median(rates) / ranks / 1e12
         tokens_per_step = tokens / steps if steps else 0
@@ -118,10 +129,10 @@ def commit_of(meta: dict, summary: dict) -> str | None:
 
 
 def stage_flops_per_token(cfg: dict, vocab: int | None) -> list[float] | None:
-    """Model FLOPs per token of each curriculum stage (:func:`memtrain.bench.flops_per_token`), or None when
+    """Model FLOPs per token of each curriculum stage (:func:`memtrain.flops.flops_per_token`), or None when
     the vocabulary is unknown or the config is not one this memtrain reads (or not counted: ``hf_decoder``)."""
-    from memtrain.bench import stage_flops_per_token as per_stage
     from memtrain.config import config_from_dict
+    from memtrain.flops import stage_flops_per_token as per_stage
 
     try:
         run = config_from_dict(cfg, source="config.yaml")
@@ -164,7 +175,7 @@ def collect(sweep_dir: str | Path, peak_tflops: float | None = None) -> list[dic
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    (root / "results.md").write_text(markdown_table(rows, cols))
+    (root / "results.md").write_text(results_markdown(rows, cols))
     plot_scaling(rows, root / "scaling.png", grid_keys)
     plot_loss_vs_compute(rows, root / "loss_vs_compute.png")
     return rows
@@ -176,11 +187,9 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def markdown_table(rows: list[dict], cols: list[str]) -> str:
+def results_markdown(rows: list[dict], cols: list[str]) -> str:
     shown = [c for c in cols if c != "run_dir"]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(shown, ([_fmt(r.get(c)) for c in shown] for r in rows)) + "\n"
 
 
 def _model_key(row: dict, grid_keys: list[str]) -> str:
@@ -204,7 +213,7 @@ def plot_scaling(rows: list[dict], out: Path, grid_keys: list[str]) -> None:
         rs.sort(key=lambda r: r["ranks"])
         x = [r["ranks"] for r in rs]
         y = [r["tokens_per_s"] for r in rs]
-        line, = ax.plot(x, y, "o-", label=label)
+        (line,) = ax.plot(x, y, "o-", label=label)
         ideal = [y[0] * xi / x[0] for xi in x]
         ax.plot(x, ideal, "--", color=line.get_color(), alpha=0.5)
     ax.set_xlabel("ranks (GPUs or CPU processes)")
@@ -225,8 +234,11 @@ def plot_loss_vs_compute(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    pts = [(r["compute_pflop"], r["final_loss"], r["run"]) for r in rows
-           if r.get("compute_pflop") and r.get("final_loss") is not None]
+    pts = [
+        (r["compute_pflop"], r["final_loss"], r["run"])
+        for r in rows
+        if r.get("compute_pflop") and r.get("final_loss") is not None
+    ]
     for x, y, name in pts:
         ax.scatter([x], [y])
         ax.annotate(name, (x, y), fontsize=6)

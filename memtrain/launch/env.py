@@ -5,6 +5,7 @@ Under ``srun`` each rank is a Slurm task: ``SLURM_PROCID``/``SLURM_NTASKS``/``SL
 node of the allocation and a port derived from the job id) or are derived here the same way. Variables that
 are already set (torchrun, the deepspeed launcher) are left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,15 @@ def adopt_slurm_env(environ: dict | None = None) -> bool:
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     # ranks on this node (mosaicml-streaming elects one leader per node from it): "2" or "2(x3)"
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(ntasks)
-    env["LOCAL_WORLD_SIZE"] = str(int(re.match(r"\d+", per_node).group()) if re.match(r"\d+", per_node) else 1)
+    leading = re.match(r"\d+", per_node)
+    env["LOCAL_WORLD_SIZE"] = str(int(leading.group()) if leading else 1)
     env["NODE_RANK"] = env.get("SLURM_NODEID", "0")
     if "MASTER_ADDR" not in env:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
         try:
-            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                   check=True).stdout.split()[0]
+            first = subprocess.run(
+                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
         except (OSError, subprocess.CalledProcessError, IndexError):
             first = nodes.split(",")[0]
         env["MASTER_ADDR"] = first

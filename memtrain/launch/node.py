@@ -20,6 +20,7 @@ node index (the DeepSpeed launcher's ``--node_rank``), so the batch script never
 
 The exit status is ``COMMAND``'s (128 + N when it ended by signal N). Linux only (``/proc``).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def _children_map() -> dict[int, list[int]]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # the command name may contain spaces or ')'
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the command name may contain spaces or ')'
         children.setdefault(ppid, []).append(int(entry))
     return children
 
@@ -117,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_usr1(signum, frame) -> None:
         if not fwd.pending:
-            print(f"memtrain: node {node_id}: SIGUSR1 received; forwarding it to the training ranks",
-                  file=sys.stderr, flush=True)
+            print(
+                f"memtrain: node {node_id}: SIGUSR1 received; forwarding it to the training ranks",
+                file=sys.stderr,
+                flush=True,
+            )
         fwd.pending = True
 
     def on_stop(signum, frame) -> None:

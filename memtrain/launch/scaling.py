@@ -18,9 +18,12 @@ NVLink bandwidth and the inter-node part over each node's network bandwidth. A p
 adds the bubble ``(p - 1) / m`` of ``m`` micro-batches and divides the model (and its collective volume)
 among the stages. ``overlap`` is the fraction of the communication hidden behind backward compute.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from memtrain.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,9 @@ def collective_factor(zero_stage: int) -> float:
     return 3.0 if zero_stage == 3 else 2.0
 
 
-def comm_time(n_params: float, bytes_per_param: float, zero_stage: int, nodes: int, gpus_per_node: int,
-              net: Network) -> float:
+def comm_time(
+    n_params: float, bytes_per_param: float, zero_stage: int, nodes: int, gpus_per_node: int, net: Network
+) -> float:
     """Seconds of communication per step for the data-parallel collectives."""
     volume = n_params * bytes_per_param * collective_factor(zero_stage) / 2.0  # per all-reduce-equivalent
     t = 0.0
@@ -58,9 +62,19 @@ def comm_time(n_params: float, bytes_per_param: float, zero_stage: int, nodes: i
     return t
 
 
-def predict(step_time_1gpu: float, n_params: float, nodes: int, gpus_per_node: int, net: Network,
-            zero_stage: int = 0, bytes_per_param: float = 2.0, pipeline_stages: int = 1, micro_batches: int = 1,
-            overlap: float = 0.0, tokens_per_step_1gpu: float | None = None) -> dict:
+def predict(
+    step_time_1gpu: float,
+    n_params: float,
+    nodes: int,
+    gpus_per_node: int,
+    net: Network,
+    zero_stage: int = 0,
+    bytes_per_param: float = 2.0,
+    pipeline_stages: int = 1,
+    micro_batches: int = 1,
+    overlap: float = 0.0,
+    tokens_per_step_1gpu: float | None = None,
+) -> dict:
     """Predicted step time, efficiency and throughput on ``nodes x gpus_per_node`` GPUs."""
     ranks = nodes * gpus_per_node
     p = max(pipeline_stages, 1)
@@ -74,8 +88,16 @@ def predict(step_time_1gpu: float, n_params: float, nodes: int, gpus_per_node: i
         comm = 0.0
     step = compute + (1.0 - overlap) * comm
     # ideal: each GPU holds 1/p of the model and computes t1/p per step, with no bubble or communication
-    out = {"nodes": nodes, "gpus": ranks, "zero_stage": zero_stage, "pipeline_stages": p,
-           "compute_s": compute, "comm_s": comm, "step_s": step, "efficiency": (step_time_1gpu / p) / step}
+    out = {
+        "nodes": nodes,
+        "gpus": ranks,
+        "zero_stage": zero_stage,
+        "pipeline_stages": p,
+        "compute_s": compute,
+        "comm_s": comm,
+        "step_s": step,
+        "efficiency": (step_time_1gpu / p) / step,
+    }
     if tokens_per_step_1gpu:
         out["tokens_per_s"] = tokens_per_step_1gpu * dp / step
     return out
@@ -85,10 +107,7 @@ def table(rows: list[dict]) -> str:
     cols = ["nodes", "gpus", "zero_stage", "pipeline_stages", "compute_s", "comm_s", "step_s", "efficiency"]
     if rows and "tokens_per_s" in rows[0]:
         cols.append("tokens_per_s")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(cols, ([f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in cols] for r in rows))
 
 
 def network_summary(net: Network) -> dict:

@@ -7,6 +7,7 @@ frozen into a job folder (so a requeued job trains exactly what was submitted), 
 then the launcher's body. Everything is checked against the cluster (partition, nodes, GPUs per node)
 before anything is submitted.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,10 @@ def _job_name(name: str) -> str:
 def _check_path(path: Path, what: str) -> None:
     """A folder written into ``#SBATCH --output`` (which sbatch reads without shell quoting)."""
     if not _SAFE_PATH.match(str(path)):
-        raise UserError(f"{what}: {str(path)!r} cannot be written into an #SBATCH line; use a folder whose path has "
-                        "only letters, digits and . _ + , : @ % / = - (no spaces, quotes or control characters)")
+        raise UserError(
+            f"{what}: {str(path)!r} cannot be written into an #SBATCH line; use a folder whose path has "
+            "only letters, digits and . _ + , : @ % / = - (no spaces, quotes or control characters)"
+        )
 
 
 def check_workdir(workdir: Path) -> None:
@@ -58,12 +61,18 @@ def _check_script_values(cfg: Config, name: str) -> None:
     """Every config value that reaches the script, checked again where it is used (the config's validators
     refuse them when a config is read; a Config built or changed in code passes through here too)."""
     s = cfg.slurm
-    for field, value in (("run.name", name), ("run.out_dir", cfg.run.out_dir), ("slurm.time", s.time),
-                         ("slurm.partition", s.partition or ""), ("slurm.account", s.account or ""),
-                         *((f"slurm.extra_sbatch[{i}]", x) for i, x in enumerate(s.extra_sbatch))):
+    for field, value in (
+        ("run.name", name),
+        ("run.out_dir", cfg.run.out_dir),
+        ("slurm.time", s.time),
+        ("slurm.partition", s.partition or ""),
+        ("slurm.account", s.account or ""),
+        *((f"slurm.extra_sbatch[{i}]", x) for i, x in enumerate(s.extra_sbatch)),
+    ):
         if _CONTROL.search(value):
-            raise UserError(f"{field}: must be one line of printable text (no newline or other control "
-                            f"character), got {value!r}")
+            raise UserError(
+                f"{field}: must be one line of printable text (no newline or other control character), got {value!r}"
+            )
 
 
 @dataclass
@@ -147,21 +156,29 @@ def check_resources(s: SlurmConfig, partitions: dict[str, Partition] | None) -> 
         return
     name = s.partition or default_partition()
     if name is None:
-        raise UserError("slurm.partition: not set and the cluster has no default partition "
-                        f"(partitions: {', '.join(sorted(partitions)) or 'none'})")
+        raise UserError(
+            "slurm.partition: not set and the cluster has no default partition "
+            f"(partitions: {', '.join(sorted(partitions)) or 'none'})"
+        )
     if name not in partitions:
-        raise UserError(f"slurm.partition: '{name}' does not exist on this cluster "
-                        f"(partitions: {', '.join(sorted(partitions)) or 'none'})")
+        raise UserError(
+            f"slurm.partition: '{name}' does not exist on this cluster "
+            f"(partitions: {', '.join(sorted(partitions)) or 'none'})"
+        )
     p = partitions[name]
     if s.nodes > p.nodes:
         raise UserError(f"slurm.nodes: {s.nodes} nodes requested but partition '{name}' has {p.nodes}")
     if s.gpus_per_node > p.gpus_per_node:
-        raise UserError(f"slurm.gpus_per_node: {s.gpus_per_node} GPUs per node requested but the nodes of "
-                        f"partition '{name}' have {p.gpus_per_node}")
+        raise UserError(
+            f"slurm.gpus_per_node: {s.gpus_per_node} GPUs per node requested but the nodes of "
+            f"partition '{name}' have {p.gpus_per_node}"
+        )
     cpus = s.cpus_per_task * (1 if s.launcher != "srun" else s.ranks_per_node)
     if p.cpus_per_node and cpus > p.cpus_per_node:
-        raise UserError(f"slurm.cpus_per_task: {cpus} CPUs per node requested but the nodes of partition "
-                        f"'{name}' have {p.cpus_per_node}")
+        raise UserError(
+            f"slurm.cpus_per_task: {cpus} CPUs per node requested but the nodes of partition "
+            f"'{name}' have {p.cpus_per_node}"
+        )
 
 
 def _body(template: str) -> list[str]:
@@ -173,8 +190,15 @@ def _body(template: str) -> list[str]:
     return [ln for ln in lines[i:] if "_common.sh" not in ln]
 
 
-def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
-           array_list: Path | None = None, n_array: int = 0, job_name: str | None = None) -> str:
+def render(
+    cfg: Config,
+    config_file: Path | None,
+    workdir: Path,
+    job_dir: Path,
+    array_list: Path | None = None,
+    n_array: int = 0,
+    job_name: str | None = None,
+) -> str:
     """A complete sbatch script for ``cfg`` (its ``slurm`` section decides the resources and launcher).
 
     ``array_list``: a job array over the configs listed one per line in that file (task i trains line i+1);
@@ -190,11 +214,17 @@ def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
     _check_path(job_dir, "--workdir")
     name = _job_name(raw_name)
     log = "%x-%A_%a.out" if array_list else "%x-%j.out"
-    head = ["#!/bin/bash", f"# memtrain: {name}, rendered {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            f"#SBATCH --job-name={name}", f"#SBATCH --nodes={s.nodes}",
-            f"#SBATCH --ntasks-per-node={tasks}", f"#SBATCH --cpus-per-task={s.cpus_per_task}",
-            f"#SBATCH --time={s.time}", "#SBATCH --open-mode=append",
-            f"#SBATCH --output={job_dir}/logs/{log}"]
+    head = [
+        "#!/bin/bash",
+        f"# memtrain: {name}, rendered {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={s.nodes}",
+        f"#SBATCH --ntasks-per-node={tasks}",
+        f"#SBATCH --cpus-per-task={s.cpus_per_task}",
+        f"#SBATCH --time={s.time}",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={job_dir}/logs/{log}",
+    ]
     if array_list:
         head.append(f"#SBATCH --array=0-{n_array - 1}")
     if s.gpus_per_node:
@@ -207,9 +237,13 @@ def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
         head.append(f"#SBATCH --signal={SIGNALS[s.launcher]}@{s.signal_seconds}")
     head.append("#SBATCH --requeue" if s.requeue else "#SBATCH --no-requeue")
     head += [f"#SBATCH {x}" for x in s.extra_sbatch]
-    env = {"MEMTRAIN_WORKDIR": str(workdir), "MEMTRAIN_LOG_DIR": str(job_dir / "logs"),
-           "MEMTRAIN_PYTHON": sys.executable, "MEMTRAIN_REQUEUE": "1" if s.requeue else "0",
-           "MEMTRAIN_MAX_REQUEUES": str(s.max_requeues)}
+    env = {
+        "MEMTRAIN_WORKDIR": str(workdir),
+        "MEMTRAIN_LOG_DIR": str(job_dir / "logs"),
+        "MEMTRAIN_PYTHON": sys.executable,
+        "MEMTRAIN_REQUEUE": "1" if s.requeue else "0",
+        "MEMTRAIN_MAX_REQUEUES": str(s.max_requeues),
+    }
     if config_file is not None:
         env["MEMTRAIN_CONFIG"] = str(config_file)
         env["MEMTRAIN_RUN_DIR"] = str((workdir / cfg.run.out_dir).resolve())
@@ -222,8 +256,18 @@ def render(cfg: Config, config_file: Path | None, workdir: Path, job_dir: Path,
     d = slurm_dir()
     common = (d / "_common.sh").read_text().splitlines()
     body = _body((d / TEMPLATES[s.launcher]).read_text())
-    return "\n".join(head + [""] + exports + ["", "# --- slurm/_common.sh ---"] + common +
-                     ["", f"# --- slurm/{TEMPLATES[s.launcher]} ---"] + body) + "\n"
+    return (
+        "\n".join(
+            head
+            + [""]
+            + exports
+            + ["", "# --- slurm/_common.sh ---"]
+            + common
+            + ["", f"# --- slurm/{TEMPLATES[s.launcher]} ---"]
+            + body
+        )
+        + "\n"
+    )
 
 
 def new_job_dir(workdir: Path, name: str) -> Path:

@@ -14,6 +14,7 @@ A grid file::
 runs or is submitted. Points run locally one after another (``torchrun`` when a point has several ranks),
 or on Slurm as one job array per group of points that ask for the same resources.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,9 @@ def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str
     out = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   None)
+        sub = next(
+            (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if sub is not None:
             out += config_fields(sub, f"{prefix}{name}.")
         else:
@@ -128,10 +130,22 @@ def write_points(grid: GridFile, points: list[Point]) -> Path:
     (root / "configs").mkdir(parents=True, exist_ok=True)
     for p in points:
         (root / "configs" / f"{p.name}.yaml").write_text(dump_config(p.cfg))
-    (root / "sweep.json").write_text(json.dumps({
-        "name": grid.name, "base": grid.base, "set": grid.set, "grid": grid.grid,
-        "points": [{"index": p.index, "name": p.name, "values": p.values, "run_dir": str(p.run_dir),
-                    "ranks": p.ranks} for p in points]}, indent=2, default=str))
+    (root / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": grid.name,
+                "base": grid.base,
+                "set": grid.set,
+                "grid": grid.grid,
+                "points": [
+                    {"index": p.index, "name": p.name, "values": p.values, "run_dir": str(p.run_dir), "ranks": p.ranks}
+                    for p in points
+                ],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return root
 
 
@@ -149,11 +163,25 @@ def run_local(grid: GridFile, points: list[Point], threads_per_rank: int = 1) ->
         cfg_file = root / "configs" / f"{p.name}.yaml"
         cmd = [sys.executable, "-m", "memtrain", "train", str(cfg_file), "--resume"]
         if p.ranks > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(p.ranks),
-                   "--master_port", str(_free_port()), "-m", "memtrain", "train", str(cfg_file), "--resume"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(p.ranks),
+                "--master_port",
+                str(_free_port()),
+                "-m",
+                "memtrain",
+                "train",
+                str(cfg_file),
+                "--resume",
+            ]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank))
-        print(f"sweep {grid.name}: point {p.index + 1}/{len(points)} {p.name} ({_slug(p.values)}), "
-              f"{p.ranks} rank(s)", flush=True)
+        print(
+            f"sweep {grid.name}: point {p.index + 1}/{len(points)} {p.name} ({_slug(p.values)}), {p.ranks} rank(s)",
+            flush=True,
+        )
         codes.append(subprocess.run(cmd, env=env).returncode)
     return codes
 
@@ -163,7 +191,6 @@ def resource_groups(points: list[Point]) -> dict[tuple, list[Point]]:
     groups: dict[tuple, list[Point]] = {}
     for p in points:
         s = p.cfg.slurm
-        key = (s.nodes, s.gpus_per_node, s.tasks_per_node, s.cpus_per_task, s.time, s.partition, s.account,
-               s.launcher)
+        key = (s.nodes, s.gpus_per_node, s.tasks_per_node, s.cpus_per_task, s.time, s.partition, s.account, s.launcher)
         groups.setdefault(key, []).append(p)
     return groups

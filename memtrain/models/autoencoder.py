@@ -3,7 +3,10 @@
 The decoder has no token input: position t sees only the memory (and, causally, earlier decoder positions),
 and hidden[:, t] reconstructs token t (no shift).
 """
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -49,18 +52,23 @@ class Autoencoder(MemtrainModel):
 
     def forward(self, input_ids: torch.Tensor, memories: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, L] -> hidden [B, L, d]. ``memories`` [B, e] (e.g. precomputed) skips the encoder."""
-        L = self.cfg.chunk_len
         if memories is None:
             memories = self.encode(input_ids)
+        return self.decoder(self.inject(memories))
+
+    def inject(self, memories: torch.Tensor) -> torch.Tensor:
+        """memories [B, e] -> the decoder's input [B, L, d]: decoder_proj, then each position gets the memory
+        (``repeat``) or its own window of it through ``projection`` (``unroll``)."""
+        L = self.cfg.chunk_len
         dtype = self.lm_head.weight.dtype
         m = self.decoder_proj(memories.to(dtype))  # [B, d]
         if self.cfg.injection == "repeat":
             x = m.unsqueeze(1).expand(-1, L, -1)
         else:
             x = self.projection(m[:, unroll_index(L, m.shape[-1], m.device)])  # [B, L, d/2] -> [B, L, d]
-        return self.decoder(x.to(dtype))  # the residual stream stays in the parameters' dtype under autocast
+        return x.to(dtype)  # the residual stream stays in the parameters' dtype under autocast
 
-    def _group_modules(self) -> dict[str, list[nn.Module]]:
+    def _group_modules(self) -> dict[str, Sequence[nn.Module]]:
         return {
             "encoder": [self.encoder],
             "decoder": [self.decoder_proj, self.projection, self.decoder],

@@ -3,9 +3,12 @@
 Shapes: B batch, T = cfg.seq_len tokens per row, L = cfg.chunk_len, C = cfg.n_chunks, V vocabulary,
 e = encoder width, d = decoder width.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -13,8 +16,6 @@ import torch.nn as nn
 from memtrain.config import MODULE_GROUPS, ModelConfig
 from memtrain.errors import UserError
 from memtrain.models.stack import Stack, init_like, make_norm
-
-IGNORE_INDEX = -100
 
 
 class ChunkEncoder(Stack):
@@ -34,8 +35,16 @@ class ChunkEncoder(Stack):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [N, L] -> memories [N, e]."""
-        h = super().forward(self.wte(input_ids))
-        return self.up(self.down(h[:, self.memory_position]))
+        return self.readout(self.run_blocks(self.embed(input_ids)))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [N, L] -> token embeddings [N, L, e]."""
+        return self.wte(input_ids)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Block output [N, L, e] -> memories [N, e]: final norm, the hidden state at the memory position,
+        then the bottleneck."""
+        return self.up(self.down(self.norm(h)[:, self.memory_position]))
 
 
 class MemtrainModel(nn.Module):
@@ -60,12 +69,24 @@ class MemtrainModel(nn.Module):
         if self.cfg.tie_embeddings:
             if tie_to is None or tie_to.weight.shape != self.lm_head.weight.shape:
                 have = "none" if tie_to is None else str(tuple(tie_to.weight.shape))
-                raise UserError(f"model.tie_embeddings: the lm_head {tuple(self.lm_head.weight.shape)} can only be "
-                                f"tied to a token embedding of the same shape; this {self.kind}'s is {have}; "
-                                "set tie_embeddings: false or make encoder.d_model equal decoder.d_model")
+                raise UserError(
+                    f"model.tie_embeddings: the lm_head {tuple(self.lm_head.weight.shape)} can only be "
+                    f"tied to a token embedding of the same shape; this {self.kind}'s is {have}; "
+                    "set tie_embeddings: false or make encoder.d_model equal decoder.d_model"
+                )
             self.lm_head.weight = tie_to.weight
 
     # -- outputs ------------------------------------------------------------------------------------------
+    def decoder_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The decoder stack's output -> hidden [B, T, d] aligned with :meth:`align_labels` (the same tensor,
+        except for the memory model, whose decoder rows are chunks)."""
+        return h
+
+    def standard_head(self) -> bool:
+        """Whether :meth:`logits` is this class's ``lm_head(norm(h))`` (a subclass with its own head is not),
+        so a fused linear + cross-entropy may replace it."""
+        return type(self).logits is MemtrainModel.logits
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (final norm if cfg.final_norm, then lm_head)."""
         return self.lm_head(self.norm(hidden))
@@ -82,7 +103,7 @@ class MemtrainModel(nn.Module):
             raise ValueError(f"{self.kind} model expects input_ids [B, {length}], got {list(input_ids.shape)}")
 
     # -- groups and freezing ------------------------------------------------------------------------------
-    def _group_modules(self) -> dict[str, list[nn.Module]]:
+    def _group_modules(self) -> dict[str, Sequence[nn.Module]]:
         raise NotImplementedError
 
     def module_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -120,7 +141,7 @@ class MemtrainModel(nn.Module):
         """chunks [N, L] -> memories [N, e], without autograd when the encoder is frozen."""
         ctx = torch.no_grad() if self.encoder_frozen() else contextlib.nullcontext()
         with ctx:
-            return self.encoder(chunks)
+            return cast(nn.Module, self.encoder)(chunks)
 
     def load_encoder_state(self, state_dict: dict[str, torch.Tensor], source_kind: str) -> None:
         """Copy the encoder of another model's full state dict into this model's encoder and check it fits.
@@ -135,10 +156,11 @@ class MemtrainModel(nn.Module):
         (call ``freeze(["encoder"])``).
         """
         src = encoder_state_from(state_dict, source_kind)
-        if getattr(self, "encoder", None) is None:
+        encoder: nn.Module | None = getattr(self, "encoder", None)
+        if encoder is None:
             raise UserError(f"frozen encoder: this {self.kind} model has no encoder (model.no_memory is true?)")
         prefix = "encoder."
-        own = self.encoder.state_dict()
+        own = encoder.state_dict()
         if source_kind == "clm":
             src = {k: _position_prefix(k, v, own.get(k)) for k, v in src.items()}
         missing = sorted(set(own) - set(src))
@@ -148,14 +170,16 @@ class MemtrainModel(nn.Module):
                 f"frozen encoder: the {source_kind} checkpoint's encoder does not fit this model's encoder "
                 f"(missing: {[prefix + k for k in missing][:5]}, "
                 f"unexpected: {[prefix + k for k in unexpected][:5]}); "
-                "check model.encoder (arch, n_layers, n_heads), model.compression and model.final_norm")
+                "check model.encoder (arch, n_layers, n_heads), model.compression and model.final_norm"
+            )
         for key, value in src.items():
             if tuple(value.shape) != tuple(own[key].shape):
                 raise UserError(
                     f"frozen encoder: parameter {prefix}{key} has shape {tuple(value.shape)} in the {source_kind} "
                     f"checkpoint but {tuple(own[key].shape)} in this model; check model.encoder, model.chunk_len "
-                    "and the vocabulary")
-        self.encoder.load_state_dict(src)
+                    "and the vocabulary"
+                )
+        encoder.load_state_dict(src)
 
 
 #: model kinds whose checkpoints hold something that can serve as a :class:`ChunkEncoder`
@@ -171,8 +195,10 @@ def encoder_state_from(state_dict: dict[str, torch.Tensor], source_kind: str) ->
     UserError for a kind without an encoder, or a state dict without encoder parameters.
     """
     if source_kind not in ENCODER_SOURCES:
-        raise UserError(f"frozen encoder: a checkpoint of kind {source_kind!r} has no encoder; "
-                        f"use a checkpoint of kind {', '.join(ENCODER_SOURCES)}")
+        raise UserError(
+            f"frozen encoder: a checkpoint of kind {source_kind!r} has no encoder; "
+            f"use a checkpoint of kind {', '.join(ENCODER_SOURCES)}"
+        )
     clean = {}
     for key, value in state_dict.items():
         for wrap in ("module.", "_orig_mod."):
@@ -184,14 +210,16 @@ def encoder_state_from(state_dict: dict[str, torch.Tensor], source_kind: str) ->
         for key, value in clean.items():
             for old, new in renames:
                 if key.startswith(old):
-                    src[new + key[len(old):]] = value
+                    src[new + key[len(old) :]] = value
         if "wte.weight" not in src and "lm_head.weight" in clean:
             src["wte.weight"] = clean["lm_head.weight"]
     else:
-        src = {k[len("encoder."):]: v for k, v in clean.items() if k.startswith("encoder.")}
+        src = {k[len("encoder.") :]: v for k, v in clean.items() if k.startswith("encoder.")}
     if not src:
-        raise UserError(f"frozen encoder: the {source_kind} checkpoint holds no encoder parameters "
-                        "(a memory model trained with model.no_memory: true has none)")
+        raise UserError(
+            f"frozen encoder: the {source_kind} checkpoint holds no encoder parameters "
+            "(a memory model trained with model.no_memory: true has none)"
+        )
     return src
 
 

@@ -5,13 +5,14 @@ embeddings, ignored by mixers) so a stack can call them alike. Parameter names f
 (``seq_layernorm``, ``conv``, ``patch_layernorm``, ``patch_ff.0/2``) and HF Llama (``self_attn.q_proj``,
 ``mlp.gate_proj``, ``input_layernorm``, ``post_attention_layernorm``), so converters map 1:1.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memtrain.kernels import dispatch
+from memtrain.kernels import dispatch  # pyright: ignore[reportMissingImports]  (kernels/ installs as memtrain.kernels)
 from memtrain.models.mixing import CausalMix
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -29,14 +30,16 @@ class MixerBlock(nn.Module):
     under DeepSpeed ZeRO-3 (parameters gathered by submodule hooks) the block keeps the torch path.
     """
 
-    def __init__(self, d_model: int, seq_len: int, kernel: int = 1, n_heads: int = 0,
-                 ffn_mult: int = 4, norm_eps: float = 1e-5):
+    def __init__(
+        self, d_model: int, seq_len: int, kernel: int = 1, n_heads: int = 0, ffn_mult: int = 4, norm_eps: float = 1e-5
+    ):
         super().__init__()
         self.seq_layernorm = nn.LayerNorm(d_model, eps=norm_eps)
         self.conv = CausalMix(d_model, seq_len, kernel, n_heads)
         self.patch_layernorm = nn.LayerNorm(d_model, eps=norm_eps)
         self.patch_ff = nn.Sequential(
-            nn.Linear(d_model, ffn_mult * d_model), nn.GELU(), nn.Linear(ffn_mult * d_model, d_model))
+            nn.Linear(d_model, ffn_mult * d_model), nn.GELU(), nn.Linear(ffn_mult * d_model, d_model)
+        )
         self.kernels = "auto"
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
@@ -53,8 +56,10 @@ class MixerBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Transformer (Llama)
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None,
-                   dtype: torch.dtype = torch.float32) -> Rope:
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Rope:
     """HF Llama's default rotary embedding for positions 0..T-1: (cos, sin), each [T, head_dim].
 
     Computed in float32 (autocast off), then cast to ``dtype``, exactly as ``LlamaRotaryEmbedding``.
@@ -62,7 +67,7 @@ def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.devi
     device = torch.device("cpu") if device is None else torch.device(device)
     with torch.autocast(device_type=device.type, enabled=False):
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-        inv_freq = 1.0 / (theta ** exponent)
+        inv_freq = 1.0 / (theta**exponent)
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -88,8 +93,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [B, T, d], rope (cos, sin) each [T, d_h] -> [B, T, d]."""
         B, T, d = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, H, T, d_h]
+        q, k, v = (
+            p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )  # [B, H, T, d_h]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

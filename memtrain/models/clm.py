@@ -4,14 +4,18 @@ With a transformer decoder this is exactly ``LlamaForCausalLM`` (``wte`` = ``mod
 ``decoder.blocks.{i}`` = ``model.layers.{i}``, ``norm`` = ``model.norm``); with a mixer decoder it is the
 reference ``LanguageMixer`` (plus the optional final norm).
 """
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from memtrain.config import ModelConfig
-from memtrain.models.base import IGNORE_INDEX, MemtrainModel
+from memtrain.labels import IGNORE_INDEX
+from memtrain.models.base import MemtrainModel
 from memtrain.models.stack import Stack, init_like
 
 
@@ -41,7 +45,7 @@ class CausalLM(MemtrainModel):
         self._check_ids(input_ids, self.cfg.seq_len)
         return self.decoder(self.wte(input_ids))
 
-    def _group_modules(self) -> dict[str, list[nn.Module]]:
+    def _group_modules(self) -> dict[str, Sequence[nn.Module]]:
         return {
             "encoder": [],
             "decoder": [self.wte, self.decoder],

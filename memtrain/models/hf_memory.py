@@ -25,10 +25,12 @@ trains: only the projector, and the encoder unless it is frozen too).
 Shapes: B rows, C chunks, L encoder tokens per chunk, L_dec decoder tokens per chunk, T = C*(L + L_dec),
 e encoder width, d the LLM's hidden width, V the LLM's vocabulary.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -36,7 +38,8 @@ import torch.nn as nn
 from memtrain.config import HFDecoderConfig, ModelConfig
 from memtrain.data.dual import DualLayout
 from memtrain.errors import UserError
-from memtrain.models.base import IGNORE_INDEX, ChunkEncoder, MemtrainModel
+from memtrain.labels import IGNORE_INDEX
+from memtrain.models.base import ChunkEncoder, MemtrainModel
 from memtrain.models.stack import init_like
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,12 +76,16 @@ def check_causal_lm_dir(path: str | Path, field: str = "model.hf_decoder.path"):
         causal = causal and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if not causal:
         what = ", ".join(archs) or config.model_type
-        raise UserError(f"{field}: {p} holds a {what}, not a causal language model (expected e.g. "
-                        "LlamaForCausalLM, Qwen2ForCausalLM, GPTNeoXForCausalLM)")
+        raise UserError(
+            f"{field}: {p} holds a {what}, not a causal language model (expected e.g. "
+            "LlamaForCausalLM, Qwen2ForCausalLM, GPTNeoXForCausalLM)"
+        )
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise UserError(f"{field}: {p} ({config.model_type}) transforms its logits ({attr}); memtrain's LLM "
-                            "decoders compute logits as lm_head(hidden) only (Llama, Qwen, GPT-NeoX families)")
+            raise UserError(
+                f"{field}: {p} ({config.model_type}) transforms its logits ({attr}); memtrain's LLM "
+                "decoders compute logits as lm_head(hidden) only (Llama, Qwen, GPT-NeoX families)"
+            )
     return config
 
 
@@ -91,8 +98,9 @@ def load_causal_lm(hf: HFDecoderConfig, pretrained: bool = True):
     dtype = _DTYPES[hf.dtype]
     try:
         if pretrained:
-            return AutoModelForCausalLM.from_pretrained(hf.path, dtype=dtype, local_files_only=True,
-                                                        attn_implementation=hf.attn_implementation)
+            return AutoModelForCausalLM.from_pretrained(
+                hf.path, dtype=dtype, local_files_only=True, attn_implementation=hf.attn_implementation
+            )
         from transformers.modeling_utils import no_init_weights
 
         with no_init_weights():
@@ -104,7 +112,7 @@ def load_causal_lm(hf: HFDecoderConfig, pretrained: bool = True):
         raise UserError(f"model.hf_decoder.path: cannot load the causal LM in {hf.path} ({detail[:200]})") from None
 
 
-def start_token_id(path: str | Path, config) -> Optional[int]:
+def start_token_id(path: str | Path, config) -> int | None:
     """The token each chunk's LLM input starts with: the tokenizer's BOS (Llama, GPT-NeoX), or None when the
     tokenizer has none (Qwen); the model config's ``bos_token_id`` when the directory holds no tokenizer."""
     from transformers import AutoTokenizer
@@ -120,11 +128,14 @@ def _add_lora(lm, lora):
 
     target = lora.target_modules
     try:
-        return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=target, bias="none"))
+        return get_peft_model(
+            lm,
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, bias="none"),
+        )
     except ValueError as exc:  # no module matches target_modules
-        raise UserError(f"model.hf_decoder.lora.target_modules: {target!r} does not fit this LLM "
-                        f"({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"model.hf_decoder.lora.target_modules: {target!r} does not fit this LLM ({str(exc).splitlines()[0][:160]})"
+        ) from None
 
 
 def _prefix_table(C: int, has_start: bool, with_memories: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +179,15 @@ class HFMemoryModel(MemtrainModel):
         self.encoder_vocab_size = vocab_size
         lm = load_causal_lm(hf, pretrained)
         self.start_id = start_token_id(hf.path, lm.config)
-        self.d_model = lm.get_input_embeddings().embedding_dim
-        self.vocab_size = lm.get_output_embeddings().out_features
+        self.d_model = cast(nn.Embedding, lm.get_input_embeddings()).embedding_dim
+        self.vocab_size = cast(nn.Linear, lm.get_output_embeddings()).out_features
         self.memory_width = cfg.encoder.d_model
         self.encoder = None if cfg.no_memory else ChunkEncoder(cfg, vocab_size)
-        self.projector = None if cfg.no_memory else init_like(nn.Linear(self.memory_width, self.d_model),
-                                                              "transformer").to(_DTYPES[hf.dtype])
+        self.projector = (
+            None
+            if cfg.no_memory
+            else init_like(nn.Linear(self.memory_width, self.d_model), "transformer").to(_DTYPES[hf.dtype])
+        )
         if hf.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hf.mode == "frozen":
@@ -199,8 +213,9 @@ class HFMemoryModel(MemtrainModel):
     def merged_causal_lm(self):
         """The causal LM with LoRA adapters merged into its weights (a plain transformers model; in LoRA mode
         this unloads the adapters from this model, so use it on a copy that is not trained further)."""
-        if hasattr(self.llm, "merge_and_unload"):
-            return self.llm.merge_and_unload()
+        merge_and_unload = getattr(self.llm, "merge_and_unload", None)
+        if merge_and_unload is not None:
+            return merge_and_unload()
         return self.llm
 
     def freeze(self, groups: list[str]) -> None:
@@ -210,7 +225,7 @@ class HFMemoryModel(MemtrainModel):
             if name in self._fixed:
                 p.requires_grad_(False)
 
-    def _group_modules(self) -> dict[str, list[nn.Module]]:
+    def _group_modules(self) -> dict[str, Sequence[nn.Module]]:
         lm = self.causal_lm()
         encoder = [] if self.encoder is None else [self.encoder]
         return {
@@ -218,7 +233,7 @@ class HFMemoryModel(MemtrainModel):
             "decoder": [self.backbone()],
             "projector": [] if self.projector is None else [self.projector],
             "embeddings": [lm.get_input_embeddings()] + [m.wte for m in encoder],
-            "head": [lm.get_output_embeddings()],
+            "head": [cast(nn.Linear, lm.get_output_embeddings())],
         }
 
     # -- memories -----------------------------------------------------------------------------------------
@@ -234,19 +249,21 @@ class HFMemoryModel(MemtrainModel):
         B, C, L = enc.shape
         return self.encode_chunks(enc[:, : C - 1].reshape(B * (C - 1), L)).view(B, C - 1, -1)
 
-    def check_memories(self, memories: torch.Tensor, count: Optional[int] = None) -> None:
+    def check_memories(self, memories: torch.Tensor, count: int | None = None) -> None:
         """Raise :class:`MemoryWidthError` unless ``memories`` is [B, k, e] with e the projector's input width
         (and k == ``count`` when given)."""
         if self.projector is None:
             raise MemoryWidthError("this memory model reads no memories (model.no_memory is true)")
         if memories.dim() != 3 or memories.shape[-1] != self.memory_width:
-            raise MemoryWidthError(f"memories of width {memories.shape[-1] if memories.dim() else '?'} (shape "
-                                   f"{list(memories.shape)}), but the projector was built for width "
-                                   f"{self.memory_width} (model.encoder.d_model): they come from another encoder")
+            raise MemoryWidthError(
+                f"memories of width {memories.shape[-1] if memories.dim() else '?'} (shape "
+                f"{list(memories.shape)}), but the projector was built for width "
+                f"{self.memory_width} (model.encoder.d_model): they come from another encoder"
+            )
         if count is not None and memories.shape[1] != count:
             raise MemoryWidthError(f"expected {count} memories per row, got {memories.shape[1]}")
 
-    def prefix_embeddings(self, memories: Optional[torch.Tensor], batch: int = 1) -> torch.Tensor:
+    def prefix_embeddings(self, memories: torch.Tensor | None, batch: int = 1) -> torch.Tensor:
         """What the LLM reads before a chunk's tokens: memories [B, k, e] (or None) -> [B, s + k, d] = BOS
         embedding (if the tokenizer has BOS) then the projected memories."""
         parts = []
@@ -266,14 +283,18 @@ class HFMemoryModel(MemtrainModel):
         return self.causal_lm().get_input_embeddings()(ids)
 
     def _project(self, memories: torch.Tensor) -> torch.Tensor:
+        assert self.projector is not None  # callers check_memories first, which refuses a model without one
         return self.projector(memories.to(self.projector.weight.dtype))
 
     def _device(self) -> torch.device:
-        return self.causal_lm().get_input_embeddings().weight.device
+        return cast(nn.Embedding, self.causal_lm().get_input_embeddings()).weight.device
 
     # -- the forward pass ---------------------------------------------------------------------------------
-    def decoder_input(self, input_ids: torch.Tensor, memories: Optional[torch.Tensor] = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decoder_input(
+        self,
+        input_ids: torch.Tensor,
+        memories: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dual rows [B, T] (+ memories [B, C-1, e], else encoded here) -> the LLM's input with the chunks
         folded into the batch: (inputs_embeds [B*C, P + L_dec, d], attention mask [B*C, P + L_dec])."""
         enc, slots = self.layout.split(input_ids)
@@ -282,9 +303,13 @@ class HFMemoryModel(MemtrainModel):
         if not self._ids_checked:  # once (a host sync): shards of another decoder tokenizer fail here, clearly
             top = int(ids.max()) if ids.numel() else 0
             if top >= self.vocab_size:
-                raise UserError(f"decoder token id {top} is outside the LLM's vocabulary of {self.vocab_size}: the "
-                                "shards' decoder tokenizer is not this LLM's (make them with `memtrain data shards "
-                                f"--decoder-tokenizer {self.cfg.hf_decoder.path}`)")
+                hf = self.cfg.hf_decoder
+                assert hf is not None  # __init__ refuses a config without one
+                raise UserError(
+                    f"decoder token id {top} is outside the LLM's vocabulary of {self.vocab_size}: the "
+                    "shards' decoder tokenizer is not this LLM's (make them with `memtrain data shards "
+                    f"--decoder-tokenizer {hf.path}`)"
+                )
             self._ids_checked = True
         tokens = self.token_embeddings(ids)  # [B, C, L_dec, d]
         sources = [tokens.new_zeros(B, 1, self.d_model)]
@@ -306,7 +331,7 @@ class HFMemoryModel(MemtrainModel):
         mask = torch.cat([visible.expand(B, C, -1), token_mask], dim=2).view(B * C, -1)
         return x, mask
 
-    def forward(self, input_ids: torch.Tensor, memories: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, memories: torch.Tensor | None = None) -> torch.Tensor:
         """Dual rows [B, T] -> hidden [B, T, d] aligned with :meth:`align_labels` (zeros at encoder positions).
 
         ``memories`` [B, C-1, e] (encoder outputs, e.g. precomputed) skips the encoder.
@@ -314,10 +339,11 @@ class HFMemoryModel(MemtrainModel):
         C, L, Ld = self.layout.n_chunks, self.layout.enc_len, self.layout.dec_len
         x, mask = self.decoder_input(input_ids, memories)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        h = self.backbone()(inputs_embeds=x, attention_mask=mask.long(), position_ids=positions,
-                            use_cache=False).last_hidden_state  # [B*C, P + L_dec, d]
+        h = self.backbone()(
+            inputs_embeds=x, attention_mask=mask.long(), position_ids=positions, use_cache=False
+        ).last_hidden_state  # [B*C, P + L_dec, d]
         P = h.shape[1] - Ld
-        h = h[:, P - 1: P - 1 + Ld].reshape(-1, C, Ld, self.d_model)  # position P-1+j predicts token j
+        h = h[:, P - 1 : P - 1 + Ld].reshape(-1, C, Ld, self.d_model)  # position P-1+j predicts token j
         B = h.shape[0]
         return torch.cat([h.new_zeros(B, C, L, self.d_model), h], dim=2).view(B, C * (L + Ld), self.d_model)
 
@@ -333,4 +359,4 @@ class HFMemoryModel(MemtrainModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (the LLM's output head; its final norm is in the backbone)."""
-        return self.causal_lm().get_output_embeddings()(hidden)
+        return cast(nn.Linear, self.causal_lm().get_output_embeddings())(hidden)

@@ -7,11 +7,13 @@ Families: ``llama`` (BOS + EOS, like Llama 3), ``qwen2`` / ``qwen3`` (EOS only, 
 (one ``<|endoftext|>`` token as BOS and EOS, like Pythia). The tokenizer is a byte-level BPE trained on the
 given texts (default: the first documents of the bundled demo corpus).
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, cast
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt_neox")
 _SPECIALS = {  # family -> (bos, eos, pad)
@@ -42,25 +44,45 @@ def train_tiny_tokenizer(texts: Iterable[str], family: str = "llama", vocab_size
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
     if family == "llama":  # like Llama 3: BOS in front of every encoded text (unless add_special_tokens=False)
         from tokenizers.processors import TemplateProcessing
 
-        tok.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
 
 
-def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4,
-                bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+):
     """A transformers config of ``family`` at a tiny size (intermediate 2x hidden, 2 KV heads where grouped)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=n_layers,
-                  num_attention_heads=n_heads, intermediate_size=2 * hidden_size, max_position_embeddings=1024,
-                  bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=1024,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=False,
+    )
     if family == "llama":
         return LlamaConfig(num_key_value_heads=max(1, n_heads // 2), **common)
     if family == "qwen2":
@@ -72,16 +94,25 @@ def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, n_layers: i
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def make_tiny_llm(out_dir: str | Path, family: str = "llama", texts: Optional[Sequence[str]] = None,
-                  vocab_size: int = 384, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4,
-                  seed: int = 0) -> Path:
+def make_tiny_llm(
+    out_dir: str | Path,
+    family: str = "llama",
+    texts: Sequence[str] | None = None,
+    vocab_size: int = 384,
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    seed: int = 0,
+) -> Path:
     """Write a randomly initialised ``family`` causal LM and its tokenizer to ``out_dir`` (save_pretrained,
     safetensors); returns ``out_dir``. ``AutoModelForCausalLM`` / ``AutoTokenizer`` load it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tok = train_tiny_tokenizer(texts if texts is not None else demo_texts(), family, vocab_size)
-    cfg = tiny_config(family, len(tok), hidden_size, n_layers, n_heads, tok.bos_token_id, tok.eos_token_id)
+    bos_id = cast(int | None, tok.bos_token_id)  # special-token ids resolve through __getattr__
+    eos_id = cast(int | None, tok.eos_token_id)
+    cfg = tiny_config(family, len(tok), hidden_size, n_layers, n_heads, bos_id, eos_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     out = Path(out_dir)
@@ -91,7 +122,7 @@ def make_tiny_llm(out_dir: str | Path, family: str = "llama", texts: Optional[Se
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m memtrain.models.hf_tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m memtrain.models.hf_tiny", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--family", choices=FAMILIES, default="llama")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--corpus", nargs="*", metavar="SRC", help="texts for the tokenizer (default: the demo corpus)")
@@ -103,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     texts = None
     if args.corpus:
-        from memtrain.data.ingest import iter_documents
+        from memtrain.data.documents import iter_documents
 
         texts = [t for _, t in iter_documents(args.corpus)]
-    out = make_tiny_llm(args.out, args.family, texts, args.vocab_size, args.hidden_size, args.layers, args.heads,
-                        args.seed)
+    out = make_tiny_llm(
+        args.out, args.family, texts, args.vocab_size, args.hidden_size, args.layers, args.heads, args.seed
+    )
     print(f"{out}: tiny {args.family} causal LM (hidden {args.hidden_size}, {args.layers} layers) and its tokenizer")
     return 0
 

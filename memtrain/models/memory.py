@@ -9,13 +9,17 @@ Output alignment: decoder position C-1+j (slot C-1, always a zero slot, for j = 
 tokens 0..j-1 of its chunk, and predicts token j. So hidden[:, c*L + j] predicts token j of chunk c, the
 chunk's first token included (the reference never trains it).
 """
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from memtrain.config import ModelConfig
-from memtrain.models.base import IGNORE_INDEX, ChunkEncoder, MemtrainModel
+from memtrain.labels import IGNORE_INDEX
+from memtrain.models.base import ChunkEncoder, MemtrainModel
 from memtrain.models.stack import Stack, init_like
 
 
@@ -50,7 +54,11 @@ class MemoryModel(MemtrainModel):
         after the bottleneck and before decoder_proj. Runs without autograd when the encoder is frozen."""
         if self.encoder is None:
             raise TypeError("this memory model has no encoder (model.no_memory is true)")
-        return self._run_encoder(self.encoder_chunks(input_ids)).view(input_ids.shape[0], self.cfg.n_chunks - 1, -1)
+        return self.unfold_memories(self._run_encoder(self.encoder_chunks(input_ids)), input_ids.shape[0])
+
+    def unfold_memories(self, memories: torch.Tensor, batch: int) -> torch.Tensor:
+        """The encoder's memories of :meth:`encoder_chunks` [B*(C-1), e] -> per row [B, C-1, e]."""
+        return memories.view(batch, self.cfg.n_chunks - 1, -1)
 
     def encoder_chunks(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, C*L] (or [B, (C-1)*L]) -> the chunks that get a memory, folded into the batch:
@@ -96,7 +104,7 @@ class MemoryModel(MemtrainModel):
         C, L = self.cfg.n_chunks, self.cfg.chunk_len
         return h[:, C - 1 : C + L - 1].reshape(h.shape[0] // C, C * L, -1)
 
-    def _group_modules(self) -> dict[str, list[nn.Module]]:
+    def _group_modules(self) -> dict[str, Sequence[nn.Module]]:
         encoder = [] if self.encoder is None else [self.encoder]
         return {
             "encoder": encoder,

@@ -10,50 +10,21 @@ Causality is functional: every forward uses ``tril`` of the weight (per tap), so
 read, gets exactly zero gradient and is never written. Shapes: B batch, L positions (fixed at construction),
 d features, H heads, d_h = d / H, k taps.
 
-:func:`causal_mix` here is the pure-torch reference. :class:`CausalMix` runs it or the fused Triton kernels
-(``kernels/mix.py``) through :mod:`memtrain.kernels.dispatch`, as its ``kernels`` attribute says
-(``model.kernels``: auto | triton | torch).
+The pure-torch reference :func:`causal_mix` lives with the other kernel references
+(:mod:`memtrain.kernels.reference`). :class:`CausalMix` runs it or the fused Triton kernels (``kernels/mix.py``)
+through :mod:`memtrain.kernels.dispatch`, as its ``kernels`` attribute says (``model.kernels``: auto | triton |
+torch).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from memtrain.kernels import dispatch
-
-
-def causal_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular part over (out_pos t, in_pos s) of every tap, diagonal kept.
-
-    weight [..., L, L, k] -> [..., L, L, k] with entries s > t set to zero.
-    """
-    return torch.tril(weight.movedim(-1, -3)).movedim(-3, -1)
-
-
-def causal_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal token mixing (the pure-torch reference that a fused kernel may replace).
-
-    One matrix: x [B, L, d],      weight [L, L, k],    bias [L]    -> [B, L, d]
-    H heads:    x [B, H, L, d_h], weight [H, L, L, k], bias [H, L] -> [B, H, L, d_h] (head h uses weight[h])
-
-    Only the causal part of ``weight`` (s <= t, every tap) is used. k = 1 is a batched matmul; k > 1 is a
-    (grouped, one group per head) ``F.conv1d`` with the positions as channels and 'same' padding.
-    """
-    seq_len, k = weight.shape[-2], weight.shape[-1]
-    if k == 1:
-        y = torch.matmul(torch.tril(weight[..., 0]), x)
-        return y if bias is None else y + bias.unsqueeze(-1).to(y.dtype)
-    groups = weight.shape[0] if weight.dim() == 4 else 1
-    w = causal_weight(weight).reshape(groups * seq_len, seq_len, k)
-    b = None if bias is None else bias.reshape(groups * seq_len)
-    xs = x.reshape(-1, groups * seq_len, x.shape[-1])  # [B', G*L, features]: positions are the channels
-    if k % 2 == 0:  # 'same' for even k: (k-1)//2 left, k//2 right; padded here, as PyTorch would (with a warning)
-        xs = F.pad(xs, ((k - 1) // 2, k // 2))
-    y = F.conv1d(xs, w, b, padding="same" if k % 2 else 0, groups=groups)
-    return y.view(x.shape)
+from memtrain.kernels import dispatch  # pyright: ignore[reportMissingImports]  (kernels/ installs as memtrain.kernels)
+from memtrain.kernels.reference import causal_weight  # pyright: ignore[reportMissingImports]  (kernels/ installs as memtrain.kernels)
 
 
 class CausalMix(nn.Module):

@@ -3,13 +3,19 @@
 Mixer stacks are fixed-length (their context is set at construction); transformer stacks accept any length T
 and use positions 0..T-1.
 """
+
 from __future__ import annotations
+
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from memtrain.config import StackConfig
 from memtrain.models.blocks import MixerBlock, TransformerBlock, rotary_cos_sin
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def make_norm(cfg: StackConfig) -> nn.Module:
@@ -19,7 +25,7 @@ def make_norm(cfg: StackConfig) -> nn.Module:
     return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
-def init_like(module: nn.Module, arch: str) -> nn.Module:
+def init_like(module: _M, arch: str) -> _M:
     """Initialise the Linear/Embedding layers of ``module`` as the ``arch`` stack they belong to does.
 
     transformer: weights N(0, 0.02), biases 0 (HF Llama); mixer: PyTorch defaults are kept (the reference).
@@ -46,13 +52,19 @@ class Stack(nn.Module):
         self.head_dim = cfg.d_model // max(cfg.n_heads, 1)
         self.rope_theta = cfg.rope_theta
         if cfg.arch == "mixer":
-            blocks = [MixerBlock(cfg.d_model, seq_len, cfg.kernel, cfg.n_heads, cfg.ffn_mult, cfg.norm_eps)
-                      for _ in range(cfg.n_layers)]
+            blocks = [
+                MixerBlock(cfg.d_model, seq_len, cfg.kernel, cfg.n_heads, cfg.ffn_mult, cfg.norm_eps)
+                for _ in range(cfg.n_layers)
+            ]
         else:
-            blocks = [TransformerBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.norm_eps)
-                      for _ in range(cfg.n_layers)]
+            blocks = [
+                TransformerBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult, cfg.norm_eps) for _ in range(cfg.n_layers)
+            ]
         self.blocks = nn.ModuleList(blocks)
         self.norm = make_norm(cfg) if final_norm else nn.Identity()
+        #: activation checkpointing: in training, each block recomputes its activations in the backward pass
+        #: (``dist.activation_checkpointing``; set by the engine, parameter names unchanged)
+        self.recompute = False
 
     def rope_for(self, x: torch.Tensor):
         """The rotary (cos, sin), each [T, d_h], that the blocks of a transformer stack take for x [B, T, d];
@@ -61,9 +73,15 @@ class Stack(nn.Module):
             return None
         return rotary_cos_sin(x.shape[1], self.head_dim, self.rope_theta, x.device, x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d] -> [B, T, d]."""
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks ``start``..``stop - 1`` (all by default) on x [B, T, d] -> [B, T, d], without the final norm
+        (a pipeline stage runs them one at a time)."""
         rope = self.rope_for(x)
-        for block in self.blocks:
-            x = block(x, rope)
-        return self.norm(x)
+        recompute = self.recompute and torch.is_grad_enabled()
+        for block in self.blocks[start:stop]:
+            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]: every block, then the final norm."""
+        return self.norm(self.run_blocks(x))

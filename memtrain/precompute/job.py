@@ -21,6 +21,7 @@ Deterministic. Batches never cross a unit, samples are written in shard order, a
 timestamp: on the same device, thread count and batch size, a resumed job writes the same bytes as an
 uninterrupted one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,19 +32,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from memtrain.data import memory_manifest as mf
 from memtrain.data.index_check import read_index
 from memtrain.data.streaming_compat import import_streaming
 from memtrain.data.tokenizer import file_sha256
+from memtrain.devices import autocast_for, pick_device, resolve_precision
 from memtrain.errors import UserError
-from memtrain.precompute import manifest as mf
 
+if TYPE_CHECKING:
+    from memtrain.config import ModelConfig
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,9 +63,9 @@ class FrozenEncoder:
     """
 
     encoder: torch.nn.Module
-    model_cfg: object
+    model_cfg: ModelConfig
     vocab_size: int
-    tokenizer_sha256: Optional[str]
+    tokenizer_sha256: str | None
     info: dict
 
 
@@ -72,7 +77,7 @@ def load_frozen_encoder(checkpoint: str | Path) -> FrozenEncoder:
 
     from memtrain.config import load_config
     from memtrain.engine.checkpoint import read_meta, resolve_checkpoint
-    from memtrain.kernels.dispatch import set_kernels
+    from memtrain.kernels.dispatch import set_kernels  # pyright: ignore[reportMissingImports]  (kernels/ installs as memtrain.kernels)
     from memtrain.models import ChunkEncoder
     from memtrain.models.base import encoder_state_from
 
@@ -80,8 +85,9 @@ def load_frozen_encoder(checkpoint: str | Path) -> FrozenEncoder:
     meta = read_meta(src)
     kind = meta.get("kind")
     if kind not in ("autoencoder", "memory"):
-        raise UserError(f"{src}: a checkpoint of kind {kind!r}; precompute needs the encoder of an autoencoder "
-                        "or a memory model")
+        raise UserError(
+            f"{src}: a checkpoint of kind {kind!r}; precompute needs the encoder of an autoencoder or a memory model"
+        )
     cfg = load_config(src / "config.yaml")
     if cfg.model.kind != kind:
         raise UserError(f"{src}: meta.json says kind {kind!r} but config.yaml model.kind is {cfg.model.kind!r}")
@@ -152,8 +158,9 @@ def read_token_shard(shards_dir: Path, split: str, shard: dict, scratch: Path) -
         except Exception as err:  # zstd raises its own error type for damaged data
             raise UserError(f"{zip_path}: token shard damaged, cannot decompress ({err})") from None
         if len(data) != raw["bytes"]:
-            raise UserError(f"{zip_path}: token shard damaged ({len(data)} bytes decompressed, index says "
-                            f"{raw['bytes']})")
+            raise UserError(
+                f"{zip_path}: token shard damaged ({len(data)} bytes decompressed, index says {raw['bytes']})"
+            )
         target = scratch / split / raw["basename"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
@@ -166,8 +173,14 @@ def read_token_shard(shards_dir: Path, split: str, shard: dict, scratch: Path) -
 # Encoding
 
 
-def encode_rows(encoder: torch.nn.Module, ids: torch.Tensor, n_chunks: int, copy_tasks: Sequence[str],
-                special, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, torch.Tensor]:
+def encode_rows(
+    encoder: torch.nn.Module,
+    ids: torch.Tensor,
+    n_chunks: int,
+    copy_tasks: Sequence[str],
+    special,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, torch.Tensor]:
     """Memories of one batch, every chunk of every task in one encoder call.
 
     Args:
@@ -190,8 +203,10 @@ def encode_rows(encoder: torch.nn.Module, ids: torch.Tensor, n_chunks: int, copy
         chunks = mf.task_chunks(task, C)
         inputs, _ = make_task(task, ids, special, C)
         if not torch.equal(inputs[:, : (C // 2) * L], ids[:, : (C // 2) * L]):
-            raise RuntimeError(f"the {task} task changed the first half of a row; its memories of chunks "
-                               f"0..{C // 2 - 1} would not be the plain ones")
+            raise RuntimeError(
+                f"the {task} task changed the first half of a row; its memories of chunks "
+                f"0..{C // 2 - 1} would not be the plain ones"
+            )
         if chunks:
             parts.append(inputs.view(B, C, L)[:, chunks[0] : chunks[-1] + 1])
             names.append((task, len(chunks)))
@@ -210,7 +225,11 @@ def encode_rows(encoder: torch.nn.Module, ids: torch.Tensor, n_chunks: int, copy
 # The job
 
 
-def resolve_slice(rank: Optional[int], world: Optional[int], env: Optional[dict] = None) -> tuple[int, int]:
+def resolve_slice(
+    rank: int | None,
+    world: int | None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
     """This process's slice ``(rank, world)``: the flags if given, else a Slurm array's
     ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, else torchrun's
     ``RANK`` of ``WORLD_SIZE``, else 0 of 1."""
@@ -230,22 +249,6 @@ def resolve_slice(rank: Optional[int], world: Optional[int], env: Optional[dict]
     return rank, world
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _compute_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
-
-
 @dataclass
 class _Job:
     out: Path
@@ -257,8 +260,17 @@ class _Job:
     units: list[tuple[str, int, dict, int]] = field(default_factory=list)  # (split, index, shard, first sample)
 
 
-def _make_plan(enc: FrozenEncoder, tokens: Path, info, token_splits: dict, dtype: str, precision: str,
-               tasks: list[str], special, n_chunks: int) -> dict:
+def _make_plan(
+    enc: FrozenEncoder,
+    tokens: Path,
+    info,
+    token_splits: dict,
+    dtype: str,
+    precision: str,
+    tasks: list[str],
+    special,
+    n_chunks: int,
+) -> dict:
     plan = {
         "format_version": mf.FORMAT_VERSION,
         "encoder": enc.info,
@@ -270,11 +282,21 @@ def _make_plan(enc: FrozenEncoder, tokens: Path, info, token_splits: dict, dtype
         "row_len": info.row_len,
         "dtype": dtype,
         "compute_precision": precision,
-        "tasks": {t: {"column": (mf.PLAIN_COLUMN if t == "causal" else (t if mf.task_chunks(t, n_chunks) else None)),
-                      "chunks": mf.task_chunks(t, n_chunks)} for t in tasks},
-        "special_tokens": None if special is None else {
-            "pad_id": special.pad_id, "delimiter_id": special.delimiter_id,
-            "n_delimiters": special.n_delimiters, "filler_id": special.filler_id},
+        "tasks": {
+            t: {
+                "column": (mf.PLAIN_COLUMN if t == "causal" else (t if mf.task_chunks(t, n_chunks) else None)),
+                "chunks": mf.task_chunks(t, n_chunks),
+            }
+            for t in tasks
+        },
+        "special_tokens": None
+        if special is None
+        else {
+            "pad_id": special.pad_id,
+            "delimiter_id": special.delimiter_id,
+            "n_delimiters": special.n_delimiters,
+            "filler_id": special.filler_id,
+        },
         "tokens": {"path": str(tokens), "splits": token_splits},
     }
     mf.validate_plan(plan, "precompute plan")
@@ -310,7 +332,7 @@ def _claim_plan(out: Path, plan: dict) -> None:
                     f.write(mf.canonical_json(plan))
         finally:
             tmp.unlink()
-    for attempt in range(20):  # another slice may still be writing it (the no-hard-link case)
+    for _attempt in range(20):  # another slice may still be writing it (the no-hard-link case)
         try:
             old = json.loads(path.read_text())
             break
@@ -322,15 +344,25 @@ def _claim_plan(out: Path, plan: dict) -> None:
     a, b = _settings(old), _settings(plan)
     where = mf.first_difference(a, b)
     if where:
-        raise UserError(f"{out}: this memory directory was started with {where} = "
-                        f"{json.dumps(mf.lookup(old, where))}, this job has {json.dumps(mf.lookup(plan, where))}; "
-                        "use another --out, or the same settings to resume it")
+        raise UserError(
+            f"{out}: this memory directory was started with {where} = "
+            f"{json.dumps(mf.lookup(old, where))}, this job has {json.dumps(mf.lookup(plan, where))}; "
+            "use another --out, or the same settings to resume it"
+        )
 
 
-def prepare_job(checkpoint: str | Path, shards: str | Path, out: str | Path, splits: Optional[Sequence[str]] = None,
-                dtype: str = "bf16", tasks: Optional[Sequence[str]] = None, precision: str = "fp32",
-                delimiter_id: Optional[int] = None, n_delimiters: Optional[int] = None,
-                filler_id: Optional[int] = None) -> _Job:
+def prepare_job(
+    checkpoint: str | Path,
+    shards: str | Path,
+    out: str | Path,
+    splits: Sequence[str] | None = None,
+    dtype: str = "bf16",
+    tasks: Sequence[str] | None = None,
+    precision: str = "fp32",
+    delimiter_id: int | None = None,
+    n_delimiters: int | None = None,
+    filler_id: int | None = None,
+) -> _Job:
     """Check every input, write or check the plan, and list all units of the job (nothing computed yet)."""
     from memtrain.config import ObjectiveConfig
     from memtrain.data.loader import read_shard_info
@@ -345,12 +377,15 @@ def prepare_job(checkpoint: str | Path, shards: str | Path, out: str | Path, spl
     enc = load_frozen_encoder(checkpoint)
     L = enc.model_cfg.chunk_len
     if info.row_len % L or info.row_len // L < 2:
-        raise UserError(f"--shards {tokens}: rows of {info.row_len} tokens are not 2 or more chunks of the encoder's "
-                        f"chunk_len {L}")
+        raise UserError(
+            f"--shards {tokens}: rows of {info.row_len} tokens are not 2 or more chunks of the encoder's chunk_len {L}"
+        )
     C = info.row_len // L
     if enc.tokenizer_sha256 is not None and enc.tokenizer_sha256 != info.tokenizer_sha256:
-        raise UserError(f"--shards {tokens}: made with tokenizer {info.tokenizer_sha256[:12]}…, but the encoder "
-                        f"checkpoint was trained with tokenizer {enc.tokenizer_sha256[:12]}…")
+        raise UserError(
+            f"--shards {tokens}: made with tokenizer {info.tokenizer_sha256[:12]}…, but the encoder "
+            f"checkpoint was trained with tokenizer {enc.tokenizer_sha256[:12]}…"
+        )
     if enc.vocab_size != info.vocab_size:
         raise UserError(f"--shards {tokens}: vocabulary of {info.vocab_size} ids, the encoder's is {enc.vocab_size}")
     tasks = list(tasks) if tasks else (list(mf.TASKS) if C % 2 == 0 else ["causal"])
@@ -361,8 +396,8 @@ def prepare_job(checkpoint: str | Path, shards: str | Path, out: str | Path, spl
     copy_tasks = [t for t in tasks if t != "causal"]
     special = None
     if copy_tasks:
-        obj = ObjectiveConfig(delimiter_id=delimiter_id, filler_id=filler_id,
-                              **({} if n_delimiters is None else {"n_delimiters": n_delimiters}))
+        given: dict[str, Any] = {} if n_delimiters is None else {"n_delimiters": n_delimiters}
+        obj = ObjectiveConfig(delimiter_id=delimiter_id, filler_id=filler_id, **given)
         special = special_tokens(obj, info.special_ids)
         for t in copy_tasks:
             check_task(t, info.row_len, special, C)
@@ -374,8 +409,11 @@ def prepare_job(checkpoint: str | Path, shards: str | Path, out: str | Path, spl
             raise UserError(f"--split {s}: {tokens} has no rows in that split (splits with rows: {have})")
         index, sha = _token_index(tokens, s)
         indexes[s] = index
-        token_splits[s] = {"index_sha256": sha, "samples": sum(x["samples"] for x in index["shards"]),
-                           "shards": len(index["shards"])}
+        token_splits[s] = {
+            "index_sha256": sha,
+            "samples": sum(x["samples"] for x in index["shards"]),
+            "shards": len(index["shards"]),
+        }
     plan = _make_plan(enc, tokens, info, token_splits, dtype, precision, tasks, special, C)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -413,8 +451,17 @@ def _columns(plan: dict) -> dict[str, str]:
     return cols
 
 
-def _write_unit(job: _Job, split: str, index: int, shard: dict, first: int, batch_size: int,
-                device: torch.device, autocast, on_batch: Callable[[int], None]) -> None:
+def _write_unit(
+    job: _Job,
+    split: str,
+    index: int,
+    shard: dict,
+    first: int,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    on_batch: Callable[[int], object],
+) -> None:
     """Compute and write one unit; it appears under its final name only when complete."""
     streaming = import_streaming()
     split_dir = job.out / split
@@ -429,10 +476,13 @@ def _write_unit(job: _Job, split: str, index: int, shard: dict, first: int, batc
     try:
         rows = read_token_shard(job.tokens, split, shard, scratch)
         if rows.shape[1] != plan["row_len"]:
-            raise UserError(f"{job.tokens}/{split}/{shard['raw_data']['basename']}: rows of {rows.shape[1]} "
-                            f"tokens, memtrain_shards.json says {plan['row_len']}")
-        writer = streaming.MDSWriter(out=str(tmp), columns=_columns(plan), compression=None, size_limit=None,
-                                     progress_bar=False)
+            raise UserError(
+                f"{job.tokens}/{split}/{shard['raw_data']['basename']}: rows of {rows.shape[1]} "
+                f"tokens, memtrain_shards.json says {plan['row_len']}"
+            )
+        writer = streaming.MDSWriter(
+            out=str(tmp), columns=_columns(plan), compression=None, size_limit=None, progress_bar=False
+        )
         for b0 in range(0, len(rows), batch_size):
             ids = torch.from_numpy(rows[b0 : b0 + batch_size].astype(np.int64)).to(device)
             cols = encode_rows(job.encoder.encoder, ids, C, job.copy_tasks, job.special, autocast)
@@ -444,12 +494,20 @@ def _write_unit(job: _Job, split: str, index: int, shard: dict, first: int, batc
         index_obj = json.loads((tmp / "index.json").read_text())
         (mem_shard,) = index_obj["shards"]
         shard_file = tmp / mem_shard["raw_data"]["basename"]
-        if shard_file.stat().st_size >= 2 ** 32:
-            raise UserError(f"{split}/{name}: a memory shard of {shard_file.stat().st_size} bytes exceeds MDS's "
-                            "4 GiB limit; make token shards with a smaller shard size")
-        record = {"unit": name, "token_shard": shard["raw_data"]["basename"], "first_sample": first,
-                  "samples": int(len(rows)), "shard": mem_shard["raw_data"]["basename"],
-                  "bytes": shard_file.stat().st_size, "sha256": file_sha256(shard_file)}
+        if shard_file.stat().st_size >= 2**32:
+            raise UserError(
+                f"{split}/{name}: a memory shard of {shard_file.stat().st_size} bytes exceeds MDS's "
+                "4 GiB limit; make token shards with a smaller shard size"
+            )
+        record = {
+            "unit": name,
+            "token_shard": shard["raw_data"]["basename"],
+            "first_sample": first,
+            "samples": int(len(rows)),
+            "shard": mem_shard["raw_data"]["basename"],
+            "bytes": shard_file.stat().st_size,
+            "sha256": file_sha256(shard_file),
+        }
         mf.write_json_atomic(tmp / mf.UNIT_FILE, record)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -467,12 +525,25 @@ def _write_unit(job: _Job, split: str, index: int, shard: dict, first: int, batc
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_precompute(checkpoint: str | Path, shards: str | Path, out: str | Path,
-                   splits: Optional[Sequence[str]] = None, dtype: str = "bf16", batch_size: int = 64,
-                   tasks: Optional[Sequence[str]] = None, rank: Optional[int] = None, world: Optional[int] = None,
-                   device: str = "auto", precision: str = "auto", delimiter_id: Optional[int] = None,
-                   n_delimiters: Optional[int] = None, filler_id: Optional[int] = None, threads: Optional[int] = None,
-                   progress: bool = True, merge: bool = True) -> dict:
+def run_precompute(
+    checkpoint: str | Path,
+    shards: str | Path,
+    out: str | Path,
+    splits: Sequence[str] | None = None,
+    dtype: str = "bf16",
+    batch_size: int = 64,
+    tasks: Sequence[str] | None = None,
+    rank: int | None = None,
+    world: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    delimiter_id: int | None = None,
+    n_delimiters: int | None = None,
+    filler_id: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    merge: bool = True,
+) -> dict:
     """Compute this slice's units of a precompute job, then merge if the whole job is complete.
 
     Args:
@@ -497,38 +568,61 @@ def run_precompute(checkpoint: str | Path, shards: str | Path, out: str | Path,
     if threads:
         torch.set_num_threads(threads)
     rank, world = resolve_slice(rank, world)
-    dev = _pick_device(device)
-    prec = _compute_precision(precision, dev)
+    dev = pick_device(device, what="--device")
+    prec = resolve_precision(precision, dev)
     job = prepare_job(checkpoint, shards, out, splits, dtype, tasks, prec, delimiter_id, n_delimiters, filler_id)
     job.encoder.encoder.to(dev)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if prec == "bf16" else contextlib.nullcontext
+    autocast = autocast_for(prec, dev)
     mine = job.units[rank::world]
     todo = [u for u in mine if not _unit_done(job.out / u[0] / mf.unit_name(u[1]))]
     per_row = sum(len(t["chunks"]) for t in job.plan["tasks"].values())
     total = sum(u[2]["samples"] for u in todo) * per_row
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=f"precompute {rank}/{world}", unit=" mem", unit_scale=True, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=total,
+        desc=f"precompute {rank}/{world}",
+        unit=" mem",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     t_report, done = t0, 0
     try:
         for k, (split, index, shard, first) in enumerate(todo):
-            _write_unit(job, split, index, shard, first, batch_size, dev, autocast,
-                        on_batch=lambda n: bar.update(n * per_row))
+            _write_unit(
+                job, split, index, shard, first, batch_size, dev, autocast, on_batch=lambda n: bar.update(n * per_row)
+            )
             bar.set_postfix_str(f"{split}/{mf.unit_name(index)}", refresh=False)
             done += shard["samples"] * per_row
             now = time.perf_counter()
             if not progress and (now - t_report >= 60 or k == len(todo) - 1):  # batch logs: a line a minute
                 t_report = now
-                print(f"precompute {rank}/{world}: {k + 1}/{len(todo)} units, {done:,} memories, "
-                      f"{done / max(now - t0, 1e-9):,.0f} memories/s", file=sys.stderr, flush=True)
+                print(
+                    f"precompute {rank}/{world}: {k + 1}/{len(todo)} units, {done:,} memories, "
+                    f"{done / max(now - t0, 1e-9):,.0f} memories/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     merged = merge_memories(job.out, require_complete=False) if merge else False
-    return {"out": str(job.out), "rank": rank, "world": world, "units": len(mine), "computed": len(todo),
-            "skipped": len(mine) - len(todo), "memories": total, "seconds": seconds,
-            "memories_per_s": total / seconds if seconds > 0 else 0.0, "merged": bool(merged),
-            "device": str(dev), "precision": prec}
+    return {
+        "out": str(job.out),
+        "rank": rank,
+        "world": world,
+        "units": len(mine),
+        "computed": len(todo),
+        "skipped": len(mine) - len(todo),
+        "memories": total,
+        "seconds": seconds,
+        "memories_per_s": total / seconds if seconds > 0 else 0.0,
+        "merged": bool(merged),
+        "device": str(dev),
+        "precision": prec,
+    }
 
 
 def missing_units(out: Path, plan: dict) -> list[str]:
@@ -555,8 +649,10 @@ def merge_memories(out: str | Path, require_complete: bool = True) -> bool:
     missing = missing_units(out, plan)
     if missing:
         if require_complete:
-            raise UserError(f"{out}: {len(missing)} unit(s) not done yet ({', '.join(missing[:3])}"
-                            f"{', ...' if len(missing) > 3 else ''}); run the remaining slices first")
+            raise UserError(
+                f"{out}: {len(missing)} unit(s) not done yet ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); run the remaining slices first"
+            )
         return False
     manifest = dict(plan, splits={})
     for split, s in plan["tokens"]["splits"].items():
@@ -575,8 +671,11 @@ def merge_memories(out: str | Path, require_complete: bool = True) -> bool:
             os.replace(staging / "index.json", split_dir / "index.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        manifest["splits"][split] = {"index_sha256": file_sha256(split_dir / "index.json"),
-                                     "samples": sum(r["samples"] for r in records), "units": records}
+        manifest["splits"][split] = {
+            "index_sha256": file_sha256(split_dir / "index.json"),
+            "samples": sum(r["samples"] for r in records),
+            "units": records,
+        }
     manifest["checksum"] = mf.checksum(manifest)
     mf.write_json_atomic(out / mf.MANIFEST_FILE, manifest)
     return True
@@ -595,7 +694,9 @@ def verify_memories(out: str | Path) -> dict:
                 raise UserError(f"{path}: memory shard missing")
             size = path.stat().st_size
             if size != rec["bytes"]:
-                raise UserError(f"{path}: memory shard truncated or changed ({size} bytes, manifest says {rec['bytes']})")
+                raise UserError(
+                    f"{path}: memory shard truncated or changed ({size} bytes, manifest says {rec['bytes']})"
+                )
             if file_sha256(path) != rec["sha256"]:
                 raise UserError(f"{path}: memory shard changed (sha256 differs from the manifest's)")
         counts[split] = s["samples"]

@@ -28,12 +28,13 @@ memory shard's size and sha256. Its ``checksum`` is the sha256 of everything els
 hand is refused. No timestamps: an interrupted-and-resumed job writes the same bytes as an uninterrupted
 one.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ def to_storage(memories: torch.Tensor, dtype: str) -> np.ndarray:
     (bf16: the uint16 bit pattern). Raises UserError if a value is not finite after the conversion."""
     m = memories.detach().to(STORAGE[dtype][1])
     if not bool(torch.isfinite(m).all()):
-        hint = "; store them as --dtype bf16 or fp32" if dtype == "fp16" and bool(torch.isfinite(memories).all()) else ""
+        hint = (
+            "; store them as --dtype bf16 or fp32" if dtype == "fp16" and bool(torch.isfinite(memories).all()) else ""
+        )
         raise UserError(f"--dtype {dtype}: the encoder produced memories that are not finite in {dtype}{hint}")
     m = m.reshape(m.shape[0], -1).cpu()
     if dtype == "bf16":
@@ -122,7 +125,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, canonical_json(obj))
 
 
-def first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     """The dotted path of the first field where ``a`` and ``b`` differ (None if equal); fields in ``b``'s
     order, then those only ``a`` has."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -139,11 +142,12 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
 
 def lookup(obj: dict, dotted: str) -> Any:
     """``obj["a"]["b"]`` for ``"a.b"`` (None where a key is missing)."""
+    value: Any = obj
     for part in dotted.split("."):
-        if not isinstance(obj, dict):
+        if not isinstance(value, dict):
             return None
-        obj = obj.get(part)
-    return obj
+        value = value.get(part)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ class _Strict(BaseModel):
 
 class _Encoder(_Strict):
     checkpoint: str
-    step: Optional[int] = None
+    step: int | None = None
     source_kind: Literal["autoencoder", "memory"]
     safetensors_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
     weights_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
@@ -165,7 +169,7 @@ class _Encoder(_Strict):
 
 
 class _Task(_Strict):
-    column: Optional[str]
+    column: str | None
     chunks: list[int]
 
 
@@ -215,7 +219,7 @@ class _Plan(_Strict):
     dtype: Literal["bf16", "fp16", "fp32"]
     compute_precision: Literal["fp32", "bf16"]
     tasks: dict[str, _Task]
-    special_tokens: Optional[_Special]
+    special_tokens: _Special | None
     tokens: _Tokens
 
 
@@ -267,15 +271,21 @@ def read_manifest(mem_dir: str | Path) -> dict:
     path = d / MANIFEST_FILE
     if not path.is_file():
         if (d / PLAN_FILE).is_file():
-            raise UserError(f"{d}: no {MANIFEST_FILE} yet: the precompute job has not finished (run the remaining "
-                            f"slices, or `memtrain precompute --merge {d}` once they are done)")
+            raise UserError(
+                f"{d}: no {MANIFEST_FILE} yet: the precompute job has not finished (run the remaining "
+                f"slices, or `memtrain precompute --merge {d}` once they are done)"
+            )
         raise UserError(f"{d}: no {MANIFEST_FILE}; not a memory-shard directory (make one with `memtrain precompute`)")
     raw = read_json(path)
     if isinstance(raw, dict) and isinstance(raw.get("format_version"), int) and raw["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path}: format version {raw['format_version']}, but this memtrain reads version "
-                        f"{FORMAT_VERSION} or older; upgrade memtrain")
+        raise UserError(
+            f"{path}: format version {raw['format_version']}, but this memtrain reads version "
+            f"{FORMAT_VERSION} or older; upgrade memtrain"
+        )
     _validate(_Manifest, raw, str(path))
     if checksum(raw) != raw["checksum"]:
-        raise UserError(f"{path}: its checksum does not match its contents (edited by hand?); a manifest is "
-                        f"written only by `memtrain precompute`: re-run `memtrain precompute --merge {d}`")
+        raise UserError(
+            f"{path}: its checksum does not match its contents (edited by hand?); a manifest is "
+            f"written only by `memtrain precompute`: re-run `memtrain precompute --merge {d}`"
+        )
     return raw

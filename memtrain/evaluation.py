@@ -7,15 +7,21 @@ regeneration: one pass is exact for reconstruction and blank copy (the decoder n
 outputs); for causal and copy objectives it is teacher-forced unless ``greedy=True``, which regenerates the
 supervised span token by token from the model's own predictions.
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memtrain.config import Config
+from memtrain.config import OBJECTIVES, Config
 from memtrain.data.loader import make_loader
-from memtrain.engine.distributed import DistInfo
+from memtrain.kinds import KINDS
 from memtrain.metrics import MetricAccumulator, greedy_regenerate
 from memtrain.objectives import SpecialTokens, make_task, supervised_loss, task_chunks
+
+if TYPE_CHECKING:
+    from memtrain.engine.distributed import DistInfo
 
 #: objectives where one forward pass already is free-running greedy regeneration
 ONE_PASS_EXACT = ("reconstruction", "blank_copy")
@@ -24,17 +30,29 @@ ONE_PASS_EXACT = ("reconstruction", "blank_copy")
 def eval_objectives(cfg: Config) -> list[str]:
     """Objectives evaluated during training: every objective any stage trains, plus the model's own."""
     names = {n for s in cfg.stages() for n in s.weights.active()}
-    names.add("reconstruction" if cfg.model.kind == "autoencoder" else "causal")
-    order = ("causal", "copy", "blank_copy", "reconstruction")
-    return [n for n in order if n in names]
+    names.add(KINDS[cfg.model.kind].own_objective)
+    return [n for n in OBJECTIVES if n in names]
 
 
-def take_batches(shards: str, split: str, batch_size: int, n_batches: int, cache_dir: str | None = None,
-                 ) -> list[torch.Tensor]:
+def take_batches(
+    shards: str,
+    split: str,
+    batch_size: int,
+    n_batches: int,
+    cache_dir: str | None = None,
+) -> list[torch.Tensor]:
     """The first ``n_batches`` batches ``torch.long [batch_size, row_len]`` of a split, unshuffled (the same
     every time). The loader is closed before returning (its shared memory and file descriptors are freed)."""
-    with make_loader(shards, split, batch_size=batch_size, shuffle=False, seed=0, num_workers=0,
-                     cache_dir=cache_dir, max_batches=n_batches) as loader:
+    with make_loader(
+        shards,
+        split,
+        batch_size=batch_size,
+        shuffle=False,
+        seed=0,
+        num_workers=0,
+        cache_dir=cache_dir,
+        max_batches=n_batches,
+    ) as loader:
         return list(loader)
 
 
@@ -70,9 +88,17 @@ def chunk_span(model) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], objectives: list[str], special: SpecialTokens,
-             device: torch.device, info: DistInfo | None = None, greedy: bool = False, per_chunk: bool = False,
-             memories: tuple[str, ...] | list[str] = ("normal",)) -> dict[str, dict]:
+def evaluate(
+    model,
+    batches: list[torch.Tensor],
+    objectives: list[str],
+    special: SpecialTokens,
+    device: torch.device,
+    info: DistInfo | None = None,
+    greedy: bool = False,
+    per_chunk: bool = False,
+    memories: tuple[str, ...] | list[str] = ("normal",),
+) -> dict[str, dict]:
     """Metrics per objective over ``batches`` ([B, T] token rows). Returns {key: {metric: value}} with
     ``key = result_key(objective, mode)`` for each objective and memory mode.
 
@@ -114,17 +140,20 @@ def evaluate(model, batches: list[torch.Tensor], objectives: list[str], special:
     for name in objectives:
         for mode in memories:
             key = result_key(name, mode)
-            r = dict(pooled[key])
+            r: dict[str, Any] = dict(pooled[key])
             if f"{key}@greedy" in pooled:
                 g = pooled[f"{key}@greedy"]
                 r["greedy_accuracy"], r["exact_match"] = g["accuracy"], g["exact_match"]
-            r["exact_match_mode"] = "greedy" if (f"{key}@greedy" in pooled or name in ONE_PASS_EXACT) \
-                else "teacher_forced"
+            r["exact_match_mode"] = (
+                "greedy" if (f"{key}@greedy" in pooled or name in ONE_PASS_EXACT) else "teacher_forced"
+            )
             if mode != "normal":
                 r["objective"], r["memories"] = name, mode
             if per_chunk:
                 chunks = sorted(int(k.rsplit("@chunk", 1)[1]) for k in pooled if k.startswith(f"{key}@chunk"))
-                r["per_chunk"] = [{"chunk": c, **{m: pooled[f"{key}@chunk{c}"][m] for m in ("ce", "accuracy", "tokens")}}
-                                  for c in chunks]
+                r["per_chunk"] = [
+                    {"chunk": c, **{m: pooled[f"{key}@chunk{c}"][m] for m in ("ce", "accuracy", "tokens")}}
+                    for c in chunks
+                ]
             results[key] = r
     return results

@@ -15,6 +15,7 @@ all ranks can agree (before the first step: exit 75 without a new checkpoint, so
 The marker names the attempt that wrote it (``MEMTRAIN_ATTEMPT``: job id and restart count, set by the batch
 script), so a later attempt never requeues on the strength of an old marker.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 PREEMPTED_EXIT_CODE = 75
 MARKER = "PREEMPTED"
@@ -33,7 +37,7 @@ class Preemption:
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
         self.requested: str | None = None
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -70,9 +74,16 @@ class Preemption:
 def write_marker(run_dir: Path, step: int, reason: str) -> None:
     """``PREEMPTED``: the step of the newest checkpoint, the signal, and this attempt (the batch script
     requeues only for a marker of its own attempt)."""
-    (Path(run_dir) / MARKER).write_text(json.dumps({
-        "step": step, "signal": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "attempt": os.environ.get("MEMTRAIN_ATTEMPT", "")}))
+    (Path(run_dir) / MARKER).write_text(
+        json.dumps(
+            {
+                "step": step,
+                "signal": reason,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "attempt": os.environ.get("MEMTRAIN_ATTEMPT", ""),
+            }
+        )
+    )
 
 
 def clear_marker(run_dir: Path) -> None:
