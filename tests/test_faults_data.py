@@ -184,7 +184,6 @@ def _fds() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-@pytest.mark.slow
 def test_evaluating_many_times_does_not_leak_file_descriptors(tiny_data):
     from memtrain.data.loader import make_loader
     from memtrain.evaluation import take_batches
