@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` (parents created) through a temporary file beside it and a rename."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path`` (parents created), then rename it to ``path``: a file
+    that exists is complete. The temporary file is removed if ``write`` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -16,13 +16,13 @@ the others; the time spent writing the files is not counted in the logged throug
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from memtrain.engine.distributed import DistInfo
+from memtrain.fileio import write_atomic
 
 
 class StepProfiler:
@@ -77,17 +77,16 @@ class StepProfiler:
                 torch.cuda.synchronize(self.info.device)
             prof.stop()
             stem = f"rank{self.info.rank}-steps{self._first}-{last if last is not None else 'end'}"
-            self.dir.mkdir(parents=True, exist_ok=True)
             trace = self.dir / f"trace-{stem}.json"
-            _atomic(trace, prof.export_chrome_trace)
+            write_atomic(trace, prof.export_chrome_trace)
             cuda = self.info.device.type == "cuda"
             table = prof.key_averages().table(
                 sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30
             )
-            _atomic(self.dir / f"ops-{stem}.txt", lambda p: Path(p).write_text(table + "\n"))
+            write_atomic(self.dir / f"ops-{stem}.txt", lambda p: Path(p).write_text(table + "\n"))
             written = [trace.name, f"ops-{stem}.txt"]
             if self._memory:
-                _atomic(self.dir / f"memory-{stem}.pickle", torch.cuda.memory._dump_snapshot)
+                write_atomic(self.dir / f"memory-{stem}.pickle", torch.cuda.memory._dump_snapshot)
                 torch.cuda.memory._record_memory_history(enabled=None)
                 written.append(f"memory-{stem}.pickle")
             self.cfg = None  # once per run
@@ -97,13 +96,3 @@ class StepProfiler:
                 + ", ".join(written)
                 + " (docs/observability.md says how to read them)"
             )
-
-
-def _atomic(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` beside ``path``, then rename, so a file that exists is complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

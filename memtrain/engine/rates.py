@@ -42,9 +42,7 @@ class Rates:
             found = device_peak_tflops(self.device_name, precision)
             if found is not None:
                 self.peak = {"tflops": found[0], "source": f"datasheet {found[1]}"}
-        self.steps = 0
-        self._t0 = time.perf_counter()
-        self._paused = 0.0
+        self.start()
 
     def start(self) -> None:
         """Start the first window (after start-up, which is not a training step)."""

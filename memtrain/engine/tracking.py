@@ -37,7 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from memtrain.errors import UserError
-from memtrain.fileio import write_json
+from memtrain.fileio import write_json, write_text_atomic
 
 #: What to install for each optional logger
 INSTALL = {"wandb": "pip install wandb", "mlflow": "pip install mlflow-skinny (or the full mlflow)"}
@@ -249,7 +249,7 @@ class _Wandb:
         run_id = ids.get("wandb_id")
         if run_id is None:
             run_id = secrets.token_hex(6)  # W&B ids: up to 64 letters and digits
-            _write_ids(run_dir, {**ids, "wandb_id": run_id})
+            write_json(run_dir / IDS_FILE, {**ids, "wandb_id": run_id})
             ids["wandb_id"] = run_id
         try:
             self.run = wandb.init(
@@ -304,7 +304,7 @@ class _Mlflow:
                 run_id = self.client.create_run(
                     exp_id, run_name=run_name, tags={"memtrain.run_dir": str(run_dir)}
                 ).info.run_id
-                _write_ids(run_dir, {**ids, "mlflow_run_id": run_id})
+                write_json(run_dir / IDS_FILE, {**ids, "mlflow_run_id": run_id})
                 ids["mlflow_run_id"] = run_id
                 logged: dict = {}
             else:
@@ -373,10 +373,6 @@ def _read_ids(run_dir: Path) -> dict:
     return {k: v for k, v in ids.items() if k in ("wandb_id", "mlflow_run_id")}
 
 
-def _write_ids(run_dir: Path, ids: dict) -> None:
-    write_json(run_dir / IDS_FILE, ids)
-
-
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return (text[:300] + "...") if len(text) > 300 else text or type(err).__name__
@@ -389,9 +385,7 @@ def _truncate_jsonl(path: Path, after_step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [ln for ln in lines if (step := _step_of(ln)) is not None and step <= after_step]
     if len(kept) < len(lines):
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def _step_of(line: str) -> int | None:

@@ -71,7 +71,7 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
         "complete": bool(summary.get("complete")),
     }
     rec["tokens_per_s_per_rank"] = rec["tokens_per_s"] / ranks if rec["tokens_per_s"] else None
-    per_token = recorded_flops(meta) or stage_flops_per_token(cfg, meta.get("vocab_size"))
+    per_token = stage_flops(cfg, meta)
     if per_token and rec["tokens_per_s"]:
         from memtrain.flops import mfu
 
@@ -99,47 +99,48 @@ def run_record(run_dir: Path, sweep_values: dict | None = None, peak_tflops: flo
     return rec
 
 
+def _provenance(meta: dict, summary: dict, key: str) -> dict | None:
+    """The run's provenance record (newest checkpoint's meta.json, else summary.json) that holds ``key``."""
+    for source in (meta, summary):
+        prov = source.get("provenance")
+        if isinstance(prov, dict) and prov.get(key):
+            return prov
+    return None
+
+
 def world_size(cfg: dict, meta: dict, summary: dict) -> int:
     """The ranks a run trained on: ``provenance.world_size`` of its newest checkpoint's meta.json or of its
     summary.json; for runs that predate provenance, nodes x ranks per node of the config's slurm section."""
-    for source in (meta, summary):
-        prov = source.get("provenance")
-        if isinstance(prov, dict) and prov.get("world_size"):
-            return int(prov["world_size"])
+    prov = _provenance(meta, summary, "world_size")
+    if prov is not None:
+        return int(prov["world_size"])
     slurm = cfg.get("slurm", {}) or {}
     ranks_per_node = slurm.get("gpus_per_node") or slurm.get("tasks_per_node", 1)
     return int(slurm.get("nodes", 1)) * int(ranks_per_node)
 
 
-def recorded_flops(meta: dict) -> list[float] | None:
-    """The model FLOPs per token of each curriculum stage that the run recorded in its meta.json."""
+def commit_of(meta: dict, summary: dict) -> str | None:
+    """``9bf5601`` or ``9bf5601-dirty``: the memtrain commit that trained the run, from its provenance."""
+    prov = _provenance(meta, summary, "commit")
+    return None if prov is None else str(prov["commit"]) + ("-dirty" if prov.get("dirty") else "")
+
+
+def stage_flops(cfg: dict, meta: dict) -> list[float] | None:
+    """Model FLOPs per token of each curriculum stage: as the run recorded them in meta.json, else (runs that
+    predate it) :func:`memtrain.flops.stage_flops_per_token` of its config; None when the vocabulary is unknown
+    or the config is not one this memtrain reads (or not counted: ``hf_decoder``)."""
     per_token = meta.get("flops_per_token")
     if isinstance(per_token, list) and per_token and all(isinstance(f, (int, float)) and f > 0 for f in per_token):
         return [float(f) for f in per_token]
-    return None
-
-
-def commit_of(meta: dict, summary: dict) -> str | None:
-    """``9bf5601`` or ``9bf5601-dirty``: the memtrain commit that trained the run, from its provenance."""
-    for source in (meta, summary):
-        prov = source.get("provenance")
-        if isinstance(prov, dict) and prov.get("commit"):
-            return str(prov["commit"]) + ("-dirty" if prov.get("dirty") else "")
-    return None
-
-
-def stage_flops_per_token(cfg: dict, vocab: int | None) -> list[float] | None:
-    """Model FLOPs per token of each curriculum stage (:func:`memtrain.flops.flops_per_token`), or None when
-    the vocabulary is unknown or the config is not one this memtrain reads (or not counted: ``hf_decoder``)."""
     from memtrain.config import config_from_dict
-    from memtrain.flops import stage_flops_per_token as per_stage
+    from memtrain.flops import stage_flops_per_token
 
     try:
         run = config_from_dict(cfg, source="config.yaml")
     except UserError:
         return None
-    vocab = vocab or run.model.vocab_size
-    return per_stage(run, int(vocab)) if vocab else None
+    vocab = meta.get("vocab_size") or run.model.vocab_size
+    return stage_flops_per_token(run, int(vocab)) if vocab else None
 
 
 def _stage_steps(cfg: dict, steps: int) -> list[int]:
