@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output stopped early (`memtrain configs list | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 0
+    finally:
+        if early is not None:  # train restores it itself; this covers a refusal before training started
+            early.restore()
 
 
 if __name__ == "__main__":

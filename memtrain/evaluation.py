@@ -80,13 +80,6 @@ def result_key(objective: str, mode: str = "normal") -> str:
     return objective if mode == "normal" else f"{objective} (memories {mode})"
 
 
-def chunk_span(model) -> int:
-    """Row positions per chunk of ``model``: L + L_dec for a memory model with an HF decoder (its dual rows
-    hold, per chunk, L encoder ids then L_dec decoder slots: ``model.layout``), else L (``cfg.chunk_len``)."""
-    layout = getattr(model, "layout", None)
-    return layout.block_len if layout is not None else model.cfg.chunk_len
-
-
 @torch.no_grad()
 def evaluate(
     model,
@@ -104,14 +97,14 @@ def evaluate(
 
     ``greedy``: also regenerate causal/copy spans free-running and report exact match from that (with the
     encoder's own memories only). ``per_chunk``: add ``per_chunk`` = [{chunk, ce, accuracy, tokens}] for each
-    chunk position c (positions c*S .. c*S+S-1 of a row, S = :func:`chunk_span`: L, or L + L_dec for dual rows
+    chunk position c (positions c*S .. c*S+S-1 of a row, S = ``model.chunk_span``: L, or L + L_dec for dual rows
     of an HF-decoder memory model; in a memory model chunk c reads c memories).
     ``memories``: modes of :data:`MEMORY_MODES`; ``zero`` and ``shuffle`` run the encoder on the task inputs
     and alter its memories before the decoder reads them (models with an encoder only).
     """
     acc = MetricAccumulator(model.vocab_size)
     n_chunks = task_chunks(model)
-    span = chunk_span(model)
+    span = model.chunk_span
     for name in objectives:
         for mode in memories:
             key = result_key(name, mode)

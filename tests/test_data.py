@@ -516,3 +516,47 @@ def test_stale_shared_memory_cleanup_spares_live_segments(tmp_path):
         live.close()
         live.unlink()
         stale.unlink(missing_ok=True)
+
+
+def test_stale_lock_file_cleanup_spares_live_and_held_ones(tmp_path):
+    import fcntl
+    from multiprocessing import shared_memory
+
+    from memtrain.data.streaming_compat import remove_stale_lock_files
+
+    live = shared_memory.SharedMemory(name="999980_locals", create=True, size=8)  # a dataset that exists
+    for prefix in ("999980", "999981", "999982"):
+        (tmp_path / f"{prefix}_barrier_filelock").touch()
+        (tmp_path / f"{prefix}_cache_filelock").touch()
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (tmp_path / "999983_cache_filelock").symlink_to(target)  # never followed, never removed
+    held = os.open(tmp_path / "999982_cache_filelock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a process inside the lock right now
+    try:
+        assert remove_stale_lock_files(directory=tmp_path) == 3
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == [
+            "999980_barrier_filelock",
+            "999980_cache_filelock",
+            "999982_cache_filelock",
+            "999983_cache_filelock",
+            "precious",
+        ]
+        assert target.read_text() == "keep"
+    finally:
+        os.close(held)
+        live.close()
+        live.unlink()
+
+
+def test_closed_loader_leaves_no_lock_files(tiny_data):
+    import tempfile
+
+    loader = make_loader(tiny_data.shards, "train", batch_size=2, shuffle=False, seed=0)
+    next(iter(loader))
+    prefix = loader.dataset._shm_prefix_int
+    files = [Path(tempfile.gettempdir()) / f"{prefix:06d}_{kind}_filelock" for kind in ("barrier", "cache")]
+    assert any(f.exists() for f in files)
+    loader.close()
+    assert not any(f.exists() for f in files)

@@ -372,7 +372,8 @@ def test_torchrun_two_ranks(tiny_data, tmp_path):
         state = ckpt.load_trainer_state(run / "checkpoints" / f"step_{step:07d}")
         assert state["loader"]["streaming"]["sample_in_epoch"] == step * batch * 2
     # tokens/s counts the global batch too: the time a step of 2 x 4 x 32 tokens takes at the logged rate,
-    # summed over steps 2..6, is the wall time between the log records of steps 1 and 6
+    # summed over steps 2..6, is the wall time between the log records of steps 1 and 6, less the checkpoint
+    # write of step 3 that the rate's window leaves out (a rate of one rank's tokens would give a ratio of 0.5)
     at_rate = sum(batch * 2 * 32 / recs[s]["tokens_per_s"] for s in range(2, steps + 1))
     ratio = at_rate / (recs[steps]["time"] - recs[1]["time"])
-    assert 0.8 < ratio < 1.25, ratio
+    assert 0.7 < ratio < 1.25, ratio

@@ -318,6 +318,15 @@ def test_preemption_records_signals():
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
+def test_train_refused_before_start_restores_stop_signals(tmp_path, capsys):
+    from memtrain.cli import main
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 @pytest.mark.slurm
 def test_templates_are_valid_bash():
     for f in sorted((ROOT / "slurm").glob("*")):

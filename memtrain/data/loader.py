@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memtrain.data.ingest import FORMAT_VERSION, INFO_FILE
-from memtrain.data.streaming_compat import (clean_stale_shared_memory_once, closing_prefix_probes,
+from memtrain.data.streaming_compat import (clean_stale_shared_memory_once, closing_prefix_probes, release_dataset,
                                             import_streaming)
 from memtrain.data.tokenizer import TOKENIZER_FILE, file_sha256
 from memtrain.errors import UserError
@@ -561,7 +561,7 @@ class ShardLoader:
                 pass
         if dl is not None:
             dl._iterator = None
-        _release_streaming_shm(self.dataset)
+        release_dataset(self.dataset)
         if self._key:
             _release_local(self._key)
             self._key = None
@@ -624,46 +624,6 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
-
-
-def _release_streaming_shm(dataset: Any) -> None:
-    """Close (and, where this process created them, unlink) the shared-memory segments a StreamingDataset
-    holds, and drop streaming's atexit references to them, so their file descriptors and mappings are freed
-    now rather than at interpreter exit (streaming keeps them until then: about a dozen per dataset)."""
-    import atexit
-
-    import_streaming()
-    from streaming.base.shared import SharedMemory
-
-    found: list = []
-    seen: set[int] = set()
-
-    def walk(obj: Any, depth: int) -> None:
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, SharedMemory):
-            found.append(obj)
-            return
-        d = getattr(obj, "__dict__", None)
-        if isinstance(d, dict):
-            for v in list(d.values()):
-                if isinstance(v, (SharedMemory,)) or hasattr(v, "__dict__"):
-                    walk(v, depth + 1)
-
-    walk(dataset, 0)
-    locals_shm = dataset.__dict__.get("_locals_shm")
-    if locals_shm is not None:  # what streaming's __del__ does: mark its local directories released
-        try:
-            locals_shm.buf[:4] = np.int32(0).tobytes()
-        except Exception:  # noqa: BLE001
-            pass
-    for shm in found:
-        atexit.unregister(shm.cleanup)
-        try:
-            shm.cleanup()
-        except (BufferError, OSError):  # a numpy view still maps it: leave it to interpreter exit
-            atexit.register(shm.cleanup)
 
 
 def make_loader(shards: str | Path, split: str, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,

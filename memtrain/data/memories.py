@@ -30,7 +30,7 @@ import torch
 from memtrain.data import memory_manifest as mf
 from memtrain.data.index_check import read_index
 from memtrain.data.memory_batch import MemoryBatch, split_memories  # noqa: F401 (re-exported)
-from memtrain.data.streaming_compat import import_streaming
+from memtrain.data.streaming_compat import import_streaming, release_dataset
 from memtrain.data.tokenizer import file_sha256
 from memtrain.errors import UserError
 
@@ -156,12 +156,16 @@ class JoinedDataset(streaming.StreamingDataset):
         super().__init__(**kwargs)
         self.memories = memories
         stream = self.streams[0]
-        memories.check_token_index(Path(stream.local) / stream.split / "index.json")
-        if self.num_samples != len(memories):
-            raise UserError(
-                f"data.memories ({memories.dir}): {len(memories)} samples in split '{memories.split}', "
-                f"data.shards has {self.num_samples}"
-            )
+        try:
+            memories.check_token_index(Path(stream.local) / stream.split / "index.json")
+            if self.num_samples != len(memories):
+                raise UserError(
+                    f"data.memories ({memories.dir}): {len(memories)} samples in split '{memories.split}', "
+                    f"data.shards has {self.num_samples}"
+                )
+        except BaseException:
+            release_dataset(self)  # refused: nothing else holds this dataset to free its shared memory
+            raise
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)

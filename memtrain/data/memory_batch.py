@@ -1,6 +1,8 @@
-"""A training batch that carries precomputed memories (:mod:`memtrain.data.memories` makes them).
+"""What a loader yields: :data:`Batch`, and the batch that carries precomputed memories
+(:mod:`memtrain.data.memories` makes them).
 
-Kept apart from the loader code (no streaming import): engines only need :func:`split_memories`.
+Kept apart from the loader code (no streaming import): engines only need :data:`Batch` and
+:func:`split_memories`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,20 @@ class MemoryBatch(NamedTuple):
         return [MemoryBatch(ids[i], {k: p[i] for k, p in parts.items()}) for i in range(len(ids))]
 
 
-def split_memories(batch: torch.Tensor | MemoryBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+#: A loader batch, one of three layouts:
+#:
+#: - token rows, ``torch.long [B, C*L]`` (``data.shards``);
+#: - dual rows, ``torch.long [B, C*(L + L_dec)]``: per chunk, L encoder ids then L_dec decoder slots
+#:   (``data.dual_shards``, for a memory model with an HF decoder; the model reads them through its
+#:   ``DualLayout`` and reports ``chunk_span`` = L + L_dec);
+#: - :class:`MemoryBatch`, token rows with their precomputed memories (``data.memories``).
+#:
+#: All three have ``.shape``, ``.to(device)`` and ``.split(rows)``, which is all engines use besides
+#: :func:`split_memories`.
+Batch = torch.Tensor | MemoryBatch
+
+
+def split_memories(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """``(ids, memories)`` of a loader batch: memories is None for a plain token batch."""
     if isinstance(batch, MemoryBatch):
         return batch.ids, batch.memories

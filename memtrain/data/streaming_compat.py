@@ -10,9 +10,12 @@ reads of a dataset's resume state release their shared-memory attachment (:func:
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -26,6 +29,8 @@ _cleaned = False
 CLEAN_ENV = "MEMTRAIN_STREAMING_CLEAN"
 _SHM_DIR = Path("/dev/shm")
 _SEGMENT = re.compile(r"^\d{6}_[a-z_]+$")
+#: streaming's two lock files per dataset, in the temporary directory, named by the dataset's prefix
+_LOCK_FILE = re.compile(r"^(\d{6})_(?:barrier|cache)_filelock$")
 #: a segment younger than this may be in the middle of being created and mapped; never touch it
 _MIN_STALE_AGE_S = 30.0
 
@@ -140,10 +145,13 @@ def clean_stale_shared_memory_once() -> str:
             result = "skipped: not the node's first rank"
             if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
                 result = clean_stale_shared_memory_safely()
+                remove_stale_lock_files()
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
             return result
-        return clean_stale_shared_memory_safely()
+        result = clean_stale_shared_memory_safely()
+        remove_stale_lock_files()
+        return result
 
 
 def clean_stale_shared_memory_safely() -> str:
@@ -229,3 +237,91 @@ class closing_prefix_probes:
                 atexit.register(shm.cleanup)
         self._probes.clear()
         return closed
+
+
+def remove_stale_lock_files(prefix: int | None = None, directory: str | Path | None = None) -> int:
+    """Remove streaming's lock files (``NNNNNN_barrier_filelock``, ``NNNNNN_cache_filelock``) of datasets
+    that no longer exist; returns how many were removed. ``prefix``: only that dataset's.
+
+    Streaming creates two lock files per dataset in the temporary directory and never removes them; while
+    they exist, no new dataset takes their prefix, and every new dataset of the machine tests each prefix in
+    turn, so a machine that has opened thousands of datasets (a test suite, a long sweep) spends seconds
+    scanning per dataset. A lock file is stale when no ``/dev/shm`` segment with its prefix exists (a dataset
+    creates its segments before its lock files and removes them when closed). One is removed only if this
+    process can open it, no process holds its lock (taken without waiting while it is unlinked), and it is
+    still the same file; files of other users and lock files on machines without ``/dev/shm`` are left."""
+    if not _SHM_DIR.is_dir():
+        return 0
+    live = {p.name[:6] for p in _streaming_segments()}
+    root = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    removed = 0
+    for entry in entries:
+        match = _LOCK_FILE.match(entry.name)
+        if match is None or match.group(1) in live or (prefix is not None and int(match.group(1)) != prefix):
+            continue
+        removed += _unlink_unheld(entry.path)
+    return removed
+
+
+def _unlink_unheld(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # gone meanwhile, another user's, or a link
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.lstat(path).st_ino:
+            return False
+        os.unlink(path)
+        return True
+    except OSError:  # held by a live process, or removed meanwhile
+        return False
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def release_dataset(dataset: object) -> None:
+    """Free what a ``StreamingDataset`` holds now rather than at interpreter exit: close (and, where this
+    process created them, unlink) its shared-memory segments, drop streaming's ``atexit`` references to them
+    (about a dozen descriptors and mappings per dataset), and remove its lock files once its segments are
+    gone (:func:`remove_stale_lock_files`)."""
+    import_streaming()
+    from streaming.base.shared import SharedMemory
+
+    found: list = []
+    seen: set[int] = set()
+
+    def walk(obj: object, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, SharedMemory):
+            found.append(obj)
+            return
+        d = getattr(obj, "__dict__", None)
+        if isinstance(d, dict):
+            for v in list(d.values()):
+                if isinstance(v, SharedMemory) or hasattr(v, "__dict__"):
+                    walk(v, depth + 1)
+
+    walk(dataset, 0)
+    state = getattr(dataset, "__dict__", {})
+    locals_shm = state.get("_locals_shm")
+    if locals_shm is not None:  # what streaming's __del__ does: mark its local directories released
+        try:
+            locals_shm.buf[:4] = (0).to_bytes(4, sys.byteorder)
+        except Exception:  # noqa: BLE001
+            pass
+    for shm in found:
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except (BufferError, OSError):  # a numpy view still maps it: leave it to interpreter exit
+            atexit.register(shm.cleanup)
+    prefix = state.get("_shm_prefix_int")
+    if isinstance(prefix, int):
+        remove_stale_lock_files(prefix)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
+    from memtrain.data.memory_batch import Batch
     from memtrain.models.base import MemtrainModel
     from memtrain.objectives import ObjectiveStats, SpecialTokens
 
@@ -50,7 +51,7 @@ class Engine(Protocol):
         """Freeze the module groups ``frozen`` (every other group trains) at a curriculum stage boundary."""
         ...
 
-    def train_step(self, batches: list[torch.Tensor], weights: dict[str, float], special: SpecialTokens) -> StepResult:
+    def train_step(self, batches: list[Batch], weights: dict[str, float], special: SpecialTokens) -> StepResult:
         """One optimizer step from this rank's loaded batches (micro-batches, accumulation, clipping, step,
         schedule)."""
         ...
@@ -73,7 +74,7 @@ class Engine(Protocol):
         ...
 
 
-def split_micro_batches(batches: list[torch.Tensor], micro_batch_size: int | None) -> list[torch.Tensor]:
+def split_micro_batches(batches: list[Batch], micro_batch_size: int | None) -> list[Batch]:
     """Loaded batches [B, T] -> micro-batches [micro_batch_size, T] in order (None: the batches as they are)."""
     if micro_batch_size is None:
         return list(batches)

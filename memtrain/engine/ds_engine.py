@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from memtrain.config import Config
-from memtrain.data.memory_batch import split_memories
+from memtrain.data.memory_batch import Batch, split_memories
 from memtrain.devices import resolve_precision
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.contract import StepResult, checkpoint_blocks, split_micro_batches
@@ -112,7 +112,7 @@ class DeepSpeedEngine:
         if self.pipeline:  # a stage's objectives (rows per micro-batch) and frozen outputs (dtypes) may change
             self._pipe().reset_activation_shape()
 
-    def train_step(self, batches: list[torch.Tensor], weights: dict[str, float], special) -> StepResult:
+    def train_step(self, batches: list[Batch], weights: dict[str, float], special) -> StepResult:
         if self.pipeline:
             return self._pipeline_step(batches, weights, special)
         micro = split_micro_batches(batches, self.cfg.dist.micro_batch_size)

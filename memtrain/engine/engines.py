@@ -12,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from memtrain.config import Config
-from memtrain.data.memory_batch import split_memories
+from memtrain.data.memory_batch import Batch, split_memories
 from memtrain.devices import autocast_for
 from memtrain.engine import checkpoint as ckpt
 from memtrain.engine.contract import Engine, StepResult, checkpoint_blocks, split_micro_batches
@@ -48,7 +48,7 @@ class PlainEngine:
         # DDP records which parameters train when it is built: a new wrapper for every stage
         self._ddp = DDP(self.model) if self.info.distributed else None
 
-    def train_step(self, batches: list[torch.Tensor], weights: dict[str, float], special: SpecialTokens) -> StepResult:
+    def train_step(self, batches: list[Batch], weights: dict[str, float], special: SpecialTokens) -> StepResult:
         micro = split_micro_batches(batches, self.cfg.dist.micro_batch_size)
         forward = self._ddp or self.model  # through DDP, so that backward averages gradients over the ranks
         stats = []

@@ -76,6 +76,12 @@ class MemtrainModel(nn.Module):
                 )
             self.lm_head.weight = tie_to.weight
 
+    @property
+    def chunk_span(self) -> int:
+        """Row positions per chunk of the rows this model reads: L (``cfg.chunk_len``); a memory model with an
+        HF decoder reads dual rows and overrides it."""
+        return self.cfg.chunk_len
+
     # -- outputs ------------------------------------------------------------------------------------------
     def decoder_output(self, h: torch.Tensor) -> torch.Tensor:
         """The decoder stack's output -> hidden [B, T, d] aligned with :meth:`align_labels` (the same tensor,

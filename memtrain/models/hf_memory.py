@@ -200,6 +200,12 @@ class HFMemoryModel(MemtrainModel):
         self._fixed = {f"llm.{n}" for n, p in lm.named_parameters() if not p.requires_grad}
 
     # -- the LLM ------------------------------------------------------------------------------------------
+
+    @property
+    def chunk_span(self) -> int:
+        """Row positions per chunk of a dual row: L encoder ids then L_dec decoder slots."""
+        return self.layout.block_len
+
     def causal_lm(self):
         """The transformers causal LM (inside the peft wrapper in LoRA mode; adapters included)."""
         get_base = getattr(self.llm, "get_base_model", None)
