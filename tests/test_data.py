@@ -17,8 +17,9 @@ import torch
 
 from memtrain.data import demo_corpus_path
 from memtrain.data.documents import expand_sources, is_val_document, iter_documents, stable_fraction
-from memtrain.data.ingest import INFO_FILE, build_shards
+from memtrain.data.ingest import INFO_FILE, build_shards, merge_shards, partial_dir
 from memtrain.data.loader import check_compatible, make_loader, read_shard_info
+from memtrain.data.mds_rows import row_writer
 from memtrain.data.tokenizer import Tokenizer, train_tokenizer
 from memtrain.errors import UserError
 
@@ -72,6 +73,15 @@ def shards(corpus, tokenizer_path) -> Path:
         [str(corpus["src"])], tokenizer_path, out, row_len=ROW_LEN, val_fraction=0.1, workers=2, progress=False
     )
     return out
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` by relative path, without the uncompressed copies the loader leaves."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".mds")
+    }
 
 
 def _rows(shards_dir: Path, split: str) -> np.ndarray:
@@ -177,21 +187,39 @@ def test_packing_is_exact_for_a_known_corpus(tmp_path, tokenizer_path):
     assert (out / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
 
 
+def _unit_stream_rows(units_docs: list[list[tuple[str, str]]], tok, split: str) -> tuple[list[int], int]:
+    """The tokens a split's rows hold, in order, when each unit packs its own documents and the units' tails
+    fill the last rows: (tokens of the rows, dropped tail tokens)."""
+    full: list[int] = []
+    tails: list[int] = []
+    for docs in units_docs:
+        chosen = [t for d, t in docs if is_val_document(d, 0.1) == (split == "val")]
+        stream = [i for ids in tok.encode(chosen) for i in ids + [tok.eos_id]]
+        cut = len(stream) // ROW_LEN * ROW_LEN
+        full += stream[:cut]
+        tails += stream[cut:]
+    cut = len(tails) // ROW_LEN * ROW_LEN
+    return full + tails[:cut], len(tails) - cut
+
+
 def test_shards_hold_the_tokenized_stream_of_each_split(corpus, tokenizer_path, shards):
     tok = Tokenizer.load(tokenizer_path)
     docs = list(iter_documents([str(corpus["src"])]))
+    # three units, one per file (each far below the default unit size)
+    units_docs = [list(iter_documents([f])) for f in expand_sources([str(corpus["src"])])]
+    assert len(units_docs) == 3 and sum(map(len, units_docs)) == len(docs)
     info = read_shard_info(str(shards))
     assert info.row_len == ROW_LEN and info.eos_id == 3 and info.tokenizer_sha256 == tok.sha256
     for split in ("train", "val"):
         chosen = [t for d, t in docs if is_val_document(d, 0.1) == (split == "val")]
-        stream = [i for ids in tok.encode(chosen) for i in ids + [tok.eos_id]]
+        expected, dropped = _unit_stream_rows(units_docs, tok, split)
         rows = _rows(shards, split)
         assert rows.shape[1] == ROW_LEN and rows.dtype == np.int64
-        assert rows.reshape(-1).tolist() == stream[: len(rows) * ROW_LEN]
-        assert len(stream) - len(rows) * ROW_LEN < ROW_LEN
+        assert rows.reshape(-1).tolist() == expected
+        assert dropped < ROW_LEN
         counts = info.splits[split]
         assert counts["rows"] == len(rows) and counts["documents"] == len(chosen)
-        assert counts["dropped_tail_tokens"] == len(stream) - len(rows) * ROW_LEN
+        assert counts["dropped_tail_tokens"] == dropped
     assert 0 < info.splits["val"]["documents"] < info.splits["train"]["documents"]
     # train and val partition the corpus by document
     assert info.splits["train"]["documents"] + info.splits["val"]["documents"] == corpus["n_docs"]
@@ -202,11 +230,7 @@ def test_output_independent_of_workers_and_split_independent_of_order(corpus, to
     build_shards(
         [str(corpus["src"])], tokenizer_path, one, row_len=ROW_LEN, val_fraction=0.1, workers=1, progress=False
     )
-    for split in ("train", "val"):
-        names = sorted(p.name for p in (shards / split).iterdir() if not p.name.endswith(".mds"))
-        assert names == sorted(p.name for p in (one / split).iterdir())
-        for name in names:  # index.json and every zstd shard, byte for byte
-            assert (one / split / name).read_bytes() == (shards / split / name).read_bytes(), name
+    assert _tree(one) == _tree(shards)  # every index, record and zstd shard, byte for byte
     # split membership depends on the id only: reversing the document order keeps every document's side
     docs = list(iter_documents([str(corpus["src"])]))
     _write_jsonl(tmp_path / "rev.jsonl", [{"id": d, "text": t} for d, t in reversed(docs)])
@@ -227,6 +251,126 @@ def test_output_independent_of_workers_and_split_independent_of_order(corpus, to
             == info.splits[split]["rows"] * ROW_LEN + info.splits[split]["dropped_tail_tokens"]
         )
     assert stable_fraction("doc-1") == stable_fraction("doc-1") != stable_fraction("doc-1", seed=1)
+
+
+@pytest.mark.parametrize("size_limit", [None, 1000, 300, 100, 40])
+def test_row_writer_fast_path_writes_what_the_plain_writer_writes(tmp_path, size_limit):
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 60000, size=(n, 16), dtype=np.uint16) for n in (1, 7, 0, 33, 2)]
+    plain = row_writer(tmp_path / "plain", 16, "uint16", size_limit)
+    fast = row_writer(tmp_path / "fast", 16, "uint16", size_limit)
+    for block in blocks:
+        for row in block:
+            plain.write({"input_ids": row})
+        fast.write_rows(block)
+    plain.finish()
+    fast.finish()
+    assert _tree(tmp_path / "fast") == _tree(tmp_path / "plain")
+    assert len(json.loads((tmp_path / "fast" / "index.json").read_text())["shards"]) >= (1 if size_limit else 0)
+    with pytest.raises(ValueError, match=r"\[n, 16\] uint16"):
+        fast.write_rows(np.zeros((2, 8), np.uint16))
+
+
+def test_sliced_build_killed_and_resumed_is_byte_identical(corpus, tokenizer_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = corpus["src"] / "part0.parquet"  # 160 documents in row groups of 32, cut into units of ~20 kB
+    common = dict(row_len=ROW_LEN, val_fraction=0.1, progress=False, unit_size="20kb")
+    single = build_shards([str(src)], tokenizer_path, tmp_path / "single", workers=1, **common)
+    n = single["units"]
+    assert n >= 6 and single["merged"]
+    out = tmp_path / "sliced"
+    job = partial_dir(out)
+    first = build_shards([str(src)], tokenizer_path, out, workers=1, rank=2, world=3, **common)
+    assert not first["merged"] and first["written"] == len(range(2, n, 3)) and first["missing"] == n - first["written"]
+    # slice 0 is killed (SIGKILL) once it has written a unit
+    cmd = [
+        sys.executable,
+        "-m",
+        "memtrain",
+        "data",
+        "shards",
+        "--input",
+        str(src),
+        "--tokenizer",
+        str(tokenizer_path),
+        "--out",
+        str(out),
+        "--row-len",
+        str(ROW_LEN),
+        "--val-fraction",
+        "0.1",
+        "--unit-size",
+        "20kb",
+        "--workers",
+        "1",
+        "--rank",
+        "0",
+        "--world",
+        "3",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (job / "val" / "unit_00000").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # what a kill in the middle of a unit leaves behind
+    (job / "val" / ".unit_00003.tmp-99999").mkdir(parents=True, exist_ok=True)
+    (job / "val" / ".unit_00003.tmp-99999" / "shard.00000.mds.zstd").write_bytes(b"half")
+    second = build_shards([str(src)], tokenizer_path, out, workers=1, rank=1, world=3, merge=False, **common)
+    assert second["written"] == len(range(1, n, 3)) and not second["merged"]
+    # a finished unit damaged afterwards (slice 2's unit 5) is found and written again
+    rec = json.loads((job / "train" / "unit_00005" / "memtrain_unit.json").read_text())
+    with open(job / "train" / "unit_00005" / rec["shards"][0]["shard"], "ab") as f:
+        f.write(b"x")
+    assert merge_shards(out) is None
+    resumed = build_shards([str(src)], tokenizer_path, out, workers=1, rank=0, world=3, **common)
+    assert not resumed["merged"] and resumed["missing"] == 1 and not list(job.rglob(".unit_*"))
+    last = build_shards([str(src)], tokenizer_path, out, workers=1, rank=2, world=3, **common)
+    assert last["merged"] and last["written"] == 1 and not job.exists()
+    assert _tree(out) == _tree(tmp_path / "single")
+    for split in ("train", "val"):
+        assert _rows(out, split).tolist() == _rows(tmp_path / "single", split).tolist()
+
+
+def test_sliced_build_refuses_different_settings(corpus, tokenizer_path, tmp_path):
+    src = corpus["src"] / "part0.parquet"
+    out = tmp_path / "out"
+    build_shards(
+        [str(src)],
+        tokenizer_path,
+        out,
+        row_len=ROW_LEN,
+        val_fraction=0.1,
+        workers=1,
+        progress=False,
+        unit_size="20kb",
+        rank=0,
+        world=3,
+    )
+    with pytest.raises(
+        UserError,
+        match=r"out.partial: this partial shard build was started with row_len = 64, "
+        r"this job has 32; use another --out",
+    ):
+        build_shards(
+            [str(src)],
+            tokenizer_path,
+            out,
+            row_len=32,
+            val_fraction=0.1,
+            workers=1,
+            progress=False,
+            unit_size="20kb",
+            rank=1,
+            world=3,
+        )
+    assert (partial_dir(out) / "train" / "unit_00000").is_dir()  # a refusal never touches the build
 
 
 # ----------------------------------------------------------------------------------------------------

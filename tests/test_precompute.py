@@ -23,6 +23,7 @@ from memtrain.data.ingest import build_shards
 from memtrain.data.loader import make_loader, read_shard_info
 from memtrain.data.memories import MemoryBatch, open_memories, split_memories
 from memtrain.data.tokenizer import file_sha256
+from memtrain.data.units import resolve_slice
 from memtrain.engine.trainer import build_for_run, train
 from memtrain.errors import UserError
 from memtrain.objectives import compute_losses, make_task, special_tokens
@@ -268,11 +269,11 @@ def test_slices_merge_into_one_index(tokens, encoder_run, mem_fp32, tmp_path, ca
     assert "unit(s) not done yet" in capsys.readouterr().err
     units = first["units"] + second["units"]
     env = {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}
-    assert pj.resolve_slice(None, None, env) == (1, 3)
-    assert pj.resolve_slice(None, None, {"RANK": "1", "WORLD_SIZE": "3"}) == (1, 3)
-    assert pj.resolve_slice(None, None, {}) == (0, 1)
+    assert resolve_slice(None, None, env) == (1, 3)
+    assert resolve_slice(None, None, {"RANK": "1", "WORLD_SIZE": "3"}) == (1, 3)
+    assert resolve_slice(None, None, {}) == (0, 1)
     with pytest.raises(UserError, match="0 <= rank < world"):
-        pj.resolve_slice(3, 3, {})
+        resolve_slice(3, 3, {})
     last = pj.run_precompute(
         encoder_run, tokens, out, dtype="fp32", batch_size=16, rank=1, world=3, threads=1, progress=False
     )

@@ -143,7 +143,9 @@ def test_memory_shards_refuse_pickle_columns(tmp_path):
         ("..", False),
         (".", False),
         ("/abs/x", False),
-        ("a/b", False),
+        ("unit_00000/shard.00000.mds", True),
+        ("a/b/c", False),
+        ("a//b", False),
         ("a\\b", False),
         ("a\x00b", False),
         ("a\nb", False),
@@ -184,12 +186,12 @@ def test_validator_fields(tiny_data):
         edit(obj["shards"][0])
         with pytest.raises(UserError, match=f"^i\\.json: shards\\[0\\][ .].*{__import__('re').escape(want)}"):
             validate_index(obj, "i.json")
-    # memory-shard names: exactly one <unit>/ level
+    # unit shard names: at most one <unit>/ level (max_depth=1: plain names only)
     obj = json.loads(json.dumps(good))
     obj["shards"][0]["raw_data"]["basename"] = "unit_00000/shard.00000.mds"
-    validate_index(obj, "i.json", max_depth=2)
+    validate_index(obj, "i.json")
     with pytest.raises(UserError):
-        validate_index(obj, "i.json")
+        validate_index(obj, "i.json", max_depth=1)
     obj["shards"][0]["raw_data"]["basename"] = "unit_00000/../../x"
     with pytest.raises(UserError):
         validate_index(obj, "i.json", max_depth=2)

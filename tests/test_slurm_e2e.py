@@ -148,3 +148,40 @@ def test_submit_preempt_requeue_finish(cluster, tiny_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
+
+
+def test_shards_array_job_builds_what_one_process_builds(cluster, tiny_data, tmp_path):
+    from test_shards_cluster import array_case, tree
+
+    out, array_env = array_case(tmp_path, tiny_data.tokenizer)
+    env = dict(cluster, **{k: v for k, v in array_env.items() if k.startswith(("MEMTRAIN_", "PYTHONPATH"))})
+    res = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0-2",
+            "--cpus-per-task=1",
+            "--time=00:10:00",
+            f"--output={tmp_path}/shards-%A_%a.out",
+            "--chdir",
+            str(tmp_path),
+            "--export=ALL",
+            str(Path(__file__).resolve().parents[1] / "slurm" / "shards_array.sbatch"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    _wait(
+        lambda: (
+            (out / "memtrain_shards.json").is_file()
+            and not any(_job_state(env, f"{job}_{i}") in ("PENDING", "RUNNING", "COMPLETING") for i in range(3))
+        ),
+        300,
+        "the array job to publish the shards",
+    )
+    logs = "".join(p.read_text() for p in tmp_path.glob("shards-*.out"))
+    assert logs.count("memtrain: shards slice") == 3, logs
+    assert tree(out) == tree(tmp_path / "single")

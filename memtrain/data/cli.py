@@ -1,4 +1,4 @@
-"""``memtrain data ...`` subcommands: tokenizer, shards, prepare-demo.
+"""``memtrain data ...`` subcommands: tokenizer, shards, merge, bench, prepare-demo.
 
 :func:`register` adds them to the ``data`` command's subparsers; each handler takes the parsed ``args`` and
 returns an exit code (user errors raise :class:`memtrain.errors.UserError`, which the main CLI prints).
@@ -107,8 +107,48 @@ def cmd_shards(args) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        unit_size=args.unit_size,
+        rank=args.rank,
+        world=args.world,
+        merge=not args.no_merge,
     )
     print(format_summary(summary))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """``memtrain data bench``: raw-encode and ingest tokens/s on one corpus, and their ratio."""
+    from memtrain.data import demo_corpus_path
+    from memtrain.data.bench import bench_ingest, format_bench
+
+    sources = args.input or [str(demo_corpus_path())]
+    repeat = args.repeat if args.repeat is not None else (1 if args.input else 4)
+    no_len = args.row_len is None and args.chunk_len is None and args.chunks is None
+    row_len = 512 if no_len else _row_len(args)
+    print(format_bench(bench_ingest(sources, args.tokenizer, row_len, args.workers, args.unit_size, repeat=repeat)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """``memtrain data merge``: publish a sliced build whose units are all written."""
+    from memtrain.data.ingest import format_summary, merge_shards, partial_dir
+
+    out = Path(args.out)
+    if not partial_dir(out).is_dir():
+        raise UserError(f"--out {out}: no build in progress ({partial_dir(out)} does not exist)")
+    info = merge_shards(out, overwrite=args.overwrite)
+    if info is None:
+        from memtrain.data import units
+        from memtrain.data.ingest import PLAN_FILE
+        from memtrain.data.memory_manifest import read_json
+
+        plan = read_json(partial_dir(out) / PLAN_FILE)
+        left = units.missing(partial_dir(out), {s: plan["units"] for s in plan["splits"]})
+        raise UserError(
+            f"--out {out}: {len(left)} unit(s) not written yet ({', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''}); run the remaining slices first"
+        )
+    print(format_summary({**info, "out_dir": str(out), "merged": True}))
     return 0
 
 
@@ -243,8 +283,25 @@ def register(subparsers) -> None:
         metavar="F",
         help="fraction of documents held out for validation (default 0.01; 0 = none)",
     )
-    s.add_argument("--workers", type=int, default=2, help="tokenizer processes (default 2)")
+    s.add_argument("--workers", type=int, default=2, help="processes, each writing whole units (default 2)")
     s.add_argument("--shard-size", default="32mb", help="MDS shard size limit (default 32mb)")
+    s.add_argument(
+        "--unit-size",
+        default="256mb",
+        metavar="SIZE",
+        help="text per unit of work: parquet files are cut into row ranges of about this much text, a jsonl "
+        "or txt file is one unit (default 256mb)",
+    )
+    s.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="with --world: write slice RANK of WORLD (default: a Slurm array task, else torchrun's RANK, else all)",
+    )
+    s.add_argument("--world", type=int, default=None, help="number of slices (see --rank)")
+    s.add_argument(
+        "--no-merge", action="store_true", help="write this slice's units only; `memtrain data merge` publishes"
+    )
     s.add_argument("--seed", type=int, default=0, help="salt of the train/val split hash (default 0)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -263,6 +320,37 @@ def register(subparsers) -> None:
         help="with --decoder-tokenizer: decoder tokens per chunk (default: --chunk-len)",
     )
     s.set_defaults(func=cmd_shards)
+
+    b = subparsers.add_parser(
+        "bench",
+        help="tokens/s of `data shards` against the raw tokenizer",
+        description="Encode a corpus with SentencePiece alone (text in memory, WORKERS running processes), then "
+        "build shards from it with `memtrain data shards` (everything included), and print both rates and "
+        "their ratio.",
+    )
+    b.add_argument("--input", nargs="+", default=None, metavar="SRC", help="corpus (default: the bundled demo corpus)")
+    b.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.model (or its directory)")
+    _add_row_len(b, default=512)
+    b.add_argument("--workers", type=int, default=2, help="processes for both (default 2)")
+    b.add_argument("--unit-size", default=None, metavar="SIZE", help="default: 4 units per worker")
+    b.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure on the corpus's documents N times over (default 4 for the bundled corpus, else 1)",
+    )
+    b.set_defaults(func=cmd_bench)
+
+    m = subparsers.add_parser(
+        "merge",
+        help="publish a sliced `data shards` build",
+        description="Merge the units of OUT.partial (written by `memtrain data shards --rank R --world W`) into "
+        "the shard directory OUT. The last slice to finish does this itself unless it ran with --no-merge.",
+    )
+    m.add_argument("--out", required=True, metavar="DIR", help="the --out of the sliced build")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
+    m.set_defaults(func=cmd_merge)
 
     d = subparsers.add_parser(
         "prepare-demo",

@@ -159,14 +159,21 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", newline="\n")
 
 
-def _iter_parquet(f: SourceFile) -> Iterator[tuple[str, str, bool]]:
+def _open_parquet(f: SourceFile):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(f.path)
+        return pq.ParquetFile(f.path)
     except (pa.ArrowException, OSError) as err:
         raise UserError(f"{f.path}: not a readable parquet file ({err})") from None
+
+
+def _iter_parquet(f: SourceFile, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, str, bool]]:
+    """Rows ``start .. stop-1`` of a parquet file (all by default), reading only the row groups that hold them."""
+    import pyarrow as pa
+
+    pf = _open_parquet(f)
     names = pf.schema_arrow.names
     if "text" not in names:
         raise UserError(f"{f.path}: parquet file has no 'text' column (columns: {', '.join(names) or 'none'})")
@@ -174,15 +181,26 @@ def _iter_parquet(f: SourceFile) -> Iterator[tuple[str, str, bool]]:
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise UserError(f"{f.path}: column 'text' has type {text_type}, expected string")
     columns = ["text", "id"] if "id" in names else ["text"]
-    row = 0
+    meta = pf.metadata
+    stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+    groups, first, row = [], None, 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if row < stop and row + n > start:
+            groups.append(g)
+            first = row if first is None else first
+        row += n
+    row = start if first is None else first
     try:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns, row_groups=groups):
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if len(columns) == 2 else [None] * len(texts)
             for text, doc_id in zip(texts, ids):
-                if text and text.strip():
+                if start <= row < stop and text and text.strip():
                     yield from _pieces((str(doc_id) if doc_id is not None else f"{f.name}#{row}"), text)
                 row += 1
+            if row >= stop:
+                break
     except (pa.ArrowException, OSError) as err:
         raise UserError(f"{f.path}: cannot read parquet row {row} onwards ({err})") from None
 
@@ -286,6 +304,46 @@ def _iter_txt(f: SourceFile, limit: int = MAX_PIECE_CHARS) -> Iterator[tuple[str
 
 
 _READERS = {"parquet": _iter_parquet, "jsonl": _iter_jsonl, "txt": _iter_txt}
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """A part of a corpus that is read, tokenized and written on its own: rows ``start .. stop-1`` of a parquet
+    file, or a whole jsonl or txt file (``stop`` None)."""
+
+    file: SourceFile
+    start: int = 0
+    stop: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.file.path}" + ("" if self.stop is None else f" rows {self.start}-{self.stop - 1}")
+
+
+def plan_units(files: Sequence[SourceFile], unit_bytes: int) -> list[SourceUnit]:
+    """Cut a corpus into units of about ``unit_bytes`` of text, fixed by the files alone (never by how many
+    processes read them). A parquet file is cut into ranges of whole rows, as many rows as hold about
+    ``unit_bytes`` of its ``text`` column on average (from the file's metadata; nothing is read); a jsonl or
+    txt file is one unit (split a large one into several files to spread it)."""
+    units: list[SourceUnit] = []
+    for f in files:
+        if f.kind != "parquet":
+            units.append(SourceUnit(f))
+            continue
+        meta = _open_parquet(f).metadata
+        rows = meta.num_rows
+        if rows == 0:
+            continue
+        text_bytes = estimate_text_bytes([f])
+        per_unit = max(1, -(-unit_bytes * rows // max(1, text_bytes)))  # ceil
+        units.extend(SourceUnit(f, a, min(a + per_unit, rows)) for a in range(0, rows, per_unit))
+    return units
+
+
+def iter_unit_pieces(unit: SourceUnit) -> Iterator[tuple[str, str, bool]]:
+    """``(doc_id, piece, is_last)`` of one unit, as :func:`iter_document_pieces` gives them for its file."""
+    if unit.file.kind == "parquet":
+        return _iter_parquet(unit.file, unit.start, unit.stop)
+    return _READERS[unit.file.kind](unit.file)
 
 
 def iter_documents(sources: Sequence[str | Path] | Sequence[SourceFile]) -> Iterator[tuple[str, str]]:

@@ -6,10 +6,10 @@ deletes files under them, and it decodes columns with whatever encoding the inde
 code). So an index is data from whoever wrote the shards, and it is checked before anything reads it:
 
 * ``version`` 2, ``shards`` a non-empty list; each shard ``format`` ``mds``, ``version`` 2;
-* every ``raw_data.basename`` / ``zip_data.basename`` a plain file name: no ``/`` or ``\\``, not ``.`` or
-  ``..``, no NUL or control characters, at most :data:`MAX_NAME_LEN` characters (memory shards made by
-  ``memtrain precompute`` name ``<unit>/<file>``: exactly one folder level, each part a plain name);
-  no two shards share a file name;
+* every ``raw_data.basename`` / ``zip_data.basename`` a plain file name, or ``<unit>/<file>`` (the names
+  ``memtrain data shards`` and ``memtrain precompute`` write: at most one folder level): each part has no
+  ``/`` or ``\\``, is not ``.`` or ``..``, has no NUL or control characters and at most
+  :data:`MAX_NAME_LEN` characters; no two shards share a file name;
 * ``column_encodings`` only those memtrain writes (:data:`INT_ENCODINGS` and ``ndarray:<dtype>[:<shape>]``
   with a numeric dtype of :data:`NDARRAY_DTYPES`); ``column_names`` plain identifiers;
 * ``compression`` none or one of streaming's algorithms (``zstd`` is what memtrain writes), optionally with
@@ -78,7 +78,7 @@ def _plain_name(name: str) -> bool:
     )
 
 
-def plain_basename(name: Any, max_depth: int = 1) -> TypeGuard[str]:
+def plain_basename(name: Any, max_depth: int = 2) -> TypeGuard[str]:
     """Whether ``name`` is a relative file name of at most ``max_depth`` plain ``/``-separated parts."""
     if not isinstance(name, str) or not name or name.startswith("/"):
         return False
@@ -109,9 +109,9 @@ def _hash_names_ok(names: Any) -> bool:
     return isinstance(names, list) and all(isinstance(n, str) and n in known for n in names)
 
 
-def validate_index(obj: Any, where: str, *, max_depth: int = 1) -> dict:
+def validate_index(obj: Any, where: str, *, max_depth: int = 2) -> dict:
     """Check a parsed ``index.json`` (see the module doc); returns it. ``where`` names the file in errors.
-    ``max_depth`` 2 admits memory-shard names ``<unit>/<file>``."""
+    ``max_depth`` 2 (the default) admits ``<unit>/<file>``; 1 only plain file names."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: not a streaming index (expected a JSON object)")
     if obj.get("version") != 2:
@@ -186,7 +186,7 @@ def validate_index(obj: Any, where: str, *, max_depth: int = 1) -> dict:
     return obj
 
 
-def parse_index(data: bytes, where: str, *, max_depth: int = 1) -> dict:
+def parse_index(data: bytes, where: str, *, max_depth: int = 2) -> dict:
     """Parse and check the bytes of an ``index.json``."""
     if len(data) > MAX_INDEX_BYTES:
         raise UserError(f"{where}: {len(data)} bytes, larger than any memtrain index ({MAX_INDEX_BYTES} bytes)")
@@ -197,7 +197,7 @@ def parse_index(data: bytes, where: str, *, max_depth: int = 1) -> dict:
     return validate_index(obj, where, max_depth=max_depth)
 
 
-def read_index(path: str | Path, where: str | None = None, *, max_depth: int = 1) -> dict:
+def read_index(path: str | Path, where: str | None = None, *, max_depth: int = 2) -> dict:
     """Read and check ``path`` (an ``index.json``); raises :class:`UserError` naming ``where`` (default: the
     path) when it is missing, unreadable or not a safe memtrain index."""
     path = Path(path)

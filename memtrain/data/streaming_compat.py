@@ -8,6 +8,7 @@ Text datasets (``MDSWriter``, ``StreamingDataset``, ``StreamingDataLoader``) do 
 Everything in memtrain imports streaming through :func:`import_streaming`, which also makes streaming's
 reads of a dataset's resume state release their shared-memory attachment (:func:`_free_resume_reads`).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -75,8 +76,9 @@ def _free_resume_reads() -> None:
     class SharedMemory(base):  # type: ignore[misc, valid-type]
         memtrain_frees_resume_reads = True
 
-        def __init__(self, name: str | None = None, create: bool | None = None, size: int = 0,
-                     auto_cleanup: bool = True) -> None:
+        def __init__(
+            self, name: str | None = None, create: bool | None = None, size: int = 0, auto_cleanup: bool = True
+        ) -> None:
             if create is False and name is not None and str(name).endswith(suffix):
                 auto_cleanup = False  # read once and dropped: closed with the object, not at exit
             super().__init__(name=name, create=create, size=size, auto_cleanup=auto_cleanup)
@@ -97,7 +99,7 @@ def _mapped_segments() -> set[str] | None:
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/maps", "r", errors="replace") as f:
+            with open(f"/proc/{entry.name}/maps", errors="replace") as f:
                 mapped.update(pattern.findall(f.read()))
         except OSError:  # exited meanwhile, or another user's process
             continue
@@ -198,7 +200,7 @@ class closing_prefix_probes:
     context the probes are recorded; :meth:`release` closes those the new dataset does not keep (the one it
     keeps is its own ``_locals_shm``)."""
 
-    def __enter__(self) -> "closing_prefix_probes":
+    def __enter__(self) -> closing_prefix_probes:
         import_streaming()
         import streaming.base.shared.prefix as prefix
 

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 
 from memtrain.data import memory_manifest as mf
+from memtrain.data import units
 from memtrain.data.index_check import read_index
 from memtrain.data.streaming_compat import import_streaming
 from memtrain.data.tokenizer import file_sha256
@@ -225,30 +224,6 @@ def encode_rows(
 # The job
 
 
-def resolve_slice(
-    rank: int | None,
-    world: int | None,
-    env: Mapping[str, str] | None = None,
-) -> tuple[int, int]:
-    """This process's slice ``(rank, world)``: the flags if given, else a Slurm array's
-    ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, else torchrun's
-    ``RANK`` of ``WORLD_SIZE``, else 0 of 1."""
-    env = os.environ if env is None else env
-    if rank is None and world is None:
-        if env.get("SLURM_ARRAY_TASK_COUNT"):
-            rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            world = int(env["SLURM_ARRAY_TASK_COUNT"])
-        elif env.get("WORLD_SIZE"):
-            rank, world = int(env.get("RANK", 0)), int(env["WORLD_SIZE"])
-        else:
-            rank, world = 0, 1
-    elif rank is None or world is None:
-        raise UserError("--rank and --world go together (slice RANK of WORLD)")
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"--rank {rank} --world {world}: expected 0 <= rank < world")
-    return rank, world
-
-
 @dataclass
 class _Job:
     out: Path
@@ -312,43 +287,6 @@ def _settings(plan: dict) -> dict:
     p["encoder"].pop("checkpoint", None)
     p["tokens"].pop("path", None)
     return p
-
-
-def _claim_plan(out: Path, plan: dict) -> None:
-    """Create ``out/memtrain_memories.plan.json``, or check that the existing one (an earlier run or another
-    slice of this job) has the same settings."""
-    path = out / mf.PLAN_FILE
-    if not path.exists():
-        tmp = out / f".{mf.PLAN_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(mf.canonical_json(plan))
-        try:
-            os.link(tmp, path)  # atomic and exclusive: the first slice to get here writes the plan
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links: exclusive create, readers retry below
-            with contextlib.suppress(FileExistsError):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                with os.fdopen(fd, "w") as f:
-                    f.write(mf.canonical_json(plan))
-        finally:
-            tmp.unlink()
-    for _attempt in range(20):  # another slice may still be writing it (the no-hard-link case)
-        try:
-            old = json.loads(path.read_text())
-            break
-        except ValueError:
-            time.sleep(0.1)
-    else:
-        old = mf.read_json(path)  # a one-line error naming the file
-    mf.validate_plan(old, str(path))
-    a, b = _settings(old), _settings(plan)
-    where = mf.first_difference(a, b)
-    if where:
-        raise UserError(
-            f"{out}: this memory directory was started with {where} = "
-            f"{json.dumps(mf.lookup(old, where))}, this job has {json.dumps(mf.lookup(plan, where))}; "
-            "use another --out, or the same settings to resume it"
-        )
 
 
 def prepare_job(
@@ -422,7 +360,7 @@ def prepare_job(
     if started and not (out / mf.PLAN_FILE).exists():
         raise UserError(f"--out {out}: exists, is not empty and is not a memory-shard directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _claim_plan(out, plan)
+    units.claim_plan(out, mf.PLAN_FILE, plan, _settings, mf.validate_plan, "this memory directory")
     job = _Job(out=out, tokens=tokens, plan=plan, encoder=enc, special=special, copy_tasks=copy_tasks)
     for s in splits:
         first = 0
@@ -430,15 +368,6 @@ def prepare_job(
             job.units.append((s, i, shard, first))
             first += shard["samples"]
     return job
-
-
-def _unit_done(unit_dir: Path) -> bool:
-    """A renamed unit folder is complete by construction; its shard must still have the recorded size."""
-    try:
-        rec = json.loads((unit_dir / mf.UNIT_FILE).read_text())
-        return (unit_dir / rec["shard"]).stat().st_size == rec["bytes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _columns(plan: dict) -> dict[str, str]:
@@ -465,11 +394,8 @@ def _write_unit(
     """Compute and write one unit; it appears under its final name only when complete."""
     streaming = import_streaming()
     split_dir = job.out / split
-    split_dir.mkdir(parents=True, exist_ok=True)
     name = mf.unit_name(index)
-    for stale in split_dir.glob(f".{name}.*"):  # leftovers of a killed run of this unit
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = split_dir / f".{name}.tmp-{os.getpid()}"
+    tmp = units.start_unit(split_dir, name)
     scratch = split_dir / f".{name}.scratch-{os.getpid()}"
     plan = job.plan
     C = plan["n_chunks"]
@@ -491,35 +417,8 @@ def _write_unit(
                 writer.write({"idx": first + b0 + j, **{k: v[j] for k, v in stored.items()}})
             on_batch(ids.shape[0])
         writer.finish()
-        index_obj = json.loads((tmp / "index.json").read_text())
-        (mem_shard,) = index_obj["shards"]
-        shard_file = tmp / mem_shard["raw_data"]["basename"]
-        if shard_file.stat().st_size >= 2**32:
-            raise UserError(
-                f"{split}/{name}: a memory shard of {shard_file.stat().st_size} bytes exceeds MDS's "
-                "4 GiB limit; make token shards with a smaller shard size"
-            )
-        record = {
-            "unit": name,
-            "token_shard": shard["raw_data"]["basename"],
-            "first_sample": first,
-            "samples": int(len(rows)),
-            "shard": mem_shard["raw_data"]["basename"],
-            "bytes": shard_file.stat().st_size,
-            "sha256": file_sha256(shard_file),
-        }
-        mf.write_json_atomic(tmp / mf.UNIT_FILE, record)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = split_dir / name
-        if final.exists() and not _unit_done(final):  # a finished unit damaged since: replace it
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same unit meanwhile (identical content)
-            if not _unit_done(final):
-                raise
+        extra = {"token_shard": shard["raw_data"]["basename"], "first_sample": first}
+        units.finish_unit(tmp, split_dir / name, extra)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -555,7 +454,7 @@ def run_precompute(
         tasks: objectives to store memories for (``causal`` always; ``copy``, ``blank_copy``); default all
             that the chunk count allows. ``delimiter_id`` / ``n_delimiters`` / ``filler_id``: as
             ``objective.*`` of the run that will train (defaults: the tokenizer's <sep>, 1, <blank>).
-        rank / world: this slice (see :func:`resolve_slice`).
+        rank / world: this slice (see :func:`memtrain.data.units.resolve_slice`).
 
     Returns:
         a summary: ``units`` (this slice's), ``computed``, ``skipped`` (already complete), ``memories``,
@@ -567,14 +466,14 @@ def run_precompute(
         raise UserError(f"--batch-size: expected >= 1, got {batch_size}")
     if threads:
         torch.set_num_threads(threads)
-    rank, world = resolve_slice(rank, world)
+    rank, world = units.resolve_slice(rank, world)
     dev = pick_device(device, what="--device")
     prec = resolve_precision(precision, dev)
     job = prepare_job(checkpoint, shards, out, splits, dtype, tasks, prec, delimiter_id, n_delimiters, filler_id)
     job.encoder.encoder.to(dev)
     autocast = autocast_for(prec, dev)
     mine = job.units[rank::world]
-    todo = [u for u in mine if not _unit_done(job.out / u[0] / mf.unit_name(u[1]))]
+    todo = [u for u in mine if not units.unit_done(job.out / u[0] / mf.unit_name(u[1]))]
     per_row = sum(len(t["chunks"]) for t in job.plan["tasks"].values())
     total = sum(u[2]["samples"] for u in todo) * per_row
     t0 = time.perf_counter()
@@ -627,19 +526,13 @@ def run_precompute(
 
 def missing_units(out: Path, plan: dict) -> list[str]:
     """``split/unit_NNNNN`` of every unit of the job that is not complete."""
-    missing = []
-    for split, s in plan["tokens"]["splits"].items():
-        for i in range(s["shards"]):
-            if not _unit_done(out / split / mf.unit_name(i)):
-                missing.append(f"{split}/{mf.unit_name(i)}")
-    return missing
+    return units.missing(out, {split: s["shards"] for split, s in plan["tokens"]["splits"].items()})
 
 
 def merge_memories(out: str | Path, require_complete: bool = True) -> bool:
     """Join the units of every split into ``<split>/index.json`` (streaming's ``merge_index``) and write the
     manifest. Returns False (or, with ``require_complete``, raises UserError) while units are missing."""
     import_streaming()
-    from streaming.base.util import merge_index
 
     out = Path(out)
     plan = mf.read_json(out / mf.PLAN_FILE) if (out / mf.PLAN_FILE).is_file() else None
@@ -657,20 +550,8 @@ def merge_memories(out: str | Path, require_complete: bool = True) -> bool:
     manifest = dict(plan, splits={})
     for split, s in plan["tokens"]["splits"].items():
         split_dir = out / split
-        units = [split_dir / mf.unit_name(i) for i in range(s["shards"])]
-        records = [mf.read_json(u / mf.UNIT_FILE) for u in units]
-        for u in units:  # merge_index copies their shard names into the split's index: check them first
-            read_index(u / "index.json")
-        staging = Path(tempfile.mkdtemp(prefix=".merge-", dir=split_dir))
-        try:
-            logging.disable(logging.WARNING)  # merge_index announces its temporary folder on the root logger
-            try:
-                merge_index([str(u / "index.json") for u in units], str(staging))
-            finally:
-                logging.disable(logging.NOTSET)
-            os.replace(staging / "index.json", split_dir / "index.json")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        units.merge_split(split_dir, [split_dir / mf.unit_name(i) for i in range(s["shards"])])
+        records = units.read_records(split_dir, s["shards"])
         manifest["splits"][split] = {
             "index_sha256": file_sha256(split_dir / "index.json"),
             "samples": sum(r["samples"] for r in records),
