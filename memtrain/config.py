@@ -471,13 +471,16 @@ class DataConfig(_Strict):
         default="data/demo/shards",
         description=(
             "MDS shard directory made by `memtrain data shards` (its `train/` and `val/` splits), or a remote URL "
-            "that mosaicml-streaming reads (`s3://`, `gs://`, `file://`, ...; `docs/data.md`)."
+            "that mosaicml-streaming reads (`s3://`, `gs://`, `file://`, ...; `docs/data.md`, "
+            "`docs/remote-shards.md`)."
         ),
     )
     cache_dir: str | None = Field(
         default=None,
         description=(
-            "Local cache directory when `shards` is a URL; null = `memtrain-shard-cache` in the temp directory."
+            "Local cache directory when `shards` is a URL (node-local storage: the ranks of a node share it, and "
+            "it must be a directory of this user that no one else can write to); null = `memtrain-<uid>/shard-cache` "
+            "in the temp directory (`$TMPDIR`, else `/tmp`)."
         ),
     )
     batch_size: int = Field(
@@ -492,6 +495,16 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(
         default=0, ge=0, description=("DataLoader worker processes per rank (0 = load in the training process).")
+    )
+    num_canonical_nodes: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Number of nodes the training order is laid out for (mosaicml-streaming's `num_canonical_nodes`): "
+            "runs with the same value read the same global sample order on any number of nodes, so set it to "
+            "compare or resume runs across node counts. null = the number of nodes of the run "
+            "(WORLD_SIZE / LOCAL_WORLD_SIZE). A resumed run keeps the value its checkpoint was written with."
+        ),
     )
     shuffle: bool = Field(
         default=True,

@@ -5,15 +5,18 @@ A shard directory (local, or remote for any scheme mosaicml-streaming downloads 
 read through a local cache) is what :func:`memtrain.data.ingest.build_shards` writes: ``train/`` and
 ``val/`` MDS splits, ``tokenizer.model`` and ``memtrain_shards.json``.
 
-:func:`make_loader` wraps ``streaming.StreamingDataset`` + ``StreamingDataLoader``: deterministic order
-(shuffled by ``seed`` or not), rows partitioned across ``torch.distributed`` ranks by streaming itself (from
-the RANK / WORLD_SIZE / LOCAL_WORLD_SIZE environment), batches of ``torch.long`` ``[batch_size, row_len]``,
-cycling over epochs forever, and exact mid-epoch resume through ``state_dict()`` / ``load_state_dict()``.
+:func:`make_loader` wraps ``streaming.StreamingDataset`` + ``StreamingDataLoader`` (through
+:mod:`memtrain.data.checked_stream`: checked indexes, atomic retried downloads, fast fixed-size reads):
+deterministic order (shuffled by ``seed`` or not), rows partitioned across ``torch.distributed`` ranks by
+streaming itself (from the RANK / WORLD_SIZE / LOCAL_WORLD_SIZE environment), batches of ``torch.long``
+``[batch_size, row_len]``, cycling over epochs forever, and exact mid-epoch resume through ``state_dict()`` /
+``load_state_dict()``.
 
 Note: streaming decompresses the zstd shards it reads next to them (``shard.*.mds`` beside
 ``shard.*.mds.zstd``), so a local shard directory must be writable. For a read-only or shared directory use
-``file:///path/to/shards`` with a ``cache_dir``.
+``file:///path/to/shards`` with a ``cache_dir`` (``docs/remote-shards.md``).
 """
+
 from __future__ import annotations
 
 import gc
@@ -26,17 +29,22 @@ import threading
 import time
 import urllib.parse
 import weakref
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memtrain.data.ingest import FORMAT_VERSION, INFO_FILE
-from memtrain.data.streaming_compat import (clean_stale_shared_memory_once, closing_prefix_probes, release_dataset,
-                                            import_streaming)
+from memtrain.data.streaming_compat import (
+    clean_stale_shared_memory_once,
+    closing_prefix_probes,
+    import_streaming,
+    release_dataset,
+)
 from memtrain.data.tokenizer import TOKENIZER_FILE, file_sha256
 from memtrain.errors import UserError
 
@@ -63,7 +71,7 @@ class _Manifest(BaseModel):
     vocab_size: int = Field(..., ge=8)
     row_len: int = Field(..., ge=2)
     dtype: Literal["uint16", "int32"] = "uint16"
-    special_ids: dict[str, Optional[int]]
+    special_ids: dict[str, int | None]
     splits: dict[str, _SplitCounts]
     dropped_tail_tokens: int = Field(0, ge=0)
     sources: list[str] = []
@@ -82,13 +90,13 @@ class ShardInfo:
 
     path: str
     local_dir: Path
-    remote: Optional[str]
+    remote: str | None
     format_version: int
     tokenizer_sha256: str
     vocab_size: int
     row_len: int
     dtype: str
-    special_ids: dict[str, Optional[int]]
+    special_ids: dict[str, int | None]
     splits: dict[str, dict[str, int]]
     dropped_tail_tokens: int
     sources: list[str]
@@ -101,32 +109,32 @@ class ShardInfo:
         return self.local_dir / TOKENIZER_FILE
 
     @property
-    def pad_id(self) -> Optional[int]:
+    def pad_id(self) -> int | None:
         """Padding id (0)."""
         return self.special_ids.get("pad")
 
     @property
-    def eos_id(self) -> Optional[int]:
+    def eos_id(self) -> int | None:
         """End-of-document id (3)."""
         return self.special_ids.get("eos")
 
     @property
-    def bos_id(self) -> Optional[int]:
+    def bos_id(self) -> int | None:
         """Beginning-of-sequence id (2)."""
         return self.special_ids.get("bos")
 
     @property
-    def unk_id(self) -> Optional[int]:
+    def unk_id(self) -> int | None:
         """Unknown-piece id (1)."""
         return self.special_ids.get("unk")
 
     @property
-    def sep_id(self) -> Optional[int]:
+    def sep_id(self) -> int | None:
         """Copy delimiter <sep> id (4)."""
         return self.special_ids.get("sep")
 
     @property
-    def blank_id(self) -> Optional[int]:
+    def blank_id(self) -> int | None:
         """Blank-copy filler <blank> id (5)."""
         return self.special_ids.get("blank")
 
@@ -135,7 +143,7 @@ class ShardInfo:
         return int(self.splits.get(split, {}).get("rows", 0))
 
 
-def _remote_location(shards: str) -> Optional[str]:
+def _remote_location(shards: str) -> str | None:
     """The streaming ``remote`` for a URL (a plain path for ``file://``), or None for a local path."""
     parsed = urllib.parse.urlparse(shards)
     scheme = parsed.scheme
@@ -151,8 +159,9 @@ def _remote_location(shards: str) -> Optional[str]:
     known = "dbfs-uc" if scheme == "dbfs" and shards.startswith("dbfs:/Volumes") else scheme
     if known not in DOWNLOADER_MAPPINGS:
         supported = sorted(k for k in DOWNLOADER_MAPPINGS if k) + ["file"]
-        raise UserError(f"{shards}: unsupported remote scheme '{scheme}://' (supported: "
-                        f"{', '.join(s + '://' for s in supported)})")
+        raise UserError(
+            f"{shards}: unsupported remote scheme '{scheme}://' (supported: {', '.join(s + '://' for s in supported)})"
+        )
     return shards
 
 
@@ -163,8 +172,7 @@ def _remote_join(remote: str, name: str) -> str:
 def _part_name(local_file: Path) -> Path:
     """A temporary name next to ``local_file`` that no other process or thread uses (same directory, so the
     final ``os.replace`` is atomic)."""
-    return local_file.with_name(f".{local_file.name}.{os.getpid()}.{threading.get_ident()}."
-                                f"{os.urandom(4).hex()}.part")
+    return local_file.with_name(f".{local_file.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.part")
 
 
 def _download(remote_file: str, local_file: Path, what: str, shards: str) -> None:
@@ -209,11 +217,15 @@ def _check_private_dir(path: Path, what: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"{what} {path}: is not a directory")
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise UserError(f"{what} {path}: is owned by another user (uid {st.st_uid}); refusing it as a cache, "
-                        "use a directory of your own")
+        raise UserError(
+            f"{what} {path}: is owned by another user (uid {st.st_uid}); refusing it as a cache, "
+            "use a directory of your own"
+        )
     if st.st_mode & 0o022:
-        raise UserError(f"{what} {path}: is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-                        f"refusing it as a cache: `chmod go-w {path}` or use a private directory")
+        raise UserError(
+            f"{what} {path}: is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"refusing it as a cache: `chmod go-w {path}` or use a private directory"
+        )
 
 
 def _private_cache_root(cache_dir: str | Path | None) -> Path:
@@ -298,21 +310,39 @@ def read_shard_info(shards: str | Path, cache_dir: str | Path | None = None) -> 
         if not tok.is_file() or file_sha256(tok) != manifest.tokenizer_sha256:
             _download(_remote_join(remote, TOKENIZER_FILE), tok, TOKENIZER_FILE, shards)
     if manifest.format_version > FORMAT_VERSION:
-        raise UserError(f"{shards}: shards use format version {manifest.format_version}, but this memtrain "
-                        f"reads version {FORMAT_VERSION} or older; upgrade memtrain")
+        raise UserError(
+            f"{shards}: shards use format version {manifest.format_version}, but this memtrain "
+            f"reads version {FORMAT_VERSION} or older; upgrade memtrain"
+        )
     return ShardInfo(
-        path=shards, local_dir=local_dir, remote=remote, format_version=manifest.format_version,
-        tokenizer_sha256=manifest.tokenizer_sha256, vocab_size=manifest.vocab_size, row_len=manifest.row_len,
-        dtype=manifest.dtype, special_ids=dict(manifest.special_ids),
+        path=shards,
+        local_dir=local_dir,
+        remote=remote,
+        format_version=manifest.format_version,
+        tokenizer_sha256=manifest.tokenizer_sha256,
+        vocab_size=manifest.vocab_size,
+        row_len=manifest.row_len,
+        dtype=manifest.dtype,
+        special_ids=dict(manifest.special_ids),
         splits={k: v.model_dump() for k, v in manifest.splits.items()},
-        dropped_tail_tokens=manifest.dropped_tail_tokens, sources=list(manifest.sources),
-        created=manifest.created, raw=json.loads(text))
+        dropped_tail_tokens=manifest.dropped_tail_tokens,
+        sources=list(manifest.sources),
+        created=manifest.created,
+        raw=json.loads(text),
+    )
 
 
-def check_compatible(info: ShardInfo, row_len: Optional[int] = None, tokenizer_sha256: Optional[str] = None,
-                     vocab_size: Optional[int] = None, *, row_len_source: str = "the model's row length",
-                     tokenizer_source: str = "the checkpoint's tokenizer", vocab_source: str = "model.vocab_size",
-                     where: str = "data.shards") -> None:
+def check_compatible(
+    info: ShardInfo,
+    row_len: int | None = None,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    *,
+    row_len_source: str = "the model's row length",
+    tokenizer_source: str = "the checkpoint's tokenizer",
+    vocab_source: str = "model.vocab_size",
+    where: str = "data.shards",
+) -> None:
     """Raise :class:`UserError` naming what differs between shards and a model/checkpoint.
 
     ``row_len``: tokens per row the model needs (chunk_len * n_chunks); ``row_len_source`` describes it,
@@ -323,14 +353,20 @@ def check_compatible(info: ShardInfo, row_len: Optional[int] = None, tokenizer_s
     loc = f"{where} ({info.path})"
     if row_len is not None and int(row_len) != info.row_len:
         src = row_len_source if row_len_source.rstrip().endswith(str(row_len)) else f"{row_len_source} = {row_len}"
-        raise UserError(f"{loc}: rows hold {info.row_len} tokens but {src}; make matching shards with "
-                        f"`memtrain data shards --row-len {row_len}` or change the model")
+        raise UserError(
+            f"{loc}: rows hold {info.row_len} tokens but {src}; make matching shards with "
+            f"`memtrain data shards --row-len {row_len}` or change the model"
+        )
     if tokenizer_sha256 is not None and tokenizer_sha256 != info.tokenizer_sha256:
-        raise UserError(f"{loc}: shards were made with tokenizer sha256 {info.tokenizer_sha256[:12]}… but "
-                        f"{tokenizer_source} is {tokenizer_sha256[:12]}…; use shards made with the same tokenizer")
+        raise UserError(
+            f"{loc}: shards were made with tokenizer sha256 {info.tokenizer_sha256[:12]}… but "
+            f"{tokenizer_source} is {tokenizer_sha256[:12]}…; use shards made with the same tokenizer"
+        )
     if vocab_size is not None and int(vocab_size) != info.vocab_size:
-        raise UserError(f"{loc}: the shards' tokenizer has {info.vocab_size} ids but {vocab_source} is "
-                        f"{vocab_size}; set it to {info.vocab_size} or null (taken from the tokenizer)")
+        raise UserError(
+            f"{loc}: the shards' tokenizer has {info.vocab_size} ids but {vocab_source} is "
+            f"{vocab_size}; set it to {info.vocab_size} or null (taken from the tokenizer)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,7 +380,29 @@ def collate_rows(samples: list[dict[str, Any]]) -> torch.Tensor:
         from memtrain.data.dual import collate_dual
 
         return collate_dual(samples)
-    return torch.from_numpy(np.stack([s["input_ids"] for s in samples]).astype(np.int64))
+    rows = [s["input_ids"] for s in samples]
+    out = np.empty((len(rows),) + rows[0].shape, dtype=np.int64)
+    np.stack(rows, out=out)  # one pass: gathered and widened together
+    return torch.from_numpy(out)
+
+
+class _StoredRows(dict):
+    """A batch of token rows as a worker process sends it: ``{"input_ids": [B, row_len]}`` in the shards' own
+    dtype (uint16 or int32). A numpy array crosses the worker's pipe as plain bytes, a quarter of the int64
+    rows, where a tensor would be moved into a new shared-memory segment whose descriptor is then passed over a
+    socket connection per batch (that cost more than reading the rows); the main process widens it to
+    ``torch.long`` (:meth:`tensor`). A dict, so that streaming's loader counts its rows for ``state_dict``."""
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self["input_ids"]).to(torch.int64)
+
+
+def collate_stored_rows(samples: list[dict[str, Any]]) -> Any:
+    """:func:`collate_rows` for worker processes: token rows as :class:`_StoredRows` (anything else, such as dual
+    rows, as :func:`collate_rows` makes it)."""
+    if "dec_input_ids" in samples[0] or len(samples[0]) != 1:
+        return collate_rows(samples)
+    return _StoredRows(input_ids=np.stack([s["input_ids"] for s in samples]))
 
 
 #: (local dir, split) pairs of live remote-backed datasets in this process (streaming forbids sharing one)
@@ -373,6 +431,20 @@ def _claim_local(base: Path, split: str) -> tuple[str, tuple[str, str]]:
 def _release_local(key: tuple[str, str]) -> None:
     with _live_lock:
         _live_locals.pop(key, None)
+
+
+def _worker_error_line(err: UserError) -> str:
+    """The one-line message of a :class:`UserError` raised in a DataLoader worker process: torch re-raises it in
+    the main process as ``UserError("Caught UserError in DataLoader worker process N. Original Traceback ...")``,
+    whose last line holds the original message."""
+    text = str(err)
+    if not text.startswith("Caught UserError in DataLoader worker"):
+        return text
+    prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+    for line in reversed(text.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return text.splitlines()[0]
 
 
 def _num_nodes() -> int:
@@ -406,11 +478,30 @@ class ShardLoader:
     loader yield exactly batches k+1, k+2, ... of the uninterrupted sequence, across epoch boundaries too.
     """
 
-    def __init__(self, info: ShardInfo, split: str, batch_size: int, shuffle: bool, seed: int,
-                 num_workers: int = 0, epoch_size: Optional[int] = None, drop_last: bool = True,
-                 max_batches: Optional[int] = None, memories: Any = None) -> None:
+    def __init__(
+        self,
+        info: ShardInfo,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        num_workers: int = 0,
+        epoch_size: int | None = None,
+        drop_last: bool = True,
+        max_batches: int | None = None,
+        memories: Any = None,
+        num_canonical_nodes: int | None = None,
+        download_retry: int | None = None,
+        download_timeout: float | None = None,
+    ) -> None:
         if batch_size < 1:
             raise UserError(f"data.batch_size: expected >= 1, got {batch_size}")
+        if num_canonical_nodes is not None and num_canonical_nodes < 1:
+            raise UserError(f"data.num_canonical_nodes: expected >= 1 or null, got {num_canonical_nodes}")
+        if download_retry is not None and download_retry < 0:
+            raise UserError(f"download_retry: expected >= 0, got {download_retry}")
+        if download_timeout is not None and not download_timeout > 0:
+            raise UserError(f"download_timeout: expected seconds > 0, got {download_timeout}")
         if max_batches is not None and max_batches < 1:
             raise UserError(f"max_batches: expected >= 1, got {max_batches}")
         if split not in info.splits or info.rows(split) == 0:
@@ -419,8 +510,10 @@ class ShardLoader:
         if info.remote is None:
             index = info.local_dir / split / "index.json"
             if not index.is_file():
-                raise UserError(f"{info.path}: {split}/index.json is missing; the shard directory is incomplete, "
-                                "rebuild it with `memtrain data shards`")
+                raise UserError(
+                    f"{info.path}: {split}/index.json is missing; the shard directory is incomplete, "
+                    "rebuild it with `memtrain data shards`"
+                )
         self.info = info
         self.split = split
         self.batch_size = int(batch_size)
@@ -429,18 +522,29 @@ class ShardLoader:
         self.drop_last = bool(drop_last)
         self.max_batches = max_batches
         clean_stale_shared_memory_once()
-        streaming = import_streaming()
+        import_streaming()
         if info.remote is None:
             remote, local, key = None, str(info.local_dir), None
         else:
             remote = info.remote
             local, key = _claim_local(info.local_dir, split)
-        dataset_cls, collate, extra = streaming.StreamingDataset, collate_rows, {}
+        from memtrain.data.checked_stream import (
+            DOWNLOAD_RETRY,
+            DOWNLOAD_TIMEOUT,
+            CheckedDataLoader,
+            CheckedDataset,
+            CheckedStream,
+            checked_dataset_class,
+        )
+
+        dataset_cls, collate, extra = CheckedDataset, collate_rows, {}
         if memories is not None:  # precomputed memories ride along with each token sample
             from memtrain.data.memories import JoinedDataset
 
-            dataset_cls, collate, extra = JoinedDataset, memories.collate, {"memories": memories}
-        from memtrain.data.checked_stream import CheckedStream
+            dataset_cls, collate, extra = checked_dataset_class(JoinedDataset), memories.collate, {"memories": memories}
+        nodes = int(num_canonical_nodes) if num_canonical_nodes is not None else _num_nodes()
+        retry = DOWNLOAD_RETRY if download_retry is None else int(download_retry)
+        timeout = DOWNLOAD_TIMEOUT if download_timeout is None else float(download_timeout)
 
         def fetch(remote_file: str, local_file: Path) -> None:
             _download(remote_file, Path(local_file), f"{split}/index.json", info.path)
@@ -451,11 +555,27 @@ class ShardLoader:
             # every index goes through memtrain's check before streaming uses a name or encoding in it
             with closing_prefix_probes() as probes:
                 try:
-                    self.dataset = _retry_shm_race(lambda: dataset_cls(
-                        streams=[CheckedStream(remote=remote, local=local, split=split, where=info.path,
-                                               fetch=fetch)],
-                        batch_size=self.batch_size, shuffle=self.shuffle,
-                        shuffle_seed=self.seed, epoch_size=epoch_size, num_canonical_nodes=_num_nodes(), **extra))
+                    self.dataset = _retry_shm_race(
+                        lambda: dataset_cls(
+                            streams=[
+                                CheckedStream(
+                                    remote=remote,
+                                    local=local,
+                                    split=split,
+                                    where=info.path,
+                                    fetch=fetch,
+                                    download_retry=retry,
+                                    download_timeout=timeout,
+                                )
+                            ],
+                            batch_size=self.batch_size,
+                            shuffle=self.shuffle,
+                            shuffle_seed=self.seed,
+                            epoch_size=epoch_size,
+                            num_canonical_nodes=nodes,
+                            **extra,
+                        )
+                    )
                 finally:
                     probes.release(keep=getattr(getattr(self, "dataset", None), "_locals_shm", None))
         except UserError:
@@ -471,8 +591,10 @@ class ShardLoader:
                 _release_local(key)
             msg = str(err).splitlines()[0]
             if "Reused local directory" in msg:
-                raise UserError(f"{info.path}: its cache {local} is in use by another running job; give this "
-                                "one another data.cache_dir") from None
+                raise UserError(
+                    f"{info.path}: its cache {local} is in use by another running job; give this "
+                    "one another data.cache_dir"
+                ) from None
             raise UserError(f"{info.path}: cannot open split '{split}': {msg}") from None
         except Exception as err:  # remote storage clients raise their own error types
             if key:
@@ -485,12 +607,21 @@ class ShardLoader:
         per_rank = len(self.dataset)
         if self.drop_last and per_rank < self.batch_size:
             self.close()  # the dataset's shared memory and descriptors, which nothing could close later
-            raise UserError(f"{info.path}: split '{split}' has {per_rank} rows per rank, fewer than one batch of "
-                            f"{self.batch_size}; use a smaller data.batch_size or more data")
-        self.dataloader = streaming.StreamingDataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=int(num_workers), collate_fn=collate,
-            drop_last=self.drop_last, persistent_workers=False,
-            worker_init_fn=ignore_stop_signals if int(num_workers) > 0 else None)
+            raise UserError(
+                f"{info.path}: split '{split}' has {per_rank} rows per rank, fewer than one batch of "
+                f"{self.batch_size}; use a smaller data.batch_size or more data"
+            )
+        if collate is collate_rows and int(num_workers) > 0:
+            collate = collate_stored_rows
+        self.dataloader = CheckedDataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=int(num_workers),
+            collate_fn=collate,
+            drop_last=self.drop_last,
+            persistent_workers=False,
+            worker_init_fn=ignore_stop_signals if int(num_workers) > 0 else None,
+        )
 
     @property
     def row_len(self) -> int:
@@ -517,10 +648,22 @@ class ShardLoader:
             except Exception:  # noqa: BLE001 (best effort, may run at interpreter shutdown)
                 pass
 
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """One pass of the DataLoader; a :class:`UserError` from a worker process keeps its one line."""
+        try:
+            for batch in self.dataloader:
+                yield batch.tensor() if type(batch) is _StoredRows else batch
+        except UserError as err:
+            self.dataloader.shutdown_workers()
+            raise UserError(_worker_error_line(err)) from None
+        except Exception:
+            self.dataloader.shutdown_workers()
+            raise
+
     def epoch(self) -> Iterator[torch.Tensor]:
         """The remaining batches of the current epoch (from a loaded state's position, if any)."""
         try:
-            yield from self.dataloader
+            yield from self._batches()
         finally:
             self._stop_prefetch()
 
@@ -530,7 +673,7 @@ class ShardLoader:
         try:
             while True:
                 n = 0
-                for batch in self.dataloader:
+                for batch in self._batches():
                     n += 1
                     yield batch
                 if n:
@@ -539,8 +682,10 @@ class ShardLoader:
                 # an epoch resumed exactly at its end is empty once; two in a row means no batch ever fits
                 empty_epochs += 1
                 if empty_epochs >= 2:
-                    raise UserError(f"{self.info.path}: split '{self.split}' yields no complete batch of "
-                                    f"{self.batch_size} rows on this rank")
+                    raise UserError(
+                        f"{self.info.path}: split '{self.split}' yields no complete batch of "
+                        f"{self.batch_size} rows on this rank"
+                    )
         finally:
             self._stop_prefetch()
 
@@ -561,13 +706,17 @@ class ShardLoader:
                 pass
         if dl is not None:
             dl._iterator = None
+            dl.shutdown_workers()  # the workers of a pass that ended with an error (its traceback may live on)
+        closer = getattr(self.dataset, "memtrain_close", None)
+        if closer is not None:
+            closer()
         release_dataset(self.dataset)
         if self._key:
             _release_local(self._key)
             self._key = None
         gc.collect()
 
-    def __enter__(self) -> "ShardLoader":
+    def __enter__(self) -> ShardLoader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -594,21 +743,29 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """The position in the stream (epoch, sample in epoch, shuffle seed, ...) as a JSON-able dict."""
-        return {"version": _STATE_VERSION, "split": self.split, "row_len": self.info.row_len,
-                "tokenizer_sha256": self.info.tokenizer_sha256, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "seed": self.seed, "streaming": self.dataloader.state_dict()}
+        return {
+            "version": _STATE_VERSION,
+            "split": self.split,
+            "row_len": self.info.row_len,
+            "tokenizer_sha256": self.info.tokenizer_sha256,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "streaming": self.dataloader.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` output; call before iterating. The saved shuffle seed wins."""
         if not isinstance(state, dict) or "streaming" not in state:
             raise UserError("loader state: not a memtrain loader state (no 'streaming' entry)")
         if state.get("split") != self.split:
-            raise UserError(f"loader state: saved for split '{state.get('split')}', this loader reads "
-                            f"'{self.split}'")
+            raise UserError(f"loader state: saved for split '{state.get('split')}', this loader reads '{self.split}'")
         if state.get("tokenizer_sha256") != self.info.tokenizer_sha256 or state.get("row_len") != self.info.row_len:
-            raise UserError(f"loader state: saved for other shards (tokenizer {str(state.get('tokenizer_sha256'))[:12]}…, "
-                            f"rows of {state.get('row_len')}) than {self.info.path} (tokenizer "
-                            f"{self.info.tokenizer_sha256[:12]}…, rows of {self.info.row_len})")
+            raise UserError(
+                f"loader state: saved for other shards (tokenizer {str(state.get('tokenizer_sha256'))[:12]}…, "
+                f"rows of {state.get('row_len')}) than {self.info.path} (tokenizer "
+                f"{self.info.tokenizer_sha256[:12]}…, rows of {self.info.row_len})"
+            )
         self.dataloader.load_state_dict(dict(state["streaming"]))
 
 
@@ -626,21 +783,53 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(shards: str | Path, split: str, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                cache_dir: str | Path | None = None, epoch_size: Optional[int] = None, drop_last: bool = True,
-                max_batches: Optional[int] = None, info: Optional[ShardInfo] = None,
-                memories: Any = None) -> ShardLoader:
+def make_loader(
+    shards: str | Path,
+    split: str,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    epoch_size: int | None = None,
+    drop_last: bool = True,
+    max_batches: int | None = None,
+    info: ShardInfo | None = None,
+    memories: Any = None,
+    num_canonical_nodes: int | None = None,
+    download_retry: int | None = None,
+    download_timeout: float | None = None,
+) -> ShardLoader:
     """A :class:`ShardLoader` over ``split`` ("train" or "val") of the shard directory/URL ``shards``.
 
     Iterating yields ``torch.long [batch_size, row_len]`` batches forever (or ``max_batches`` of them).
     ``shuffle``/``seed``: streaming's deterministic shuffle (reshuffled each epoch); ``shuffle=False`` gives
-    the stored order. ``num_workers``: DataLoader worker processes (0 is fastest on 2 cores).
-    ``epoch_size``: rows per epoch (default: all). ``drop_last``: drop each rank's last partial batch.
-    Under torch.distributed each rank gets its own part of every epoch (streaming reads RANK/WORLD_SIZE).
-    For a validation set use ``shuffle=False, max_batches=N``. ``memories``: a
-    :class:`memtrain.data.memories.MemoryShards` of the same split: batches are then
-    :class:`~memtrain.data.memories.MemoryBatch` (token rows with their precomputed memories).
+    the stored order. ``num_workers``: DataLoader worker processes; they read as fast as the training
+    process does on its own (``tools/bench_loader.py``) and take that work off it, and the batches and resume
+    points are the same for any number. ``epoch_size``: rows per epoch (default: all). ``drop_last``: drop each
+    rank's last partial batch. Under torch.distributed each rank gets its own part of every epoch (streaming
+    reads RANK/WORLD_SIZE/LOCAL_WORLD_SIZE). ``num_canonical_nodes``: the node count the sample order is laid
+    out for (``data.num_canonical_nodes``; None: the run's node count). For a validation set use
+    ``shuffle=False, max_batches=N``. ``memories``: a :class:`memtrain.data.memories.MemoryShards` of the same
+    split: batches are then :class:`~memtrain.data.memories.MemoryBatch` (token rows with their precomputed
+    memories). For a remote ``shards``: ``download_retry`` re-attempts of a failed shard download (default
+    :data:`~memtrain.data.checked_stream.DOWNLOAD_RETRY`) and ``download_timeout`` for the storage client
+    (default :data:`~memtrain.data.checked_stream.DOWNLOAD_TIMEOUT` s); a shard that still cannot be
+    downloaded ends iteration with one :class:`UserError` naming its URL.
     """
     info = info or read_shard_info(shards, cache_dir)
-    return ShardLoader(info, split, batch_size, shuffle, seed, num_workers=num_workers, epoch_size=epoch_size,
-                       drop_last=drop_last, max_batches=max_batches, memories=memories)
+    return ShardLoader(
+        info,
+        split,
+        batch_size,
+        shuffle,
+        seed,
+        num_workers=num_workers,
+        epoch_size=epoch_size,
+        drop_last=drop_last,
+        max_batches=max_batches,
+        memories=memories,
+        num_canonical_nodes=num_canonical_nodes,
+        download_retry=download_retry,
+        download_timeout=download_timeout,
+    )

@@ -244,6 +244,7 @@ class _Run:
             num_workers=cfg.data.num_workers,
             cache_dir=cfg.data.cache_dir,
             memories=self.memories,
+            num_canonical_nodes=cfg.data.num_canonical_nodes,
         )
         cleanup.callback(self.loader.close)
         # the same held-out batches at every evaluation; shards without a validation split train without one
