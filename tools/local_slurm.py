@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""A one-node Slurm cluster on localhost, for tests and for trying `memtrain submit` without a cluster.
+"""A Slurm cluster on localhost, for tests and for trying `memtrain submit` without a cluster.
 
-    python tools/local_slurm.py start DIR     # prints `export SLURM_CONF=DIR/slurm.conf`
+    python tools/local_slurm.py start DIR [--nodes N]    # prints `export SLURM_CONF=DIR/slurm.conf`
     python tools/local_slurm.py stop DIR
 
 Everything (munge key and socket, slurm.conf, state, spool, logs, PID files) lives under DIR; daemons are
 stopped only through their PID files. Needs Debian's `slurmctld slurmd slurm-client munge` packages
-(`install_hint()` says how) and root. The cluster has one node, `localhost`, with this machine's CPUs and
-two partitions: `debug` (default) and `preempt`.
+(`install_hint()` says how) and root. The cluster has two partitions, `debug` (default) and `preempt`, and
+by default one node, `localhost`, with this machine's CPUs.
+
+With ``--nodes N`` (N > 1) it has N nodes, `node0` ... `node<N-1>`, each with this machine's CPUs: one slurmd
+per node (`slurmd -N nodeK`, its own `Port`, spool, log and PID file: Debian's Slurm 22.05 runs several on one
+host), each started in a mount and UTS namespace of its own (`unshare`), so that every job step on `nodeK`
+sees the hostname `nodeK`, an empty `/dev/shm` of that node alone, an `/etc/hosts` in which `nodeK` is
+`127.0.0.<K+1>`, and (through a TaskProlog) `TMPDIR=DIR/nodes/nodeK/tmp`, as on separate machines sharing a
+file system.
 """
 
 from __future__ import annotations
@@ -47,7 +54,38 @@ def _node_line() -> str:
     )
 
 
-def write_conf(root: Path, ctld_port: int, d_port: int) -> Path:
+def node_names(nodes: int) -> list[str]:
+    return ["localhost"] if nodes == 1 else [f"node{k}" for k in range(nodes)]
+
+
+def _nodes_lines(root: Path, nodes: int, d_port: int) -> list[str]:
+    """Per-node settings, node lines and partitions (``nodes`` > 1: one slurmd per node, ports from ``d_port``)."""
+    if nodes == 1:
+        return [
+            f"SlurmdSpoolDir={root}/spool",
+            f"SlurmdPidFile={root}/run/slurmd.pid",
+            f"SlurmdLogFile={root}/log/slurmd.log",
+            _node_line(),
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            "PartitionName=preempt Nodes=localhost MaxTime=INFINITE State=UP",
+        ]
+    hw = _node_line().split(" ", 2)[2]  # CPUs=... RealMemory=... State=UNKNOWN
+    names = node_names(nodes)
+    prolog = root / "task_prolog.sh"
+    prolog.write_text(f'#!/bin/sh\necho "export TMPDIR={root}/nodes/$SLURMD_NODENAME/tmp"\n')
+    prolog.chmod(0o755)
+    return [
+        f"SlurmdSpoolDir={root}/spool/%n",
+        f"SlurmdPidFile={root}/run/slurmd-%n.pid",
+        f"SlurmdLogFile={root}/log/slurmd-%n.log",
+        f"TaskProlog={prolog}",
+        *(f"NodeName={n} NodeAddr=127.0.0.{k + 1} Port={d_port + k} {hw}" for k, n in enumerate(names)),
+        f"PartitionName=debug Nodes=node[0-{nodes - 1}] Default=YES MaxTime=INFINITE State=UP",
+        f"PartitionName=preempt Nodes=node[0-{nodes - 1}] MaxTime=INFINITE State=UP",
+    ]
+
+
+def write_conf(root: Path, ctld_port: int, d_port: int, nodes: int = 1) -> Path:
     for sub in ("state", "spool", "log", "run", "munge"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "munge", 0o755)
@@ -77,14 +115,9 @@ def write_conf(root: Path, ctld_port: int, d_port: int) -> Path:
                 "KillWait=10",
                 "MinJobAge=300",
                 f"StateSaveLocation={root}/state",
-                f"SlurmdSpoolDir={root}/spool",
                 f"SlurmctldPidFile={root}/run/slurmctld.pid",
-                f"SlurmdPidFile={root}/run/slurmd.pid",
                 f"SlurmctldLogFile={root}/log/slurmctld.log",
-                f"SlurmdLogFile={root}/log/slurmd.log",
-                _node_line(),
-                "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-                "PartitionName=preempt Nodes=localhost MaxTime=INFINITE State=UP",
+                *_nodes_lines(root, nodes, d_port),
                 "",
             ]
         )
@@ -92,14 +125,47 @@ def write_conf(root: Path, ctld_port: int, d_port: int) -> Path:
     return conf
 
 
-def start(root: str | Path, ctld_port: int = 16817, d_port: int = 16818, timeout: float = 30.0) -> dict:
-    """Start munged, slurmctld and slurmd under ``root``; returns the environment clients need."""
+def _node_namespace(root: Path, name: str, names: list[str]) -> list[str]:
+    """The command prefix that runs a node's slurmd in its own mount + UTS namespaces (hostname ``name``, a
+    fresh ``/dev/shm``, an ``/etc/hosts`` naming every node)."""
+    if shutil.which("unshare") is None:
+        raise RuntimeError("a cluster of several nodes on one machine needs unshare (util-linux)")
+    where = root / "nodes" / name
+    (where / "tmp").mkdir(parents=True, exist_ok=True)
+    os.chmod(where / "tmp", 0o1777)
+    hosts = "".join(f"127.0.0.{k + 1} {n}\n" for k, n in enumerate(names)) + "127.0.0.1 localhost\n"
+    try:
+        hosts += Path("/etc/hosts").read_text()
+    except OSError:
+        pass
+    (where / "hosts").write_text(hosts)
+    setup = (
+        'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && mount --bind "$1" /etc/hosts && hostname "$2" && '
+        'shift 2 && exec "$@"'
+    )
+    return [
+        "unshare",
+        "--mount",
+        "--uts",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        setup,
+        "sh",
+        str(where / "hosts"),
+        name,
+    ]
+
+
+def start(root: str | Path, ctld_port: int = 16817, d_port: int = 16818, timeout: float = 30.0, nodes: int = 1) -> dict:
+    """Start munged, slurmctld and one slurmd per node under ``root``; returns the environment clients need."""
     root = Path(root).resolve()
     missing = missing_binaries()
     if missing:
         raise RuntimeError(f"Slurm/munge binaries missing ({', '.join(missing)}); install with: {install_hint()}")
     stop(root)
-    conf = write_conf(root, ctld_port, d_port)
+    conf = write_conf(root, ctld_port, d_port, nodes)
     key = root / "munge" / "munge.key"
     if not key.exists():
         key.write_bytes(os.urandom(1024))
@@ -118,7 +184,13 @@ def start(root: str | Path, ctld_port: int = 16817, d_port: int = 16818, timeout
     )
     env = dict(os.environ, SLURM_CONF=str(conf))
     subprocess.run([_bin("slurmctld"), "-i"], env=env, check=True)
-    subprocess.run([_bin("slurmd"), "-N", "localhost"], env=env, check=True)
+    names = node_names(nodes)
+    for name in names:
+        if nodes == 1:
+            subprocess.run([_bin("slurmd"), "-N", name], env=env, check=True)
+            continue
+        (root / "spool" / name).mkdir(parents=True, exist_ok=True)
+        subprocess.run([*_node_namespace(root, name, names), _bin("slurmd"), "-N", name], env=env, check=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run([_bin("sinfo"), "-h", "-o", "%T"], env=env, capture_output=True, text=True)
@@ -135,7 +207,8 @@ def start(root: str | Path, ctld_port: int = 16817, d_port: int = 16818, timeout
 def stop(root: str | Path) -> None:
     """Stop the daemons started by :func:`start` (by their PID files only)."""
     root = Path(root).resolve()
-    for name in ("slurmd", "slurmctld", "munged"):
+    slurmds = sorted(p.name[:-4] for p in (root / "run").glob("slurmd-*.pid")) if (root / "run").is_dir() else []
+    for name in ("slurmd", *slurmds, "slurmctld", "munged"):
         pidfile = root / "run" / f"{name}.pid"
         if not pidfile.exists():
             continue
@@ -151,11 +224,14 @@ def stop(root: str | Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    nodes = 1
+    if len(argv) == 4 and argv[0] == "start" and argv[2] == "--nodes" and argv[3].isdigit() and int(argv[3]) >= 1:
+        nodes, argv = int(argv[3]), argv[:2]
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
         print(__doc__)
         return 2
     if argv[0] == "start":
-        env = start(argv[1])
+        env = start(argv[1], nodes=nodes)
         print(f"export SLURM_CONF={env['SLURM_CONF']}")
     else:
         stop(argv[1])

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+from collections.abc import Mapping
+
+
+def node_label(environ: Mapping[str, str] | None = None) -> str:
+    """This task's node as the logs name it: ``node 1 (gpu018)``: Slurm's node index within the job
+    (``SLURM_NODEID``) and the node's name (``SLURMD_NODENAME``, else the hostname)."""
+    env = os.environ if environ is None else environ
+    name = env.get("SLURMD_NODENAME") or socket.gethostname()
+    return f"node {env.get('SLURM_NODEID', '0')} ({name})"
 
 
 def adopt_slurm_env(environ: dict | None = None) -> bool:
