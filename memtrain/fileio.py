@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,3 +33,10 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def private_temp_name(path: str | Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses (same directory, so the final
+    ``os.replace`` is atomic): for files several processes of a node may write at the same moment."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.part")

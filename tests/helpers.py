@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from memtrain.launch.node import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "yaml" / "tiny.yaml"
 ROW_LEN = 32  # yaml/tiny.yaml: chunk_len 8 x n_chunks 4
@@ -199,24 +201,6 @@ def torchrun(config: Path, *extra: str, launcher: str = "torchrun") -> subproces
     assert done.returncode == 0, "\n".join(ln for ln in done.stderr.splitlines() if "rank0]" in ln)[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     return done
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids of all descendants of ``pid`` (torchrun starts its ranks in sessions of their own, so
-    killing torchrun's process group would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def launch_and_kill(config: Path, run_dir: Path) -> int:
@@ -518,3 +502,21 @@ def run_job(script: Path, env: dict, timeout: float = 60) -> subprocess.Complete
 def tiny_cfg(tmp_path: Path, run_dir: Path, *overrides: str) -> Path:
     raw = tiny_raw(Path("unused"), run_dir, ["train.steps=100"] + list(overrides))
     return write_yaml(tmp_path / "cfg.yaml", raw)
+
+
+def rank_env(rank: int, world: int = 2, port: str | int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of rank ``rank`` of a one-node job of ``world`` processes (torchrun's variables,
+    MASTER_ADDR on this machine, one thread), on top of this process's, plus ``extra``."""
+    env = dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
+    if port is not None:
+        env["MASTER_PORT"] = str(port)
+    return env

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import rank_env
 
 from memtrain.data import demo_corpus_path
 from memtrain.data.ingest import build_shards
@@ -50,16 +51,7 @@ def test_two_ranks_get_disjoint_halves_of_each_epoch(tmp_path):
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-        )
+        env = rank_env(rank, 2, port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", RANK_SCRIPT, str(tmp_path / "sh"), str(tmp_path / f"rank{rank}.json")],

@@ -127,6 +127,7 @@ def _canonical_nodes(run_dir: Path) -> int | None:
 
     last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     for f in sorted(last.rglob("*.pt")):  # trainer.pt (plain engine) or DeepSpeed's client state
+        # this test's own checkpoint; DeepSpeed's files need full unpickling (they hold functools.partial)
         found = find(torch.load(f, map_location="cpu", weights_only=False))
         if found is not None:
             return int(found)

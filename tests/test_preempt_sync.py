@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, records, tiny_config, tiny_raw, write_yaml
+from helpers import REPO, rank_env, records, tiny_config, tiny_raw, write_yaml
 from safetensors.torch import load_file
 
 from memtrain.engine import checkpoint as ckpt
@@ -132,16 +132,7 @@ def two_ranks(tiny_data, tmp_path_factory) -> dict:
     ports = ",".join(map(str, _free_ports(len(PLAN) + 1)))
     procs = []
     for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        )
+        env = rank_env(rank, 2, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         procs.append(
             subprocess.Popen(
                 [

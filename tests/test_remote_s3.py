@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHM_RACE, SHM_RACE_LEADER, records, tiny_config
+from helpers import SHM_RACE, SHM_RACE_LEADER, rank_env, records, tiny_config
 
 from memtrain.data.ingest import build_shards
 from memtrain.data.loader import make_loader, read_shard_info
@@ -277,17 +277,7 @@ def _ranks(script: str, args: list[str], env: dict[str, str]) -> list[subprocess
 
     procs, port = [], str(free_port())
     for rank in range(2):
-        penv = dict(
-            os.environ,
-            **env,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-        )
+        penv = rank_env(rank, 2, port, **env)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", script, *[a.replace("{rank}", str(rank)) for a in args]],

@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memtrain.launch.node import descendants
+
 HERE = Path(__file__).resolve()
 #: seconds between the TERM and the KILL that end a cancelled step's tasks (Slurm's KillWait)
 KILL_WAIT = 5.0
@@ -123,27 +125,6 @@ def isolation() -> tuple[list[str] | None, str]:
 
 # ----------------------------------------------------------------------------------------------------
 # processes
-
-
-def children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    children = children_map()
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def alive(pid: int) -> bool:

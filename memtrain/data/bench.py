@@ -17,40 +17,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from memtrain.data import tokenize_units
 from memtrain.data.documents import estimate_text_bytes, expand_sources, iter_document_pieces
 from memtrain.errors import UserError
-
-_sp = None
-
-
-def _load(model_bytes: bytes) -> None:
-    global _sp
-    import sentencepiece as spm
-
-    _sp = spm.SentencePieceProcessor()
-    _sp.LoadFromSerializedProto(model_bytes)
-
-
-def _count_tokens(texts: list[str]) -> int:
-    assert _sp is not None
-    return sum(map(len, _sp.Encode(texts, out_type=int)))
 
 
 def raw_encode(texts: list[str], model_bytes: bytes, workers: int) -> tuple[int, float]:
     """(tokens, seconds) to encode ``texts`` in ``workers`` running processes (1: this process)."""
     if workers <= 1:
-        _load(model_bytes)
+        tokenize_units.init_tokenizer(model_bytes)
         t0 = time.perf_counter()
-        return _count_tokens(texts), time.perf_counter() - t0
+        return tokenize_units.count_tokens(texts), time.perf_counter() - t0
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(["memtrain.data.tokenize_units"])
     shares = [texts[i::workers] for i in range(workers)]
-    with ctx.Pool(workers, initializer=_load, initargs=(model_bytes,)) as pool:
-        pool.map(_count_tokens, [[]] * workers)  # every worker up and loaded before the clock starts
+    with ctx.Pool(workers, initializer=tokenize_units.init_tokenizer, initargs=(model_bytes,)) as pool:
+        pool.map(tokenize_units.ready, range(workers))  # every worker up and loaded before the clock starts
         t0 = time.perf_counter()
-        tokens = sum(pool.map(_count_tokens, shares, chunksize=1))
+        tokens = sum(pool.map(tokenize_units.count_tokens, shares, chunksize=1))
         return tokens, time.perf_counter() - t0
 
 
@@ -104,9 +90,10 @@ def _bench(sources: list[str], tokenizer, row_len: int, workers: int, unit_size:
     tok = Tokenizer.load(tokenizer)
     text_bytes = estimate_text_bytes(files)
     unit = unit_size or str(max(1 << 16, text_bytes // (4 * workers)))
-    texts = [t for _, t, _ in iter_document_pieces(files)]
+    pieces = list(iter_document_pieces(files))
+    texts = [t for _, t, _ in pieces]
     raw_tokens, raw_s = raw_encode(texts, tok.path.read_bytes(), workers)
-    raw_tokens += sum(1 for _, _, last in iter_document_pieces(files) if last)  # the EOS after each document
+    raw_tokens += sum(last for _, _, last in pieces)  # the EOS after each document
     t0 = time.perf_counter()
     summary = build_shards(
         sources, tok.path, tmp / "shards", row_len, val_fraction=0.0, workers=workers, unit_size=unit, progress=False

@@ -36,6 +36,7 @@ import numpy as np
 from memtrain.data.index_check import INDEX_FILE, NDARRAY_DTYPES, read_index
 from memtrain.data.streaming_compat import import_streaming
 from memtrain.errors import UserError
+from memtrain.fileio import private_temp_name
 
 streaming = import_streaming()
 from streaming.base.dataset import _ShardState  # noqa: E402 (after the import shim)
@@ -116,7 +117,7 @@ class CheckedStream(streaming.Stream):
         attempts = 1 + int(self.download_retry)
         last: BaseException | None = None
         for k in range(attempts):
-            tmp = f"{local}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.part"
+            tmp = str(private_temp_name(local))
             try:
                 self._downloader.download(remote, tmp, self.download_timeout)
                 size = os.path.getsize(tmp)

@@ -47,6 +47,7 @@ from memtrain.data.streaming_compat import (
 )
 from memtrain.data.tokenizer import TOKENIZER_FILE, file_sha256
 from memtrain.errors import UserError
+from memtrain.fileio import private_temp_name
 
 NOT_SHARDS_HINT = "not a memtrain shard directory; make one with `memtrain data shards`"
 _STATE_VERSION = 1
@@ -169,12 +170,6 @@ def _remote_join(remote: str, name: str) -> str:
     return remote.rstrip("/") + "/" + name if "://" in remote else os.path.join(remote, name)
 
 
-def _part_name(local_file: Path) -> Path:
-    """A temporary name next to ``local_file`` that no other process or thread uses (same directory, so the
-    final ``os.replace`` is atomic)."""
-    return local_file.with_name(f".{local_file.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.part")
-
-
 def _download(remote_file: str, local_file: Path, what: str, shards: str) -> None:
     """Download one file with streaming's downloader into ``local_file``: into a temporary file of this
     process and thread first, then renamed into place (atomic, so concurrent starts never see or remove
@@ -183,7 +178,7 @@ def _download(remote_file: str, local_file: Path, what: str, shards: str) -> Non
     from streaming.base.storage import CloudDownloader
 
     local_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = _part_name(local_file)
+    tmp = private_temp_name(local_file)
     try:
         CloudDownloader.direct_download(remote_file, str(tmp))
         os.replace(tmp, local_file)
@@ -292,7 +287,7 @@ def read_shard_info(shards: str | Path, cache_dir: str | Path | None = None) -> 
         base = base / hashlib.blake2s(remote.encode("utf-8"), digest_size=8).hexdigest()
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         # fetched under a name of this process only: concurrent starts (ranks of a node) never share it
-        fetched = _part_name(base / f"{INFO_FILE}.fetch")
+        fetched = private_temp_name(base / f"{INFO_FILE}.fetch")
         try:
             _download(_remote_join(remote, INFO_FILE), fetched, INFO_FILE, shards)
             text = fetched.read_text(encoding="utf-8", errors="replace")

@@ -1,8 +1,4 @@
-"""Writing token rows as MDS shards, fast.
-
-Imports mosaicml-streaming when imported (the worker processes of ``memtrain data shards`` import this module
-once, before they fork, rather than once per worker).
-"""
+"""Writing token rows as MDS shards, fast."""
 
 from __future__ import annotations
 
@@ -12,14 +8,14 @@ import numpy as np
 
 from memtrain.data.streaming_compat import import_streaming
 
-streaming = import_streaming()
-
 
 def row_writer(out: Path, row_len: int, dtype: str, shard_size: int | str | None, compression: str | None = "zstd"):
     """An ``MDSWriter`` of token rows (one column ``input_ids``: ``ndarray:<dtype>:<row_len>``) with a fast
     ``write_rows(rows [n, row_len])``: the same files, byte for byte, as ``write({"input_ids": row})`` for each
     row (for a fixed-shape array column a sample's bytes are the array's bytes), without encoding each row in
     Python. ``tests/test_data.py`` holds it to the plain writer."""
+
+    streaming = import_streaming()
 
     class RowWriter(streaming.MDSWriter):
         def write_rows(self, rows: np.ndarray) -> None:

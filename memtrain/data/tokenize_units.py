@@ -26,9 +26,15 @@ def init_tokenizer(model_bytes: bytes) -> None:
     _sp.LoadFromSerializedProto(model_bytes)
 
 
-def ready() -> bool:
+def ready(*_: object) -> bool:
     """A no-op task: its answer says the helper is up."""
     return True
+
+
+def count_tokens(texts: list[str]) -> int:
+    """Tokens of ``texts`` (no EOS): the raw encode :mod:`memtrain.data.bench` compares against."""
+    assert _sp is not None  # set by init_tokenizer
+    return sum(map(len, _sp.Encode(texts, out_type=int)))
 
 
 def _encode(texts: list[str], lasts: list[bool], eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
