@@ -809,6 +809,9 @@ class DistConfig(_Strict):
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _SLURM_NAMES = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_CONTAINER_IMAGE = re.compile(r"^[A-Za-z0-9._/:@#+~-]+$")
+_MOUNT = re.compile(r"^/[A-Za-z0-9._/+~-]*(:/[A-Za-z0-9._/+~-]*(:(ro|rw))?)?$")
 _SBATCH_OPTION = re.compile(r"^--?[A-Za-z][A-Za-z0-9-]*(=[^\s'\"\\`\x00-\x1f\x7f]+)?$")
 
 
@@ -829,15 +832,24 @@ class SlurmConfig(_Strict):
             "launcher leave it at 1)."
         ),
     )
-    cpus_per_task: int = Field(
-        default=1,
+    cpus_per_task: int | None = Field(
+        default=None,
         ge=1,
         description=(
             "CPUs per Slurm task: per rank with the `srun` launcher, per node with `torchrun` and `deepspeed` (one "
-            "launcher task per node); `OMP_NUM_THREADS` follows it."
+            "launcher task per node). null = from the partition (`sinfo`): with GPUs, the node's CPUs divided by its "
+            "GPUs for each GPU asked for; without, all the node's CPUs shared by its ranks; when the cluster cannot "
+            "be asked (a dry run on a laptop), 8 per GPU or 1 per CPU rank. Each rank's `OMP_NUM_THREADS` is its "
+            "share."
         ),
     )
-    time: str = Field(default="01:00:00", description="Time limit, e.g. `01:00:00` or `2-00:00:00`.")
+    time: str | None = Field(
+        default=None,
+        description=(
+            "Time limit, e.g. `01:00:00` or `2-00:00:00`. null = `01:00:00` for runs of at most 10,000 steps; longer "
+            "runs must give one (a run that outlives it checkpoints and requeues itself)."
+        ),
+    )
     partition: str | None = Field(default=None, description="Partition; null = the cluster's default partition.")
     account: str | None = Field(default=None, description="Account to charge; null = none given.")
     launcher: Literal["srun", "torchrun", "deepspeed"] = Field(
@@ -864,6 +876,50 @@ class SlurmConfig(_Strict):
             "Most times a preempted job requeues itself (Slurm's `SLURM_RESTART_COUNT` is compared with it); after "
             "that a preempted job stops with a log line, and resubmitting continues from the newest checkpoint. "
             "0 = never requeue."
+        ),
+    )
+    gpu_flag: Literal["auto", "gres", "gpus-per-node"] = Field(
+        default="auto",
+        description=(
+            "How GPUs are asked for: `gres` = `--gres=gpu:N`, `gpus-per-node` = `--gpus-per-node=N`; `auto` = "
+            "`--gres` when `sinfo` reports the partition's GPUs as gres, `--gpus-per-node` when the cluster cannot "
+            "be asked."
+        ),
+    )
+    setup: list[str] = Field(
+        default=[],
+        description=(
+            "Shell lines the job runs before it launches training, one command per item (e.g. `module load "
+            "cuda/12.4`, `source /shared/venv/bin/activate`); the job stops, naming the line, when one fails. They "
+            "run as written: read them before submitting a config from someone else."
+        ),
+    )
+    container: str | None = Field(
+        default=None,
+        description=(
+            "A container image the ranks run in (with every launcher): an enroot/pyxis image (`nvcr.io#nvidia/"
+            "pytorch:24.08-py3` or a `.sqsh` path) or an apptainer `.sif`, see `container_runtime`. null = none."
+        ),
+    )
+    container_runtime: Literal["pyxis", "apptainer"] = Field(
+        default="pyxis",
+        description=(
+            "`pyxis`: srun's `--container-image`, `--container-mounts`, `--container-workdir`; `apptainer`: "
+            "`apptainer exec --bind ...` (with `--nv` when there are GPUs) in front of each task."
+        ),
+    )
+    container_mounts: list[str] = Field(
+        default=[],
+        description=(
+            "Folders mounted into the container besides the job's working directory, each `SRC` or `SRC:DST` "
+            "(data shards, tokenizers, caches outside it)."
+        ),
+    )
+    python: str | None = Field(
+        default=None,
+        description=(
+            "The Python that runs memtrain on the compute nodes. null = the one running `memtrain submit` (a "
+            "shared environment), or `python` inside a container."
         ),
     )
     extra_sbatch: list[str] = Field(
@@ -917,6 +973,32 @@ class SlurmConfig(_Strict):
                 raise ValueError(
                     f"{item!r} is not one sbatch option (e.g. --qos=high: starts with '-', an "
                     "optional =value, no spaces, quotes or control characters)"
+                )
+        return value
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, value):
+        for i, line in enumerate(value):
+            if _CONTROL_CHARS.search(line) or not line.strip():
+                raise ValueError(f"item {i}: expected one non-empty line of shell (no newline or control character)")
+        return value
+
+    @field_validator("container", "python")
+    @classmethod
+    def _path_like(cls, value):
+        if value is not None and not _CONTAINER_IMAGE.match(value):
+            raise ValueError("expected an image name or path (letters, digits and . _ - / : @ # + ~, no spaces)")
+        return value
+
+    @field_validator("container_mounts")
+    @classmethod
+    def _mounts(cls, value):
+        for item in value:
+            if not _MOUNT.match(item):
+                raise ValueError(
+                    f"{item!r}: expected SRC, SRC:DST or SRC:DST:ro with absolute paths (letters, digits and "
+                    ". _ - / + ~, no spaces or commas)"
                 )
         return value
 

@@ -254,7 +254,8 @@ def _real_job(tmp_path, tiny_data, *flags, overrides=()):
         ["train.steps=100000", "train.eval_every=0", "train.ckpt_every=0", "train.log_every=1", *overrides],
     )
     cfg = write_yaml(tmp_path / "cfg.yaml", raw)
-    script = render_job(tmp_path, [str(cfg), "--partition", "cpu", *flags])
+    # a 100,000-step run must name its time limit; one CPU per task, as this machine has few
+    script = render_job(tmp_path, [str(cfg), "--partition", "cpu", "--time", "01:00:00", "--cpus-per-task", "1", *flags])
     return script, run_dir
 
 

@@ -58,7 +58,8 @@ def test_render_srun_script(tmp_path, fake_cluster, capsys):
     for line in (
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=8",
-        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --gres=gpu:8",  # the partition reports its GPUs as gres
+        "#SBATCH --cpus-per-task=8",  # 64 CPUs for 8 GPUs
         "#SBATCH --partition=gpu",
         "#SBATCH --account=lab",
         "#SBATCH --time=04:00:00",

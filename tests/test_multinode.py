@@ -100,6 +100,7 @@ def _job(root: Path, shards: Path, launcher: str, nodes: int, tasks: int, *extra
     raw = tiny_raw(shards, run_dir, [*RUN, *engine, *extra])
     cfg = write_yaml(root / "cfg.yaml", raw)
     flags = ["--nodes", str(nodes), "--tasks-per-node", str(tasks), "--launcher", launcher, "--partition", "cpu"]
+    flags += ["--time", "01:00:00", "--cpus-per-task", "1" if launcher == "srun" else str(tasks)]  # a core per rank
     return render_job(root, [str(cfg), *flags]), run_dir
 
 

@@ -266,3 +266,21 @@ def test_one_process_stops_right_after_the_signalled_step(tiny_data, tmp_path, m
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "run")] == [3]
     assert json.loads((tmp_path / "run" / "PREEMPTED").read_text())["step"] == 3
     assert calls == []  # no process group, no collective
+
+
+def test_the_resource_tracker_does_not_die_of_the_preemption_signal():
+    """Slurm signals every process of a step: the tracker of the loader's shared memory, which
+    ``memtrain train`` starts with its preemption handler, must survive USR1 (else its successor prints a
+    KeyError per segment at exit). In a fresh process, as ``memtrain train`` is."""
+    script = textwrap.dedent("""\
+        import os, signal, time
+        from multiprocessing import resource_tracker
+        from memtrain.engine.preempt import Preemption
+        p = Preemption()
+        pid = resource_tracker._resource_tracker._pid
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        print("alive" if os.waitpid(pid, os.WNOHANG) == (0, 0) else "died", p.requested)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.split() == ["alive", "None"], out.stdout + out.stderr

@@ -185,3 +185,52 @@ def test_shards_array_job_builds_what_one_process_builds(cluster, tiny_data, tmp
     logs = "".join(p.read_text() for p in tmp_path.glob("shards-*.out"))
     assert logs.count("memtrain: shards slice") == 3, logs
     assert tree(out) == tree(tmp_path / "single")
+
+
+def _memtrain(env, *argv: str, cwd: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "memtrain", *argv], env=env, capture_output=True, text=True, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """``memtrain jobs`` output as {job id: [state words ...]}."""
+    return {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:]}
+
+
+def test_jobs_and_cancel(cluster, tiny_data, tmp_path):
+    """A run and a two-point sweep on the local cluster: `memtrain jobs` shows their state and step;
+    `memtrain cancel RUN` checkpoints and stops the run without a requeue; `cancel SWEEP --now` ends both
+    points, the running one and the one still in the queue."""
+    work = tmp_path / "work"
+    work.mkdir()
+    raw = tiny_raw(tiny_data.shards, work / "runs" / "long", ["train.steps=5000", "train.log_every=5", "run.name=long"])
+    cfg = write_yaml(tmp_path / "long.yaml", raw)
+    flags = ["--cpus-per-task", "1", "--time", "00:10:00", "--workdir", str(work)]
+    assert "follow it with: memtrain jobs" in _memtrain(cluster, "submit", str(cfg), *flags, cwd=work)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"name: g\nbase: {cfg}\nout_dir: sweep\ngrid:\n  model.decoder.d_model: [32, 48]\n")
+    _memtrain(cluster, "sweep", str(grid), *flags, cwd=work)
+    run = work / "runs" / "long"
+    _wait(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip(), 120, "a step")
+
+    (row,) = _rows(_memtrain(cluster, "jobs", "runs/long", cwd=work)).values()
+    assert row[0] == "RUNNING" and row[1] == "0" and row[2].endswith("/5000"), row
+    points = _rows(_memtrain(cluster, "jobs", "sweep", cwd=work))
+    assert len(points) == 2 and all(k.endswith(("_0", "_1")) for k in points)
+    assert {r[0] for r in points.values()} <= {"RUNNING", "PENDING", "CONFIGURING"}
+    assert len(_rows(_memtrain(cluster, "jobs", cwd=work))) == 3  # the working directory: every job
+
+    assert "signalled to checkpoint and stop" in _memtrain(cluster, "cancel", "runs/long", cwd=work)
+    (job_id,) = _rows(_memtrain(cluster, "jobs", "runs/long", cwd=work))
+    _wait(lambda: _job_state(cluster, job_id) in TERMINAL, 120, "the run to stop")
+    (row,) = _rows(_memtrain(cluster, "jobs", "runs/long", cwd=work)).values()
+    assert row[:3] == ["STOPPED", "(memtrain", "cancel)"], row
+    log = next(work.glob(f"slurm-jobs/long-*/logs/long-{job_id}.out")).read_text()
+    assert "stopped by memtrain cancel at step" in log and "requeueing job" not in log
+    assert list((run / "checkpoints").glob("step_*/meta.json"))  # resubmitting continues from it
+
+    _memtrain(cluster, "cancel", "sweep", "--now", cwd=work)
+    _wait(lambda: all(_job_state(cluster, j) in TERMINAL for j in points), 60, "the sweep to end")
+    states = {j: " ".join(r[:3]) for j, r in _rows(_memtrain(cluster, "jobs", "sweep", cwd=work)).items()}
+    assert set(states.values()) == {"CANCELLED (memtrain cancel)"}, states

@@ -41,6 +41,7 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._old[sig] = signal.signal(sig, self._handle)
+            _start_resource_tracker(signals)
 
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
@@ -69,6 +70,22 @@ class Preemption:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+
+
+def _start_resource_tracker(signals: tuple[int, ...]) -> None:
+    """Start multiprocessing's resource tracker (it keeps the loader's shared memory) with ``signals`` blocked.
+
+    Slurm delivers the preemption signal to every process of the job step, the tracker included, and a
+    tracker that dies of it is restarted by the next user and prints a KeyError for every segment at exit. A
+    blocked signal stays blocked through ``exec``, so this tracker never sees them; a signal that arrives
+    meanwhile waits and reaches this process's handler when the mask is restored."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def write_marker(run_dir: Path, step: int, reason: str) -> None:

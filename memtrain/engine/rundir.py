@@ -26,6 +26,10 @@ from memtrain.errors import UserError
 
 #: the lock file inside a run directory
 LOCK_NAME = ".memtrain.lock"
+#: the Slurm jobs submitted for a run directory (``memtrain jobs``), written before the run starts
+JOBS_NAME = ".memtrain-jobs.jsonl"
+#: what a directory may hold and still count as empty
+_OWN = (LOCK_NAME, JOBS_NAME)
 #: resolved run directory -> open lock file descriptor held by this process
 _held: dict[str, int] = {}
 
@@ -134,7 +138,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
     saved = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.out_dir: {run_dir} exists and is not a directory")
-    if not saved.is_file() and run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+    if not saved.is_file() and run_dir.is_dir() and any(p.name not in _OWN for p in run_dir.iterdir()):
         raise UserError(
             f"run.out_dir: {run_dir} exists, is not empty and is not a memtrain run directory; "
             "choose another run.out_dir"
@@ -172,7 +176,7 @@ def _validate(run_dir: Path, saved: Path, new: dict, resume: bool) -> None:
                 f"run.out_dir: {run_dir} already holds this run up to step {latest.step}; "
                 "pass --resume to continue it, or choose another run.out_dir"
             )
-    elif any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+    elif any(p.name not in _OWN for p in run_dir.iterdir()):
         raise UserError(
             f"run.out_dir: {run_dir} exists, is not empty and is not a memtrain run directory; "
             "choose another run.out_dir"

@@ -34,23 +34,33 @@ def _slurm_overrides(args) -> list[tuple[str, object]]:
 
 def cmd_submit(args) -> int:
     from memtrain.config import load_config
-    from memtrain.launch.slurm import check_resources, check_workdir, partitions_to_check, prepare_job, sbatch
+    from memtrain.launch.jobs import record_submission
+    from memtrain.launch.slurm import check_workdir, partitions_to_check, prepare_job, resolve, safe_job_name, sbatch
 
     cfg = load_config(args.config, args.set + _slurm_overrides(args))
     check_workdir(Path(args.workdir or "."))
-    partitions = partitions_to_check(args.dry_run)
-    check_resources(cfg.slurm, partitions)
+    cfg = resolve(cfg, partitions_to_check(args.dry_run), args.dry_run)
     script, text = prepare_job(cfg, Path(args.workdir or ".").resolve())
     if args.dry_run:
         print(text, end="")
         print(f"# written to {script} (not submitted: --dry-run)")
         return 0
     job = sbatch(script)
+    workdir = Path(args.workdir or ".").resolve()
+    record_submission(script.parent, job, safe_job_name(cfg.run.name), [workdir / cfg.run.out_dir])
     print(
         f"submitted job {job}: {cfg.run.name} on {cfg.slurm.nodes} node(s) x {cfg.slurm.ranks_per_node} rank(s); "
         f"script {script}; logs {script.parent / 'logs'}; run dir {cfg.run.out_dir}"
     )
+    _say_setup(cfg.slurm.setup)
+    print(f"follow it with: memtrain jobs {cfg.run.out_dir}")
     return 0
+
+
+def _say_setup(lines: list[str]) -> None:
+    """A job's set-up lines run as shell in the job: say which, once, where the user submits."""
+    if lines:
+        print("the job runs these slurm.setup lines first: " + "; ".join(lines))
 
 
 def cmd_config_get(args) -> int:
@@ -80,10 +90,19 @@ def cmd_sweep(args) -> int:
             f"{root / 'loss_vs_compute.png'}"
         )
         return 0
-    from memtrain.launch.slurm import check_resources, check_workdir, new_job_dir, partitions_to_check, render, sbatch
+    from memtrain.launch.jobs import record_submission
+    from memtrain.launch.slurm import (
+        check_workdir,
+        new_job_dir,
+        partitions_to_check,
+        render,
+        resolve,
+        safe_job_name,
+        sbatch,
+    )
     from memtrain.launch.sweep import expand, resource_groups, run_local, write_points
 
-    grid, points = expand(args.target)
+    grid, points = expand(args.target, args.set + _slurm_overrides(args))
     print(f"sweep {grid.name}: {len(points)} point(s) from {args.target} into {grid.out_dir}")
     if args.local:
         codes = run_local(grid, points, threads_per_rank=args.threads)
@@ -93,8 +112,8 @@ def cmd_sweep(args) -> int:
         print(f"sweep {grid.name}: done; collect with `memtrain sweep collect {grid.out_dir}`")
         return 0
     partitions = partitions_to_check(args.dry_run, hint="use --local or --dry-run")
-    for p in points:  # every point is checked before anything is submitted
-        check_resources(p.cfg.slurm, partitions)
+    for p in points:  # every point is resolved and checked before anything is written or submitted
+        p.cfg = resolve(p.cfg, partitions, args.dry_run)
     workdir = Path(args.workdir or ".").resolve()
     check_workdir(workdir)
     root = write_points(grid, points)
@@ -112,7 +131,37 @@ def cmd_sweep(args) -> int:
             print(f"# {script}: array of {len(group)} point(s) (not submitted: --dry-run)")
         else:
             job = sbatch(script)
+            runs = [workdir / p.run_dir for p in group]
+            record_submission(job_dir, job, safe_job_name(f"{grid.name}-g{gi}"), runs, sweep=root.resolve())
             print(f"submitted array job {job}: {len(group)} point(s) ({', '.join(p.name for p in group)})")
+            _say_setup(group[0].cfg.slurm.setup)
+    if not args.dry_run:
+        print(f"follow them with: memtrain jobs {root}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from memtrain.launch.jobs import fill_states, find_jobs, table
+
+    jobs = find_jobs(Path(args.target))
+    if not jobs:
+        print(f"{args.target}: no jobs submitted yet")
+        return 0
+    print(table(fill_states(jobs)))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from memtrain.launch.jobs import cancel, fill_states, find_jobs
+
+    jobs = fill_states(find_jobs(Path(args.target)))
+    if args.job:
+        wanted = set(args.job)
+        jobs = [j for j in jobs if j.job_id in wanted or j.base_id in wanted]
+        if not jobs:
+            raise UserError(f"--job {', '.join(args.job)}: not among the jobs of {args.target} (see memtrain jobs)")
+    for line in cancel(jobs, now=args.now):
+        print(line)
     return 0
 
 
@@ -198,12 +247,28 @@ def register(sub) -> None:
     w = sub.add_parser("sweep", help="expand a grid into runs (local or a Slurm job array); `sweep collect DIR`")
     w.add_argument("target", help="GRID.yaml, or 'collect'")
     w.add_argument("rest", nargs="*", help="with collect: the sweep directory")
+    w.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every point, after the grid"
+    )
+    _add_slurm_flags(w)
     w.add_argument("--local", action="store_true", help="run the points here, one after another")
     w.add_argument("--threads", type=int, default=1, help="with --local: CPU threads per rank")
     w.add_argument("--dry-run", action="store_true", help="print the job array scripts instead of submitting")
     w.add_argument("--workdir", help="job working directory (default: current)")
     w.add_argument("--peak-tflops", type=float, default=None, help="with collect: per-rank peak for MFU")
     w.set_defaults(func=cmd_sweep)
+
+    j = sub.add_parser("jobs", help="the Slurm jobs memtrain submitted: state, restarts, last step, log")
+    j.add_argument(
+        "target", nargs="?", default=".", help="a run directory, a sweep directory or a working directory (default: .)"
+    )
+    j.set_defaults(func=cmd_jobs)
+
+    k = sub.add_parser("cancel", help="stop the Slurm jobs of a run, a sweep or a working directory")
+    k.add_argument("target", help="a run directory, a sweep directory or a working directory")
+    k.add_argument("--job", action="append", default=[], metavar="ID", help="only this job (repeatable)")
+    k.add_argument("--now", action="store_true", help="cancel at once (default: running jobs checkpoint, then stop)")
+    k.set_defaults(func=cmd_cancel)
 
     c = sub.add_parser("scale", help="predict step time and scaling efficiency on N nodes")
     c.add_argument("--from-run", help="take step time, parameters and tokens/step from a finished run")

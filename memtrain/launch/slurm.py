@@ -35,7 +35,7 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+,:@%/=-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _job_name(name: str) -> str:
+def safe_job_name(name: str) -> str:
     """``name`` as a Slurm job name and folder name: every character other than letters, digits and ``._+-``
     becomes ``_`` (so spaces, quotes, ``$``, backticks, ``;`` and ``/`` are inert), at most 64 characters."""
     slug = re.sub(r"[^A-Za-z0-9._+-]", "_", name)[:64].lstrip(".")
@@ -64,7 +64,7 @@ def _check_script_values(cfg: Config, name: str) -> None:
     for field, value in (
         ("run.name", name),
         ("run.out_dir", cfg.run.out_dir),
-        ("slurm.time", s.time),
+        ("slurm.time", s.time or ""),
         ("slurm.partition", s.partition or ""),
         ("slurm.account", s.account or ""),
         *((f"slurm.extra_sbatch[{i}]", x) for i, x in enumerate(s.extra_sbatch)),
@@ -77,10 +77,20 @@ def _check_script_values(cfg: Config, name: str) -> None:
 
 @dataclass
 class Partition:
+    """One partition as ``sinfo`` reports it. Node groups of different sizes: ``gpus_per_node`` and
+    ``cpus_per_node`` are the largest node (what a request may ask for), ``cpus_min`` the smallest node's CPUs
+    (what a default may take: the job may land on any node), ``max_time`` the limit (None = unlimited)."""
+
     name: str
     nodes: int
     gpus_per_node: int
     cpus_per_node: int
+    cpus_min: int = 0
+    max_time: str | None = None
+
+    @property
+    def default_cpus(self) -> int:
+        return self.cpus_min or self.cpus_per_node
 
 
 #: seconds ``sinfo`` may take before the controller counts as unreachable (its own retries take about as long)
@@ -100,21 +110,30 @@ def cluster_partitions() -> dict[str, Partition] | None:
     Raises :class:`UserError` when ``sinfo`` exists but cannot answer (no controller reachable)."""
     if shutil.which("sinfo") is None:
         return None
-    out = _run(["sinfo", "-h", "-o", "%P|%D|%G|%c"], timeout=SINFO_TIMEOUT)
+    out = _run(["sinfo", "-h", "-o", "%P|%D|%G|%c|%l"], timeout=SINFO_TIMEOUT)
     if out.returncode != 0:
-        raise UserError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}")
+        said = (out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}").splitlines()
+        raise UserError(f"sinfo failed: {said[-1]}")  # its last line says why (the lines before are its steps)
     parts: dict[str, Partition] = {}
     for line in out.stdout.splitlines():
-        name, nodes, gres, cpus = (line.split("|") + ["", "", "", ""])[:4]
+        name, nodes, gres, cpus, limit = (line.split("|") + ["", "", "", "", ""])[:5]
         name = name.rstrip("*")
         gpus = max((int(m) for m in re.findall(r"gpu(?::[\w.-]+)?:(\d+)", gres)), default=0)
         p = parts.get(name)
         n = int(nodes or 0)
         c = int(re.sub(r"\D", "", cpus) or 0)
+        max_time = limit if _TIME.match(limit) else None  # "infinite", "UNLIMITED", "n/a": no limit
         if p is None:
-            parts[name] = Partition(name, n, gpus, c)
-        else:  # several node groups in one partition: count nodes, keep the largest node
-            parts[name] = Partition(name, p.nodes + n, max(p.gpus_per_node, gpus), max(p.cpus_per_node, c))
+            parts[name] = Partition(name, n, gpus, c, c, max_time)
+        else:  # several node groups in one partition: count nodes, keep the largest and the smallest node
+            parts[name] = Partition(
+                name,
+                p.nodes + n,
+                max(p.gpus_per_node, gpus),
+                max(p.cpus_per_node, c),
+                min(p.cpus_min, c) if p.cpus_min and c else p.cpus_min or c,
+                p.max_time or max_time,
+            )
     return parts
 
 
@@ -146,14 +165,29 @@ def default_partition() -> str | None:
     return None
 
 
-def check_resources(s: SlurmConfig, partitions: dict[str, Partition] | None) -> None:
-    """Refuse a request the cluster cannot run, before anything is submitted."""
-    if not _TIME.match(s.time):
-        raise UserError(f"slurm.time: {s.time!r} is not a Slurm time limit (e.g. 01:00:00 or 2-00:00:00)")
-    if s.launcher == "srun" and s.gpus_per_node and s.tasks_per_node not in (1, s.gpus_per_node):
-        raise UserError("slurm.tasks_per_node: with the srun launcher there is one task per GPU; leave it at 1")
+#: the time limit of a job whose config gives none, allowed for runs of at most TIME_REQUIRED_ABOVE_STEPS steps
+DEFAULT_TIME = "01:00:00"
+TIME_REQUIRED_ABOVE_STEPS = 10_000
+#: CPUs per GPU when the cluster cannot be asked (a dry run without a reachable controller)
+FALLBACK_CPUS_PER_GPU = 8
+
+
+def time_seconds(limit: str) -> int:
+    """A Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``) in seconds."""
+    days, _, rest = limit.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # after a day count: hours, then minutes, then seconds
+        h, m, sec = (parts + [0, 0])[:3]
+    else:  # without: minutes, minutes:seconds or hours:minutes:seconds
+        h, m, sec = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def chosen_partition(s: SlurmConfig, partitions: dict[str, Partition] | None) -> Partition | None:
+    """The partition a request goes to (its own or the cluster's default), or None when the cluster is not
+    known; refuses a partition the cluster does not have."""
     if partitions is None:
-        return
+        return None
     name = s.partition or default_partition()
     if name is None:
         raise UserError(
@@ -165,7 +199,61 @@ def check_resources(s: SlurmConfig, partitions: dict[str, Partition] | None) -> 
             f"slurm.partition: '{name}' does not exist on this cluster "
             f"(partitions: {', '.join(sorted(partitions)) or 'none'})"
         )
-    p = partitions[name]
+    return partitions[name]
+
+
+def default_cpus_per_task(s: SlurmConfig, p: Partition | None) -> int:
+    """CPUs per Slurm task when the config gives none: with GPUs the node's CPUs per GPU for each GPU of the
+    task (one rank with ``srun``, the node's ranks with ``torchrun``/``deepspeed``); without GPUs the node's
+    CPUs shared by its ranks; unknown cluster: FALLBACK_CPUS_PER_GPU per GPU or 1 per CPU rank."""
+    ranks_per_task = 1 if s.launcher == "srun" else s.ranks_per_node
+    if p is None or not p.default_cpus:
+        return (FALLBACK_CPUS_PER_GPU if s.gpus_per_node else 1) * ranks_per_task
+    if s.gpus_per_node:
+        per_rank = p.default_cpus // max(p.gpus_per_node, s.gpus_per_node)
+    else:
+        per_rank = p.default_cpus // s.ranks_per_node
+    return max(1, per_rank) * ranks_per_task
+
+
+def resolve(cfg: Config, partitions: dict[str, Partition] | None, dry_run: bool = False) -> Config:
+    """``cfg`` with every ``slurm`` default that depends on the cluster or the run filled in (CPUs per task,
+    the time limit, how GPUs are asked for), checked against the partition. What is rendered and frozen into
+    the job folder is this config.
+
+    A run of more than TIME_REQUIRED_ABOVE_STEPS steps without a time limit is refused, or in a dry run
+    rendered with DEFAULT_TIME and a warning."""
+    s = cfg.slurm
+    if s.time is not None and not _TIME.match(s.time):
+        raise UserError(f"slurm.time: {s.time!r} is not a Slurm time limit (e.g. 01:00:00 or 2-00:00:00)")
+    if s.time is None and cfg.train.steps > TIME_REQUIRED_ABOVE_STEPS:
+        need = (
+            f"slurm.time: required for a run of {cfg.train.steps:,} steps (more than "
+            f"{TIME_REQUIRED_ABOVE_STEPS:,}): give --time or slurm.time, e.g. 2-00:00:00, up to the partition's "
+            "limit; a run that outlives it checkpoints and requeues itself"
+        )
+        if not dry_run:
+            raise UserError(need)
+        print(f"memtrain: warning: {need} (this dry run renders {DEFAULT_TIME})", file=sys.stderr)
+    p = chosen_partition(s, partitions)
+    update = {
+        "time": s.time or DEFAULT_TIME,
+        "cpus_per_task": s.cpus_per_task or default_cpus_per_task(s, p),
+        "gpu_flag": s.gpu_flag if s.gpu_flag != "auto" else ("gres" if p is not None else "gpus-per-node"),
+    }
+    resolved = cfg.model_copy(update={"slurm": s.model_copy(update=update)})
+    check_resources(resolved.slurm, p)
+    return resolved
+
+
+def check_resources(s: SlurmConfig, p: Partition | None) -> None:
+    """Refuse a request the partition ``p`` cannot run (None: the cluster is not known), before anything is
+    submitted. ``s`` is resolved (:func:`resolve`)."""
+    if s.launcher == "srun" and s.gpus_per_node and s.tasks_per_node not in (1, s.gpus_per_node):
+        raise UserError("slurm.tasks_per_node: with the srun launcher there is one task per GPU; leave it at 1")
+    if p is None:
+        return
+    name = p.name
     if s.nodes > p.nodes:
         raise UserError(f"slurm.nodes: {s.nodes} nodes requested but partition '{name}' has {p.nodes}")
     if s.gpus_per_node > p.gpus_per_node:
@@ -173,12 +261,14 @@ def check_resources(s: SlurmConfig, partitions: dict[str, Partition] | None) -> 
             f"slurm.gpus_per_node: {s.gpus_per_node} GPUs per node requested but the nodes of "
             f"partition '{name}' have {p.gpus_per_node}"
         )
-    cpus = s.cpus_per_task * (1 if s.launcher != "srun" else s.ranks_per_node)
+    cpus = (s.cpus_per_task or 1) * (1 if s.launcher != "srun" else s.ranks_per_node)
     if p.cpus_per_node and cpus > p.cpus_per_node:
         raise UserError(
             f"slurm.cpus_per_task: {cpus} CPUs per node requested but the nodes of partition "
             f"'{name}' have {p.cpus_per_node}"
         )
+    if s.time and p.max_time and time_seconds(s.time) > time_seconds(p.max_time):
+        raise UserError(f"slurm.time: {s.time} is longer than partition '{name}' allows ({p.max_time})")
 
 
 def _body(template: str) -> list[str]:
@@ -203,6 +293,8 @@ def render(
 
     ``array_list``: a job array over the configs listed one per line in that file (task i trains line i+1);
     then ``config_file`` is None."""
+    if cfg.slurm.cpus_per_task is None or cfg.slurm.time is None or cfg.slurm.gpu_flag == "auto":
+        cfg = resolve(cfg, None)  # not resolved against a cluster: the defaults for an unknown one
     s = cfg.slurm
     tasks = s.ranks_per_node if s.launcher == "srun" else 1
     raw_name = job_name if job_name is not None else cfg.run.name
@@ -212,7 +304,7 @@ def render(
     except ValidationError as err:
         raise UserError(format_validation_error(err, "slurm").replace("slurm: ", "slurm.", 1)) from None
     _check_path(job_dir, "--workdir")
-    name = _job_name(raw_name)
+    name = safe_job_name(raw_name)
     log = "%x-%A_%a.out" if array_list else "%x-%j.out"
     head = [
         "#!/bin/bash",
@@ -228,7 +320,11 @@ def render(
     if array_list:
         head.append(f"#SBATCH --array=0-{n_array - 1}")
     if s.gpus_per_node:
-        head.append(f"#SBATCH --gpus-per-node={s.gpus_per_node}")
+        head.append(
+            f"#SBATCH --gres=gpu:{s.gpus_per_node}"
+            if s.gpu_flag == "gres"
+            else f"#SBATCH --gpus-per-node={s.gpus_per_node}"
+        )
     if s.partition:
         head.append(f"#SBATCH --partition={s.partition}")
     if s.account:
@@ -240,7 +336,8 @@ def render(
     env = {
         "MEMTRAIN_WORKDIR": str(workdir),
         "MEMTRAIN_LOG_DIR": str(job_dir / "logs"),
-        "MEMTRAIN_PYTHON": sys.executable,
+        "MEMTRAIN_JOB_DIR": str(job_dir),
+        "MEMTRAIN_PYTHON": s.python or ("python" if s.container else sys.executable),
         "MEMTRAIN_REQUEUE": "1" if s.requeue else "0",
         "MEMTRAIN_MAX_REQUEUES": str(s.max_requeues),
     }
@@ -255,12 +352,13 @@ def render(
         exports.append("export MEMTRAIN_CONFIG")
     d = slurm_dir()
     common = (d / "_common.sh").read_text().splitlines()
-    body = _body((d / TEMPLATES[s.launcher]).read_text())
+    body = _with_container(_body((d / TEMPLATES[s.launcher]).read_text()), s, workdir)
     return (
         "\n".join(
             head
             + [""]
             + exports
+            + _setup_lines(s, workdir)
             + ["", "# --- slurm/_common.sh ---"]
             + common
             + ["", f"# --- slurm/{TEMPLATES[s.launcher]} ---"]
@@ -270,9 +368,57 @@ def render(
     )
 
 
+def _setup_lines(s: SlurmConfig, workdir: Path) -> list[str]:
+    """``slurm.setup`` as written, run in the job's working directory; the first line that fails stops the job
+    with a log line naming it."""
+    if not s.setup:
+        return []
+    return [
+        "",
+        "# --- slurm.setup ---",
+        f"cd {shlex.quote(str(workdir))} || exit 1",
+        "trap 'echo \"memtrain: slurm.setup failed (exit $?) at: $BASH_COMMAND\" >&2' ERR",
+        "set -e",
+        *s.setup,
+        "set +e",
+        "trap - ERR",
+    ]
+
+
+#: where the templates' launch lines take the container's arguments
+_SRUN = "srun --kill-on-bad-exit=1"
+_TASK = '"$PY" -m memtrain.launch.node'
+
+
+def _with_container(body: list[str], s: SlurmConfig, workdir: Path) -> list[str]:
+    """The launch line of ``body`` with ``slurm.container``: pyxis flags on srun, or ``apptainer exec`` in front
+    of each task. The job's working directory is mounted at the same path, and is the container's."""
+    if s.container is None:
+        return body
+    if any(c in str(workdir) for c in ",:"):
+        raise UserError(f"--workdir: {workdir} cannot be mounted into a container (it has ',' or ':')")
+    mounts = [str(workdir), *s.container_mounts]
+    if s.container_runtime == "pyxis":
+        binds = ",".join(m if ":" in m else f"{m}:{m}" for m in mounts)
+        srun_args = [
+            f"--container-image={s.container}",
+            f"--container-mounts={binds}",
+            f"--container-workdir={workdir}",
+        ]
+        old, new = _SRUN, " ".join([_SRUN, *map(shlex.quote, srun_args)])
+    else:
+        prefix = ["apptainer", "exec", *(["--nv"] if s.gpus_per_node else []), "--bind", ",".join(mounts)]
+        prefix += ["--pwd", str(workdir), s.container]
+        old, new = _TASK, " ".join([*map(shlex.quote, prefix), _TASK])
+    text = "\n".join(body)
+    if text.count(old) != 1:
+        raise UserError(f"slurm.container: the launch template does not have exactly one '{old}' line")
+    return text.replace(old, new).splitlines()
+
+
 def new_job_dir(workdir: Path, name: str) -> Path:
     """A fresh ``<workdir>/slurm-jobs/<name>-<time>`` folder with a logs/ subfolder."""
-    base = (workdir / "slurm-jobs" / f"{_job_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    base = (workdir / "slurm-jobs" / f"{safe_job_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     job_dir, n = base, 1
     while job_dir.exists():
         n += 1

@@ -101,8 +101,11 @@ def _slug(values: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
 
 
-def expand(path: str | Path) -> tuple[GridFile, list[Point]]:
-    """Validate the grid and build one Config per point (run.name and run.out_dir set per point)."""
+def expand(path: str | Path, flags: list | None = None) -> tuple[GridFile, list[Point]]:
+    """Validate the grid and build one Config per point (run.name and run.out_dir set per point).
+
+    ``flags``: overrides from the command line (``memtrain sweep --nodes 2 --set k=v ...``: ``"k=v"`` texts or
+    ``(key, value)`` pairs), applied to every point after the grid's own values."""
     grid = load_grid(path)
     base = Path(grid.base)
     if not base.is_file() and (Path(path).parent / base).is_file():
@@ -117,7 +120,7 @@ def expand(path: str | Path) -> tuple[GridFile, list[Point]]:
         # values are set as values: never written into YAML text and read back (an out_dir with ' #' in it,
         # a time of 10:00:00 or an account of 12345 stay what they are)
         overrides = [(k, copy.deepcopy(v)) for k, v in {**grid.set, **values}.items()]
-        overrides += [("run.name", name), ("run.out_dir", str(run_dir))]
+        overrides += [*(flags or []), ("run.name", name), ("run.out_dir", str(run_dir))]
         raw = apply_overrides(copy.deepcopy(base_raw), overrides)
         cfg = config_from_dict(raw, source=f"{path} (point {i}: {_slug(values)})")
         points.append(Point(i, name, values, cfg, run_dir))
@@ -186,11 +189,9 @@ def run_local(grid: GridFile, points: list[Point], threads_per_rank: int = 1) ->
     return codes
 
 
-def resource_groups(points: list[Point]) -> dict[tuple, list[Point]]:
-    """Points that can share one job array (same nodes, ranks, CPUs, time, partition, account, launcher)."""
-    groups: dict[tuple, list[Point]] = {}
+def resource_groups(points: list[Point]) -> dict[str, list[Point]]:
+    """Points that can share one job array: the same ``slurm`` section (resources, launcher, setup, container)."""
+    groups: dict[str, list[Point]] = {}
     for p in points:
-        s = p.cfg.slurm
-        key = (s.nodes, s.gpus_per_node, s.tasks_per_node, s.cpus_per_task, s.time, s.partition, s.account, s.launcher)
-        groups.setdefault(key, []).append(p)
+        groups.setdefault(json.dumps(p.cfg.slurm.model_dump(mode="json"), sort_keys=True), []).append(p)
     return groups
