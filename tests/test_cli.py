@@ -464,7 +464,13 @@ def test_preemption_signal_during_the_first_imports_of_train_is_honoured(tiny_da
         text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    time.sleep(0.5)  # the parser's imports (torch) take a few seconds
+    from memtrain.launch.node import catches_usr1
+
+    # as soon as the handler is in (first thing `memtrain train` does; the parser's imports of torch take a few
+    # seconds more): an earlier signal would meet the default action, as it does for any program
+    deadline = time.monotonic() + 60
+    while not catches_usr1(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, err[-2000:]

@@ -167,7 +167,7 @@ def cmd_cancel(args) -> int:
 
 def cmd_scale(args) -> int:
     from memtrain.launch.collect import run_record
-    from memtrain.launch.scaling import NETWORKS, Network, predict, table
+    from memtrain.launch.scaling import describe_network, predict, resolve_network, table
 
     step, params, tokens = args.step_time, args.params, args.tokens_per_step
     if args.from_run:
@@ -182,9 +182,7 @@ def cmd_scale(args) -> int:
         )
     if step is None or params is None:
         raise UserError("give --step-time and --params, or --from-run RUN_DIR")
-    net = NETWORKS[args.net]
-    if args.intra_gbps or args.inter_gbps:
-        net = Network("custom", args.intra_gbps or net.intra_gbps, args.inter_gbps or net.inter_gbps)
+    net = resolve_network(args.net, args.intra_gbps, args.inter_gbps, args.latency_us, args.calibration)
     try:
         nodes = [int(n) for n in args.nodes.split(",")]
     except ValueError:
@@ -205,7 +203,7 @@ def cmd_scale(args) -> int:
         )
         for n in nodes
     ]
-    print(f"network {net.name}: {net.intra_gbps} GB/s per GPU in a node, {net.inter_gbps} GB/s per node")
+    print(describe_network(net))
     print(table(rows))
     return 0
 
@@ -287,6 +285,12 @@ def register(sub) -> None:
     )
     c.add_argument("--intra-gbps", type=float, help="override: per-GPU bandwidth inside a node (GB/s)")
     c.add_argument("--inter-gbps", type=float, help="override: network bandwidth per node (GB/s)")
+    c.add_argument("--latency-us", type=float, help="override: per-collective latency in and across nodes (µs)")
+    c.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="a network fitted by tools/calibrate_scaling.py (JSON); replaces --net, the overrides still apply",
+    )
     c.set_defaults(func=cmd_scale)
 
     g = sub.add_parser("config-get", help="print one field of a resolved config (for scripts)")
