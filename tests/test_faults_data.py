@@ -241,3 +241,41 @@ def test_resumed_and_refused_loaders_keep_no_descriptors(tiny_data):
         with pytest.raises(UserError, match="fewer than one batch"):
             make_loader(tiny_data.shards, "val", 10**6, False, 0)
     assert _fds() <= before + 2
+
+
+def test_two_processes_decompressing_one_shard_at_once_do_not_collide(tmp_path):
+    """Ranks of several nodes sharing a cache directory may decompress the same compressed shard together:
+    each through a temporary file of its own, never a half-written shard, never a lost rename; a compressed
+    file another process already decompressed and removed is no error."""
+    import threading
+
+    from memtrain.data.checked_stream import CheckedStream
+    from streaming.base.compression import compress
+
+    raw = os.urandom(1 << 20)
+    zipped, target = tmp_path / "shard.00000.mds.zstd", tmp_path / "shard.00000.mds"
+    zipped.write_bytes(compress("zstd", raw))
+    stream = CheckedStream.__new__(CheckedStream)  # only the decompression step, no dataset around it
+    stream.validate_hash, stream.safe_keep_zip = None, True
+    errors: list[BaseException] = []
+
+    def decompress_many() -> None:
+        try:
+            for _ in range(30):
+                stream._decompress_shard_part(None, str(zipped), str(target), "zstd")
+                assert target.read_bytes() == raw
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=decompress_many) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([zipped.name, target.name])  # no temporary left
+    stream.safe_keep_zip = False
+    stream._decompress_shard_part(None, str(zipped), str(target), "zstd")
+    assert not zipped.exists()
+    stream._decompress_shard_part(None, str(zipped), str(target), "zstd")  # already done by someone else
+    assert target.read_bytes() == raw

@@ -39,8 +39,10 @@ from memtrain.errors import UserError
 from memtrain.fileio import private_temp_name
 
 streaming = import_streaming()
+from streaming.base.compression import decompress  # noqa: E402
 from streaming.base.dataset import _ShardState  # noqa: E402 (after the import shim)
 from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.hashing import get_hash  # noqa: E402
 
 #: default re-attempts of a failed shard download (after the first attempt), and seconds each may take
 DOWNLOAD_RETRY = 2
@@ -101,6 +103,35 @@ class CheckedStream(streaming.Stream):
     def remote_url(self, basename: str) -> str:
         """Where shard file ``basename`` is downloaded from (as the error messages name it)."""
         return os.path.join(self.remote or "", self.split or "", basename)
+
+    def _decompress_shard_part(self, zip_info: Any, zip_filename: str, raw_filename: str, compression: Any) -> None:
+        """Check and decompress a downloaded compressed shard, as streaming does, but through a temporary file of
+        this process's own: the ranks of several nodes that share a cache directory on one file system may
+        decompress the same shard at the same moment, and streaming's one ``<shard>.tmp`` name would let one
+        rename away the other's file. Whoever renames last wins with identical bytes; a compressed file that
+        another process already decompressed and removed is no error."""
+        try:
+            data = Path(zip_filename).read_bytes()
+        except FileNotFoundError:
+            if os.path.isfile(raw_filename):
+                return
+            raise
+        if self.validate_hash:
+            if self.validate_hash not in zip_info.hashes:
+                raise ValueError(
+                    f"no {self.validate_hash} hash for {zip_filename} in the index (it has: "
+                    f"{', '.join(sorted(zip_info.hashes)) or 'none'})"
+                )
+            if get_hash(self.validate_hash, data) != zip_info.hashes[self.validate_hash]:
+                raise ValueError(f"checksum failure: {zip_filename}")
+        tmp = private_temp_name(raw_filename)
+        try:
+            tmp.write_bytes(decompress(compression, data))
+            os.replace(tmp, raw_filename)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if not self.safe_keep_zip:
+            Path(zip_filename).unlink(missing_ok=True)
 
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
         """Download one file of the split into the cache, atomically: into a name of this process and thread,
