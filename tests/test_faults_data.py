@@ -249,8 +249,9 @@ def test_two_processes_decompressing_one_shard_at_once_do_not_collide(tmp_path):
     file another process already decompressed and removed is no error."""
     import threading
 
-    from memtrain.data.checked_stream import CheckedStream
     from streaming.base.compression import compress
+
+    from memtrain.data.checked_stream import CheckedStream
 
     raw = os.urandom(1 << 20)
     zipped, target = tmp_path / "shard.00000.mds.zstd", tmp_path / "shard.00000.mds"

@@ -255,7 +255,9 @@ def _real_job(tmp_path, tiny_data, *flags, overrides=()):
     )
     cfg = write_yaml(tmp_path / "cfg.yaml", raw)
     # a 100,000-step run must name its time limit; one CPU per task, as this machine has few
-    script = render_job(tmp_path, [str(cfg), "--partition", "cpu", "--time", "01:00:00", "--cpus-per-task", "1", *flags])
+    script = render_job(
+        tmp_path, [str(cfg), "--partition", "cpu", "--time", "01:00:00", "--cpus-per-task", "1", *flags]
+    )
     return script, run_dir
 
 
