@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memtrain.convert.export_decoder import register as register_export
 
     register_export(sub)
+    from memtrain.hub import register as register_hub  # export
+
+    register_hub(sub)
     from memtrain.eval.capability import register as register_capability
 
     register_capability(sub)

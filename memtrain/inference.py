@@ -1,6 +1,7 @@
 """Memory inference: documents -> memory files -> text continued from memories plus a prompt.
 
     reader = MemoryReader.from_checkpoint("runs/hf-llama")          # a run, a checkpoint or an export-decoder dir
+    reader = MemoryReader.from_pretrained("exports/hf-llama")       # or a `memtrain export` folder / Hub repo id
     docs = reader.encode(["long text ..."], ids=["doc-1"])          # [DocumentMemories]: memories [n, e] + spans
     save_memories("mem.safetensors", docs, reader.memory_metadata())
     out = reader.generate(docs[0], "The prompt", max_new_tokens=32)  # greedy; or greedy=False, temperature, top_p, seed
@@ -10,9 +11,10 @@ How the decoder reads memories: the memories of a document's last ``C - 1`` chun
 was trained to read) go into the decoder's prefix slots, and the prompt's tokens follow, exactly as a chunk's
 tokens follow its memories in training.
 
-- **HF decoders** (``model.hf_decoder``): the LLM reads ``[BOS, m_0..m_{k-1}, prompt]`` and generates with
-  transformers' KV cache (``use_cache=False`` recomputes every step instead; both give the same greedy
-  tokens). The comparison feeds ``[BOS, the chunks' text as tokens, prompt]`` through the same loop.
+- **HF decoders** (``model.hf_decoder``): the LLM reads ``[BOS, m_0..m_{k-1}, prompt]`` as ``inputs_embeds``
+  of transformers' ``generate`` (KV cache; ``use_cache=False`` recomputes every step instead; both give the
+  same greedy tokens), so its options apply: sampling, top-k, repetition penalty, beam search, stop strings.
+  The comparison feeds ``[BOS, the chunks' text as tokens, prompt]`` through the same ``generate``.
 - **memtrain's own decoders** (mixer or transformer :class:`~memtrain.models.memory.MemoryModel`): generation
   *recomputes* the decoder over its fixed ``C + L`` positions for every new token (no KV cache: a mixer mixes a
   fixed-length sequence, and memtrain's transformer blocks keep no cache). Prompt plus continuation fit in one
@@ -165,11 +167,17 @@ def pick_token(
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-def _check_sampling(greedy: bool, temperature: float, top_p: float) -> None:
+#: transformers ``generate`` options of HF decoders beyond greedy / temperature / top-p / seed, with their defaults
+HF_OPTIONS: dict[str, Any] = {"top_k": None, "repetition_penalty": 1.0, "num_beams": 1, "stop": ()}
+
+
+def _sampler(greedy: bool, temperature: float, top_p: float, seed: int, stop_at_eos: bool) -> dict[str, Any]:
+    """The sampling settings every decoder takes, checked."""
     if not greedy and temperature <= 0:
         raise UserError(f"--temperature: expected > 0 for sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p: expected a number in (0, 1], got {top_p}")
+    return dict(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
 
 
 def memory_file_hash(state: dict[str, torch.Tensor]) -> str:
@@ -210,9 +218,14 @@ class MemoryReader:
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device = "cpu", tokenizer: str | Path | None = None
     ) -> MemoryReader:
-        """Load a run directory (its newest checkpoint), a checkpoint, or a ``memtrain export-decoder``
-        directory; ``tokenizer``: the encoder's ``tokenizer.model`` when it is not beside the checkpoint or in
-        its shards. Raises :class:`UserError` for anything that is not a memory model with an encoder."""
+        """Load a run directory (its newest checkpoint), a checkpoint, a ``memtrain export-decoder`` directory or
+        a ``memtrain export`` folder (:meth:`from_pretrained`); ``tokenizer``: the encoder's ``tokenizer.model``
+        when it is not beside the checkpoint or in its shards. Raises :class:`UserError` for anything that is
+        not a memory model with an encoder."""
+        from memtrain.hub import is_export
+
+        if is_export(Path(path)) and tokenizer is None:
+            return cls.from_pretrained(path, device)
         ck, cfg, meta = read_run_checkpoint(path)
         if cfg.model.kind != "memory":
             raise UserError(f"{ck}: a {cfg.model.kind} model; memory inference needs a memory model")
@@ -224,6 +237,22 @@ class MemoryReader:
 
             dec_tok = load_decoder_tokenizer(cfg.model.hf_decoder.path)
         return cls(model, cfg, find_encoder_tokenizer(ck, cfg, meta, tokenizer), dec_tok, dev, ck)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo: str | Path, device: str | torch.device = "cpu", revision: str | None = None
+    ) -> MemoryReader:
+        """Load a ``memtrain export`` folder or a Hub repository id (:mod:`memtrain.hub`): no run directory
+        needed. Raises :class:`UserError` for anything that is not a memory model's export."""
+        from memtrain.hub import CONFIG_FILE, load_pretrained
+
+        loaded = load_pretrained(path_or_repo, device, revision)
+        if loaded.config.model.kind != "memory":
+            raise UserError(
+                f"{loaded.folder / CONFIG_FILE}: a {loaded.config.model.kind} model; memory inference needs a "
+                "memory model"
+            )
+        return cls(loaded.model, loaded.config, loaded.tokenizer, loaded.decoder_tokenizer, device, loaded.folder)
 
     # -- encoding -----------------------------------------------------------------------------------------
     def chunks(self, text: str) -> list[tuple[int, int, list[int]]]:
@@ -352,23 +381,30 @@ class MemoryReader:
         seed: int = 0,
         use_cache: bool = True,
         stop_at_eos: bool = True,
+        **options,
     ) -> Generation:
         """Continue ``prompt`` after the memories of a document (:class:`DocumentMemories` or [n, e]).
 
-        Greedy by default; ``greedy=False`` samples with ``temperature`` and nucleus ``top_p`` from a generator
-        seeded with ``seed`` (the same seed gives the same text). ``use_cache``: the HF decoder's KV cache
-        (memtrain's own decoders always recompute). Stops after ``max_new_tokens`` or at EOS.
+        Greedy by default; ``greedy=False`` samples with ``temperature`` and nucleus ``top_p``, seeded with
+        ``seed`` (the same seed gives the same text). Stops after ``max_new_tokens`` or at EOS. An HF decoder
+        generates through transformers' ``generate(inputs_embeds=...)`` with the memories as the prefix;
+        ``use_cache=False`` recomputes every step instead of using its KV cache, and ``options``
+        (:data:`HF_OPTIONS`: ``top_k``, ``repetition_penalty``, ``num_beams``, ``stop``) go to it as well.
+        memtrain's own decoders recompute their fixed-length input for every token and take no ``options``.
         """
-        _check_sampling(greedy, temperature, top_p)
+        sampler = _sampler(greedy, temperature, top_p, seed, stop_at_eos)
         m = self._memories_of(memories).to(self.device)
         ids = self.prompt_ids(prompt)
-        sampler: dict[str, Any] = dict(
-            greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos
-        )
         if self.is_hf:
             prefix = self.model.prefix_embeddings(m[None] if m.shape[0] else None)
-            out = self._hf_decode(prefix, ids, max_new_tokens, use_cache, **sampler)
+            out = self._hf_decode(prefix, ids, max_new_tokens, use_cache, **sampler, **options)
         else:
+            unused = {k: v for k, v in options.items() if v not in (None, HF_OPTIONS.get(k))}
+            if unused:
+                raise UserError(
+                    f"{', '.join(sorted(unused))}: options of transformers' generate, for HF decoders; memtrain's "
+                    "own decoders take greedy, temperature, top-p and seed"
+                )
             out = self._memtrain_decode(m, ids, max_new_tokens, **sampler)
         out.memories_used = int(m.shape[0])
         return out
@@ -385,27 +421,18 @@ class MemoryReader:
         seed: int = 0,
         use_cache: bool = True,
         stop_at_eos: bool = True,
+        **options,
     ) -> Generation:
-        """The baseline of an HF decoder: ``[BOS, context as tokens, prompt]`` through the same decoding loop."""
+        """The baseline of an HF decoder: ``[BOS, context as tokens, prompt]`` through the same ``generate``."""
         if not self.is_hf:
             raise UserError(
                 "feeding the full text needs an HF decoder; memtrain's own decoders read at most "
                 f"{self.cfg.model.chunk_len} tokens per chunk"
             )
-        _check_sampling(greedy, temperature, top_p)
+        sampler = _sampler(greedy, temperature, top_p, seed, stop_at_eos)
         prefix = self.model.prefix_embeddings(None)
         ids = self.decoder_tokenizer.encode(context, add_special_tokens=False) + self.prompt_ids(prompt)
-        return self._hf_decode(
-            prefix,
-            ids,
-            max_new_tokens,
-            use_cache,
-            greedy=greedy,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop_at_eos=stop_at_eos,
-        )
+        return self._hf_decode(prefix, ids, max_new_tokens, use_cache, **sampler, **options)
 
     def _hf_decode(
         self,
@@ -419,47 +446,53 @@ class MemoryReader:
         top_p: float,
         seed: int,
         stop_at_eos: bool,
+        top_k: int | None = None,
+        repetition_penalty: float = 1.0,
+        num_beams: int = 1,
+        stop: Sequence[str] = (),
     ) -> Generation:
-        """prefix [1, P, d] + prompt ids -> continuation, with the LLM's KV cache or by recomputation."""
-        model, backbone = self.model, self.model.backbone()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """prefix [1, P, d] + prompt ids -> continuation, through the LLM's ``generate(inputs_embeds=...)``."""
         x = torch.cat(
             [
                 prefix.to(self.device),
-                model.token_embeddings(torch.tensor([ids], device=self.device, dtype=torch.long)).to(prefix.dtype),
+                self.model.token_embeddings(torch.tensor([ids], device=self.device, dtype=torch.long)).to(prefix.dtype),
             ],
             dim=1,
         )
         if x.shape[1] == 0:
             raise UserError("nothing to continue from: no memories, no BOS token and an empty prompt")
-        n_in, new = x.shape[1], []
+        if num_beams < 1 or (top_k is not None and top_k < 0) or repetition_penalty <= 0:
+            raise UserError(
+                f"--num-beams {num_beams}, --top-k {top_k}, --repetition-penalty {repetition_penalty}: expected "
+                "num-beams >= 1, top-k >= 0 and a repetition penalty > 0"
+            )
+        eos = self._eos()
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            use_cache=use_cache,
+            eos_token_id=eos if stop_at_eos else None,
+            pad_token_id=self.decoder_tokenizer.pad_token_id
+            if self.decoder_tokenizer.pad_token_id is not None
+            else eos,
+        )
+        if not greedy:  # no top-k unless asked (transformers' default would be 50)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or 0)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.decoder_tokenizer)
+        mask = torch.ones(1, x.shape[1], dtype=torch.long, device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
         t0 = time.perf_counter()
-        past = None
-        step_in = x
-        for _ in range(max_new_tokens):
-            n = x.shape[1]
-            if use_cache:
-                start = n - step_in.shape[1]
-                mask = torch.ones(1, n, dtype=torch.long, device=self.device)
-                out = backbone(
-                    inputs_embeds=step_in,
-                    attention_mask=mask,
-                    past_key_values=past,
-                    use_cache=True,
-                    position_ids=torch.arange(start, n, device=self.device)[None],
-                )
-                past = out.past_key_values
-            else:
-                out = backbone(inputs_embeds=x, position_ids=torch.arange(n, device=self.device)[None], use_cache=False)
-            logits = model.logits(out.last_hidden_state[0, -1]).float().cpu()
-            token = pick_token(logits, greedy, temperature, top_p, gen)
-            if stop_at_eos and token == self._eos():
-                break
-            new.append(token)
-            step_in = model.token_embeddings(torch.tensor([[token]], device=self.device)).to(x.dtype)
-            x = torch.cat([x, step_in], dim=1)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.model.causal_lm().generate(inputs_embeds=x, attention_mask=mask, **kwargs)
         seconds = time.perf_counter() - t0
-        return Generation(self._decode(new), new, n_in, seconds, "kv" if use_cache else "recompute")
+        new = [int(t) for t in out[0].tolist()]
+        if stop_at_eos and eos in new:
+            new = new[: new.index(eos)]
+        return Generation(self._decode(new), new, int(x.shape[1]), seconds, "kv" if use_cache else "recompute")
 
     def _memtrain_decode(
         self,
@@ -653,6 +686,10 @@ def _cmd_generate(args) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "use_cache": not args.no_cache,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "num_beams": args.num_beams,
+        "stop": tuple(args.stop or ()),
     }
     report = reader.compare(doc, args.prompt, args.max_new_tokens, repeats=args.repeats, **sampling)
     print(f"continuation: {report['continuation']!r}")
@@ -663,6 +700,8 @@ def _cmd_generate(args) -> int:
         if sampling["greedy"]
         else f"sampled (T={sampling['temperature']}, top-p {args.top_p}, seed {args.seed})"
     )
+    mode += f", {args.num_beams} beams" if args.num_beams > 1 else ""
+    mode += f", repetition penalty {args.repetition_penalty}" if args.repetition_penalty != 1.0 else ""
     if "text_tokens_replaced" in report:
         print(
             f"memories: {used} ({where}) stand for {report['text_tokens_replaced']} text tokens: the decoder read "
@@ -711,6 +750,12 @@ def register(subparsers) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the decoder every step (no KV cache)")
+    g.add_argument("--top-k", type=int, default=None, help="HF decoders: sample from the k most likely tokens only")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="HF decoders: transformers' repetition penalty"
+    )
+    g.add_argument("--num-beams", type=int, default=1, help="HF decoders: beam search with this many beams")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="HF decoders: stop after this text (repeatable)")
     g.add_argument("--repeats", type=int, default=3, help="timed runs of each path after a warm-up (default 3)")
     g.add_argument("--tokenizer", metavar="PATH", help="the encoder's tokenizer.model (default: found with the run)")
     g.add_argument("--device", default="cpu")

@@ -26,10 +26,15 @@ LAYERS = [
     {"memtrain.engine"},
     {"memtrain.inference", "memtrain.precompute", "memtrain.launch"},
     {"memtrain.convert", "memtrain.eval", "memtrain.bench"},
+    {"memtrain.hub"},
     {"memtrain.cli", "memtrain.config_docs"},
     {"memtrain.__main__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+#: facades: a unit that packs what every layer below it makes (memtrain.hub writes and reads Hub folders of
+#: models, tokenizers, cards and results). Lower layers may call it only from inside a function, so that it is
+#: imported when someone asks for a Hub folder and never while the lower layer itself is being imported.
+FACADES = {"memtrain.hub"}
 
 
 def _modules() -> dict[str, Path]:
@@ -49,27 +54,30 @@ def _type_checking_block(node: ast.AST) -> bool:
 
 
 def _imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
-    """The memtrain modules that ``path`` imports anywhere (TYPE_CHECKING blocks left out)."""
+    """The memtrain modules that ``path`` imports anywhere (TYPE_CHECKING blocks left out), except a facade
+    imported inside a function by a unit below it (FACADES)."""
     found: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
 
-    def visit(node: ast.AST) -> None:
+    def visit(node: ast.AST, in_function: bool) -> None:
         if _type_checking_block(node):
             return
+        names: set[str] = set()
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
+            names = {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            found.add(module)
-            found.update(f"{module}.{a.name}" for a in node.names)
+            names = {module, *(f"{module}.{a.name}" for a in node.names)}
+        found.update(n for n in names if not (in_function and _unit(n) in FACADES and _unit(name) not in FACADES))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
         for child in ast.iter_child_nodes(node):
-            visit(child)
+            visit(child, inner)
 
-    visit(ast.parse(path.read_text()))
+    visit(ast.parse(path.read_text()), False)
     return {m for m in found if m in known and m != name}
 
 

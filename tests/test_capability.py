@@ -88,6 +88,51 @@ def test_lm_eval_adapter_answers_lm_eval_instances(llama):
     assert adapter.generate_until([gen]) == scorer.generate_until([gen.args])
 
 
+def cloze_task(folder, records, name: str = "memtrain_cloze") -> str:
+    """A local lm-eval multiple-choice task in ``folder`` (a YAML file and its jsonl data): for each document,
+    which of four 3-word pieces continues a 10-word context (the true one or pieces of other documents)."""
+    rows = []
+    for i, r in enumerate(records):
+        words = r["text"].split()
+        gold = " ".join(words[30:33])
+        others = [" ".join(records[(i + k) % len(records)]["text"].split()[40:43]) for k in (1, 2, 3)]
+        choices = sorted([gold] + others)
+        rows.append({"context": " ".join(words[20:30]), "choices": choices, "label": choices.index(gold)})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cloze.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "cloze.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'cloze.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    return name
+
+
+def test_hflm_scores_equal_the_reference_scorer_on_a_local_task(tmp_path, tmp_path_factory, llama):
+    """The capability check's lm-eval tasks run through lm-eval's batched HFLM; on a tiny local task its
+    scores equal those of the unbatched reference scorer, request by request and as task metrics."""
+    from lm_eval.api.instance import Instance
+
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest (the autouse fixture restores the count)
+    lm, tok = llama
+    records = [r for r in corpus(tmp_path_factory)[1] if len(r["text"].split()) > 45][:12]
+    task = cloze_task(tmp_path / "tasks", records)
+    timed = capability.timed_tasks(
+        lm, tok, torch.device("cpu"), [task], batch_size=4, max_len=64, include_path=tmp_path / "tasks", reference=True
+    )
+    assert timed["tasks"][task]["sample_len"] == 12 and 0 <= timed["tasks"][task]["acc,none"] <= 1
+    assert timed["tasks"] == timed["reference"]["tasks"] and timed["max_abs_diff"] == 0
+    assert timed["seconds"] > 0 and timed["reference"]["seconds"] > 0
+    requests = [("The table holds", " rows of data"), ("", "SELECT name FROM users"), ("A  b ", "c")]
+    batched = capability.hflm(lm, tok, batch_size=3, max_length=64)
+    got = batched.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    expect = CausalLMScorer(lm, tok, torch.device("cpu"), max_len=64).loglikelihood(requests)
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(got, expect):
+        assert lp == pytest.approx(lp_ref, rel=1e-5, abs=1e-5) and greedy == greedy_ref
+    with pytest.raises(UserError, match="--include-path"):
+        capability.timed_tasks(lm, tok, torch.device("cpu"), [task], include_path=tmp_path / "nothing")
+
+
 def test_perplexity_before_and_after_memory_training(tmp_path_factory, llama):
     lm, tok = llama
     texts = [r["text"] for r in corpus(tmp_path_factory)[1][-4:]]

@@ -446,7 +446,7 @@ def test_bad_reference_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 # memtrain -> Hugging Face
 
 
-def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5):
+def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5, vocab: int = V):
     raw = {
         "model": {
             "kind": "clm",
@@ -463,17 +463,18 @@ def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5):
             },
         },
         "objective": {"weights": {"causal": 1.0}},
+        "data": {"shards": str(tmp_path / "no-shards")},
     }
     cfg = config_from_dict(raw)
     torch.manual_seed(0)
-    model = build_model(cfg.model, V)
+    model = build_model(cfg.model, vocab)
     with torch.no_grad():  # move the norms off their all-ones start so the norm weights are really tested
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     meta = {
         "kind": "clm",
-        "vocab_size": V,
+        "vocab_size": vocab,
         "tokenizer_sha256": None,
         "row_len": 16,
         "special_ids": {"pad": 0, "eos": 3, "bos": 2},
@@ -482,21 +483,85 @@ def clm_checkpoint(tmp_path, tie: bool = False, eps: float = 1e-5):
     return model, ck
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_clm_transformer_converts_to_llama_with_the_same_logits(tmp_path, tie):
-    from transformers import LlamaForCausalLM
+def held_out_texts(n_docs: int = 150) -> list[str]:
+    """Demo documents no test tokenizer was trained on, plus texts at the tokenizer's edges."""
+    import pyarrow.parquet as pq
 
-    model, ck = clm_checkpoint(tmp_path, tie=tie, eps=1e-6)
+    from memtrain.data import demo_corpus_path
+
+    table = pq.read_table(demo_corpus_path(), columns=["text"])
+    docs = table.column("text").to_pylist()[-n_docs:]
+    edges = ["", " ", " leading space", "trailing  ", "tabs\tand\nnew\n\nlines", "12345.678", "naïve café 日本語 🙂"]
+    return edges + ["<s>, </s> and <pad> are text here", "ends with <sep>", "\u00a0\r\n"] + docs
+
+
+def test_hf_tokenizer_encodes_like_the_sentencepiece_model(tmp_path, tiny_data):
+    """The exported tokenizer gives memtrain's ids on held-out text (each document and as a batch), has
+    memtrain's special tokens at their ids, adds no BOS or EOS, and decodes back to the text."""
+    from transformers import AutoTokenizer
+
+    from memtrain.convert.tokenizer import save_hf_tokenizer
+    from memtrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_data.tokenizer)
+    written = save_hf_tokenizer(tok, tmp_path / "tok")
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= set(written)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    texts = held_out_texts()
+    expect = tok.encode(texts)
+    assert sum(map(len, expect)) > 100_000
+    assert hf(texts)["input_ids"] == expect
+    assert [hf.encode(t) for t in texts[:12]] == expect[:12]
+    ids = {t: hf.convert_tokens_to_ids(t) for t in ("<pad>", "<unk>", "<s>", "</s>", "<sep>", "<blank>")}
+    assert ids == {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "<sep>": 4, "<blank>": 5}
+    assert (hf.pad_token_id, hf.unk_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2, 3)
+    assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == tok.path.read_bytes()
+    for text, enc in zip(texts[:40], expect[:40]):
+        assert hf.decode(enc) == tok.decode(enc) == text
+    # the one documented difference: text after a literally spelled <sep> / <blank> starts with a "▁"
+    sp_ids, hf_ids = tok.encode(["a <sep>b"])[0], hf.encode("a <sep>b")
+    assert 4 in sp_ids and hf_ids == sp_ids[:-1] + hf.encode("b")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_clm_transformer_converts_to_llama_with_the_same_logits(tmp_path, tiny_data, tie):
+    """AutoModelForCausalLM and AutoTokenizer load the export: the same token ids as memtrain's tokenizer and
+    the same logits as the memtrain model; a model card comes with it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memtrain.data.tokenizer import Tokenizer
+
+    vocab = Tokenizer.load(tiny_data.tokenizer).vocab_size
+    model, ck = clm_checkpoint(tmp_path, tie=tie, eps=1e-6, vocab=vocab)
     out = tmp_path / "hf"
-    assert main(["convert", "hf", str(tmp_path / "run"), "--out", str(out)]) == 0
+    argv = ["convert", "hf", str(tmp_path / "run"), "--out", str(out), "--tokenizer", str(tiny_data.tokenizer)]
+    assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["rms_norm_eps"] == 1e-6 and config["rope_theta"] == 500.0  # from the run config
     assert config["tie_word_embeddings"] is tie and config["max_position_embeddings"] == 16
-    hf = LlamaForCausalLM.from_pretrained(str(out)).eval()
-    ids = torch.randint(0, V, (3, 16))
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tok = AutoTokenizer.from_pretrained(str(out))
+    texts = held_out_texts(20)[-3:]
+    assert tok(texts)["input_ids"] == Tokenizer.load(tiny_data.tokenizer).encode(texts)
+    ids = torch.tensor([tok(t)["input_ids"][:16] for t in texts])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model.logits(model(ids)), rtol=1e-5, atol=1e-5)
     assert hf_name("decoder.blocks.1.self_attn.q_proj.weight") == "model.layers.1.self_attn.q_proj.weight"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "- memtrain" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "kind: clm" in card
+
+
+def test_hf_conversion_needs_the_runs_tokenizer(tmp_path, tiny_data, capsys):
+    """Without a tokenizer (none with the run, none given) or with one of another vocabulary, nothing is written."""
+    clm_checkpoint(tmp_path, vocab=64)
+    for extra, needle in (([], "no tokenizer.model beside it"), (["--tokenizer", str(tiny_data.tokenizer)], "pieces")):
+        capsys.readouterr()
+        assert main(["convert", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
 
 
 def test_hf_conversion_refuses_models_without_a_llama_form(tmp_path, capsys):

@@ -65,6 +65,36 @@ def test_greedy_is_deterministic_and_the_kv_cache_matches_recomputation(reader, 
         reader.generate(docs[0], "The", 4, greedy=False, top_p=0.0)
 
 
+def test_generate_through_transformers_equals_a_plain_greedy_loop(reader, docs):
+    """HF decoders generate through transformers' generate(inputs_embeds=...): greedy tokens equal a plain
+    loop that recomputes the LLM over [BOS, memories, prompt, new tokens] and takes the argmax, with and
+    without the KV cache; its options (beams, repetition penalty, top-k, stop strings) apply."""
+    model = reader.model
+    m = docs[0].memories[-3:]
+    x = torch.cat(
+        [model.prefix_embeddings(m[None]), model.token_embeddings(torch.tensor([reader.prompt_ids("The")]))], 1
+    )
+    expect = []
+    with torch.no_grad():
+        for _ in range(12):
+            h = model.backbone()(inputs_embeds=x, position_ids=torch.arange(x.shape[1])[None]).last_hidden_state
+            token = int(model.logits(h[0, -1]).argmax())
+            expect.append(token)
+            x = torch.cat([x, model.token_embeddings(torch.tensor([[token]]))], 1)
+    for use_cache in (True, False):
+        got = reader.generate(docs[0], "The", max_new_tokens=12, stop_at_eos=False, use_cache=use_cache)
+        assert got.token_ids == expect, use_cache
+    beams = reader.generate(docs[0], "The", 12, stop_at_eos=False, num_beams=3)
+    penalised = reader.generate(docs[0], "The", 12, stop_at_eos=False, repetition_penalty=5.0)
+    assert len(beams.token_ids) == len(penalised.token_ids) == 12
+    assert len(set(penalised.token_ids)) >= len(set(expect))
+    top1 = reader.generate(docs[0], "The", 12, greedy=False, temperature=2.0, top_k=1, stop_at_eos=False, seed=3)
+    assert top1.token_ids == expect  # sampling from the single most likely token is greedy
+    stop = reader._decode(expect[3:5])
+    cut = reader.generate(docs[0], "The", 12, stop_at_eos=False, stop=(stop,))
+    assert cut.text.endswith(stop) and len(cut.token_ids) < 12 and cut.token_ids == expect[: len(cut.token_ids)]
+
+
 def test_encode_and_generate_commands_report_the_saving(tmp_path, tmp_path_factory, capsys):
     run = trained_run(tmp_path_factory)
     records = corpus(tmp_path_factory)[1][3:5]
@@ -89,6 +119,10 @@ def test_encode_and_generate_commands_report_the_saving(tmp_path, tmp_path_facto
                 "6",
                 "--repeats",
                 "1",
+                "--num-beams",
+                "2",
+                "--repetition-penalty",
+                "1.2",
                 "--json",
                 str(out),
             ]
@@ -180,6 +214,8 @@ def test_memtrain_decoders_generate_by_recomputation(tmp_path, tiny_data, capsys
     g1 = mixer.generate(doc, "The", max_new_tokens=5, stop_at_eos=False)
     g2 = mixer.generate(doc, "The", max_new_tokens=5, stop_at_eos=False)
     assert g1.token_ids == g2.token_ids and len(g1.token_ids) == 5 and g1.cache == "recompute"
+    with pytest.raises(UserError, match="num_beams: options of transformers' generate, for HF decoders"):
+        mixer.generate(doc, "The", max_new_tokens=5, num_beams=2)
     report = mixer.compare(doc, "The", max_new_tokens=3, repeats=1, stop_at_eos=False)
     assert report["full_text"].startswith("n/a") and report["memories_used"] == 3
     clm = tiny_config(

@@ -31,8 +31,11 @@ def _cmd_reference(args) -> int:
 def _cmd_hf(args) -> int:
     from memtrain.convert.hf import convert_hf
 
-    out = convert_hf(args.src, args.out)
-    print(f"memtrain: wrote {out} (LlamaForCausalLM; load it with from_pretrained)")
+    out = convert_hf(args.src, args.out, tokenizer=args.tokenizer)
+    print(
+        f"memtrain: wrote {out} (LlamaForCausalLM, tokenizer and model card; "
+        "AutoModelForCausalLM / AutoTokenizer.from_pretrained load it)"
+    )
     return 0
 
 
@@ -73,5 +76,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     h = csub.add_parser("hf", help="a memtrain transformer causal LM -> Hugging Face LlamaForCausalLM folder")
     h.add_argument("src", help="run directory (its newest checkpoint) or checkpoint directory")
-    h.add_argument("--out", required=True, help="new folder for config.json + model.safetensors")
+    h.add_argument("--out", required=True, help="new folder for config.json, model.safetensors, tokenizer, README.md")
+    h.add_argument("--tokenizer", metavar="PATH", help="the run's tokenizer.model (default: found with the run)")
     h.set_defaults(func=_cmd_hf)

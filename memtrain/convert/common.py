@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,17 +16,22 @@ from memtrain.config import Config, dump_config
 from memtrain.errors import UserError
 
 
-def check_out_dir(out: Path) -> None:
-    """``--out`` must be a new or empty folder (nothing is overwritten)."""
+def check_out_dir(out: Path, replace_if: Callable[[Path], bool] | None = None) -> bool:
+    """``--out`` must be a new or empty folder (nothing is overwritten), or one that ``replace_if`` accepts
+    (an earlier export of the same kind). Returns whether ``out`` holds something to replace."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.is_dir() and replace_if is not None and replace_if(out):
+            return True
         raise UserError(f"--out: {out} exists and is not an empty folder; choose a new one")
+    return False
 
 
 @contextlib.contextmanager
-def output_dir(out: Path) -> Iterator[Path]:
+def output_dir(out: Path, replace_if: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """A temporary sibling of ``out`` to write into; renamed to ``out`` when the block succeeds, removed if
-    it fails (so a failed conversion leaves nothing behind)."""
-    check_out_dir(out)
+    it fails (so a failed conversion leaves nothing behind). An ``out`` that ``replace_if`` accepts is replaced
+    as a whole: moved aside, the new folder renamed into place, the old one removed."""
+    replace = check_out_dir(out, replace_if)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -36,6 +41,12 @@ def output_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replace:
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

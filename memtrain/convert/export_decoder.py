@@ -1,10 +1,12 @@
 """``memtrain export-decoder``: an HF-decoder run's trained LLM as a plain Hugging Face model, plus its encoder
 and projector as a memtrain checkpoint (docs/reference.md §7: the decoder "converted back" for standard benchmarks).
 
-    OUT/decoder/   config.json, model.safetensors, tokenizer files: the LLM with LoRA adapters merged;
-                   AutoModelForCausalLM.from_pretrained(OUT/decoder) loads it (lm-eval, memtrain capability)
+    OUT/decoder/   config.json, model.safetensors, the LLM's tokenizer files and README.md (the model card): the
+                   LLM with LoRA adapters merged; AutoModelForCausalLM.from_pretrained(OUT/decoder) loads it
+                   (lm-eval, memtrain capability)
     OUT/memory/    model.safetensors (encoder.* and projector.* only), config.yaml, meta.json and the encoder's
-                   tokenizer.model: ``memtrain encode`` / ``generate`` read OUT (the LLM from OUT/decoder)
+                   tokenizer, as tokenizer.model and as tokenizer.json (AutoTokenizer.from_pretrained(OUT/memory)):
+                   ``memtrain encode`` / ``generate`` read OUT (the LLM from OUT/decoder)
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def export_decoder(run: str | Path, out_dir: str | Path, overwrite: bool = False
     from safetensors.torch import save_file
 
     from memtrain.config import dump_config
-    from memtrain.data.tokenizer import TOKENIZER_FILE
+    from memtrain.convert.tokenizer import save_hf_tokenizer
+    from memtrain.hub import CARD_FILE, card_info, model_card, run_results
     from memtrain.inference import EXPORT_KEY, find_encoder_tokenizer, load_memory_model, read_run_checkpoint
     from memtrain.models.hf_memory import HFMemoryModel
 
@@ -58,6 +61,15 @@ def export_decoder(run: str | Path, out_dir: str | Path, overwrite: bool = False
         llm = model.merged_causal_lm()
         llm.save_pretrained(str(tmp / "decoder"), safe_serialization=True)
         dec_tok.save_pretrained(str(tmp / "decoder"))
+        info = dict(card_info(meta), llm_class=type(llm).__name__)
+        card = model_card(
+            cfg,
+            info,
+            n_params=sum(p.numel() for p in model.parameters()),
+            results=run_results(ck, meta.get("step"), label=cfg.run.name),
+            transformers_class=type(llm).__name__,
+        )
+        (tmp / "decoder" / CARD_FILE).write_text(card)
         part = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("llm.")}
         (tmp / "memory").mkdir()
         save_file(part, str(tmp / "memory" / "model.safetensors"))
@@ -76,7 +88,7 @@ def export_decoder(run: str | Path, out_dir: str | Path, overwrite: bool = False
                 indent=2,
             )
         )
-        shutil.copyfile(tokenizer.path, tmp / "memory" / TOKENIZER_FILE)
+        save_hf_tokenizer(tokenizer, tmp / "memory", cfg.model.chunk_len)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -2,7 +2,8 @@
 
 memtrain's transformer block is HF Llama's decoder layer with the same parameter names, so the mapping is
 ``wte`` -> ``model.embed_tokens``, ``decoder.blocks.{i}`` -> ``model.layers.{i}``, ``norm`` -> ``model.norm``,
-``lm_head`` -> ``lm_head``. The config carries the model's own numbers: ``rms_norm_eps`` is the decoder's
+``lm_head`` -> ``lm_head``. The folder also holds the run's tokenizer (:mod:`memtrain.convert.tokenizer`: the
+same ids through ``AutoTokenizer``) and a model card. The config carries the model's own numbers: ``rms_norm_eps`` is the decoder's
 ``norm_eps``, ``rope_theta`` its ``rope_theta``, ``intermediate_size`` = ``ffn_mult`` x d, one key/value head
 per query head, and ``max_position_embeddings`` the trained context C*L.
 """
@@ -62,10 +63,16 @@ def hf_name(name: str) -> str:
     return name
 
 
-def convert_hf(src: str | Path, out: str | Path) -> Path:
-    """Write a ``LlamaForCausalLM`` folder ``out`` from the memtrain checkpoint (or run) ``src``."""
+def convert_hf(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a ``LlamaForCausalLM`` folder ``out`` from the memtrain checkpoint (or run) ``src``: config.json,
+    generation_config.json, model.safetensors, the run's tokenizer (``tokenizer``, else the one found with the
+    run) for ``AutoTokenizer`` and as ``tokenizer.model``, and README.md (the model card)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # transformers
     from transformers import LlamaForCausalLM  # may import deepspeed, which otherwise warns about its choice
+
+    from memtrain.convert.tokenizer import save_hf_tokenizer
+    from memtrain.hub import CARD_FILE, card_info, model_card, run_results
+    from memtrain.inference import find_encoder_tokenizer
 
     ck, cfg, meta = ckpt.read_checkpoint(src)
     m = cfg.model
@@ -76,6 +83,11 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
         )
     if not m.final_norm:
         raise UserError(f"{ck}: model.final_norm is false, but LlamaForCausalLM always applies a final RMSNorm")
+    tok = find_encoder_tokenizer(ck, cfg, meta, tokenizer)
+    if tok.vocab_size != int(meta["vocab_size"]):
+        raise UserError(
+            f"{tok.path}: a tokenizer of {tok.vocab_size} pieces, but {ck} has a vocabulary of {meta['vocab_size']}"
+        )
     memtrain_model = ckpt.load_model(ck)[0]  # strict; tied weights under both names afterwards
     hf_state = {hf_name(k): v for k, v in memtrain_model.state_dict().items()}
     config = llama_config(cfg, int(meta["vocab_size"]), meta.get("special_ids") or {})
@@ -90,6 +102,15 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    card = model_card(
+        cfg,
+        card_info(meta),
+        n_params=model.num_parameters(),
+        results=run_results(ck, meta.get("step"), label=cfg.run.name),
+        transformers_class=type(model).__name__,
+    )
     with output_dir(Path(out)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        save_hf_tokenizer(tok, tmp, m.seq_len)
+        (tmp / CARD_FILE).write_text(card)
     return Path(out)

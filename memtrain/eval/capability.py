@@ -9,10 +9,15 @@ started from). Reported:
 
 - **held-out perplexity**: each document tokenized by the LLM's tokenizer (with its BOS, if it adds one), cut into
   windows of ``max_len`` tokens; exp of the mean next-token NLL over every token that has context in its window.
-- **lm-eval tasks** (optional): when ``lm_eval`` imports, :func:`lm_eval_adapter` wraps a :class:`CausalLMScorer`
-  as an ``lm_eval.api.model.LM`` and ``lm_eval.simple_evaluate`` runs the tasks (0-shot). lm-eval is not a
-  memtrain requirement (``pip install lm-eval``); without it the tasks are skipped with a note. Its tasks
-  download their datasets, so they need a network connection or a populated Hugging Face datasets cache.
+- **lm-eval tasks** (optional): the loaded (merged) model and its tokenizer go to lm-eval's own ``HFLM``, which
+  batches requests (``--batch-size``), and ``lm_eval.simple_evaluate`` runs the tasks (0-shot). lm-eval comes with
+  ``memtrain[hf]``; without it the tasks are skipped with a note. lm-eval's tasks download their datasets, so they
+  need a network connection or a populated Hugging Face datasets cache; ``--include-path DIR`` adds task YAML
+  files of local data.
+
+:class:`CausalLMScorer` is the unbatched reference: one forward pass per request, written out here. With
+``--reference`` the tasks also run through it (:func:`lm_eval_adapter`), and the report gives both timings and the
+largest score difference.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -192,18 +197,87 @@ def lm_eval_available() -> bool:
     return True
 
 
-def run_tasks(scorer: CausalLMScorer, tasks: list[str], limit: int | None = None) -> dict[str, dict]:
-    """lm-eval results ({task: {metric: value}}) of ``tasks`` 0-shot; UserError when a task cannot run."""
+def _task_manager(tasks: list[str], include_path: str | Path | None):
+    """lm-eval's ``TaskManager``: only the tasks of ``include_path`` when they are all the tasks asked for
+    (indexing lm-eval's own thousands of task files takes tens of seconds), else those and lm-eval's own."""
+    from lm_eval.tasks import TaskManager  # pyright: ignore[reportMissingImports]  (optional: lm-eval, memtrain[hf])
+
+    if include_path is None:
+        return TaskManager()
+    if not Path(include_path).is_dir():
+        raise UserError(f"--include-path: {include_path} is not a folder of lm-eval task YAML files")
+    local = TaskManager(include_path=str(include_path), include_defaults=False)
+    if set(tasks) <= set(local.all_tasks):
+        return local
+    return TaskManager(include_path=str(include_path))
+
+
+def hflm(lm, tokenizer, batch_size: int = 8, max_length: int | None = None):
+    """lm-eval's ``HFLM`` around an already-loaded causal LM and its tokenizer."""
+    from lm_eval.models.huggingface import HFLM  # pyright: ignore[reportMissingImports]  (optional: lm-eval)
+
+    make = cast(Any, HFLM)  # its decorated __init__ hides the signature from type checkers
+    return make(pretrained=lm, tokenizer=tokenizer, batch_size=int(batch_size), max_length=max_length)
+
+
+def run_tasks(model, tasks: list[str], limit: int | None = None, manager=None) -> dict[str, dict]:
+    """lm-eval results ({task: {metric: value}}) of ``tasks`` 0-shot for ``model`` (an ``lm_eval`` LM: :func:`hflm`
+    or :func:`lm_eval_adapter`), with lm-eval's ``TaskManager`` ``manager`` (default: its own tasks);
+    UserError when a task cannot run."""
     import lm_eval  # pyright: ignore[reportMissingImports]  (optional: lm-eval, memtrain[hf])
 
+    evaluate = cast(Any, lm_eval.simple_evaluate)  # decorated: its signature is hidden from type checkers
     try:
-        res = lm_eval.simple_evaluate(
-            model=lm_eval_adapter(scorer), tasks=tasks, num_fewshot=0, limit=limit, bootstrap_iters=0, log_samples=False
+        res = evaluate(
+            model=model,
+            tasks=tasks,
+            num_fewshot=0,
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            task_manager=manager,
         )
     except Exception as exc:  # unknown task names, datasets that cannot be downloaded, ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({detail[:200]})") from None
+    if res is None or not res.get("results"):
+        raise UserError(f"--tasks {','.join(tasks)}: lm-eval returned no results")
     return {t: {k: v for k, v in r.items() if isinstance(v, (int, float))} for t, r in res["results"].items()}
+
+
+def timed_tasks(
+    lm,
+    tok,
+    device: torch.device,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_len: int = 1024,
+    include_path: str | Path | None = None,
+    reference: bool = False,
+) -> dict:
+    """{"tasks": scores through HFLM, "seconds"} and, with ``reference``, the same through the unbatched
+    :class:`CausalLMScorer`: {"reference": {"tasks", "seconds"}, "speedup", "max_abs_diff"} (over every metric).
+    The seconds are ``simple_evaluate``'s wall time, with the task index built before; HFLM runs first, so it
+    also pays for reading the task's data (the reference finds it cached)."""
+    import time
+
+    manager = _task_manager(tasks, include_path)
+    t0 = time.perf_counter()
+    scores = run_tasks(hflm(lm, tok, batch_size, max_len), tasks, limit, manager)
+    out: dict = {"tasks": scores, "seconds": time.perf_counter() - t0, "batch_size": batch_size}
+    if reference:
+        t0 = time.perf_counter()
+        ref = run_tasks(lm_eval_adapter(CausalLMScorer(lm, tok, device, max_len)), tasks, limit, manager)
+        seconds = time.perf_counter() - t0
+        diffs = [abs(v - ref[t][k]) for t, r in scores.items() for k, v in r.items() if k in ref.get(t, {})]
+        out.update(
+            reference={"tasks": ref, "seconds": seconds},
+            speedup=seconds / out["seconds"],
+            max_abs_diff=max(diffs, default=float("nan")),
+        )
+    return out
 
 
 @torch.no_grad()
@@ -233,8 +307,12 @@ def capability_report(
     device: str = "cpu",
     max_len: int = 512,
     limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | Path | None = None,
+    reference: bool = False,
 ) -> dict:
-    """Perplexity (and lm-eval task scores, when lm-eval is installed) of ``baseline`` and ``target``."""
+    """Perplexity (and lm-eval task scores through ``HFLM``, when lm-eval is installed; see :func:`timed_tasks`)
+    of ``baseline`` and ``target``."""
     dev = torch.device(device)
     report: dict = {"models": {}, "tasks_requested": list(tasks)}
     pairs = [("before", baseline), ("after", target)] if baseline else [("after", target)]
@@ -243,7 +321,19 @@ def capability_report(
         entry = {"model": what, "held_out": perplexity(lm, tok, texts, dev, max_len)}
         if tasks:
             if lm_eval_available():
-                entry["tasks"] = run_tasks(CausalLMScorer(lm, tok, dev), list(tasks), limit)
+                timed = timed_tasks(
+                    lm,
+                    tok,
+                    dev,
+                    list(tasks),
+                    limit=limit,
+                    batch_size=batch_size,
+                    max_len=max_len,
+                    include_path=include_path,
+                    reference=reference,
+                )
+                entry["tasks"] = timed.pop("tasks")
+                entry["lm_eval"] = timed
             else:
                 report["tasks_skipped"] = (
                     "lm-eval is not installed (pip install lm-eval); only held-out perplexity was measured"
@@ -266,6 +356,15 @@ def format_report(report: dict) -> str:
         )
         for task, metrics in entry.get("tasks", {}).items():
             lines.append(f"       {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        timing = entry.get("lm_eval")
+        if timing:
+            line = f"       lm-eval HFLM (batch {timing['batch_size']}): {timing['seconds']:.2f} s"
+            if "reference" in timing:
+                line += (
+                    f"; unbatched reference scorer: {timing['reference']['seconds']:.2f} s "
+                    f"(HFLM {timing['speedup']:.2f}x faster), largest score difference {timing['max_abs_diff']:.2e}"
+                )
+            lines.append(line)
     if "perplexity_ratio" in report:
         lines.append(f"after / before perplexity: {report['perplexity_ratio']:.4f}")
     if "tasks_skipped" in report:
@@ -281,7 +380,8 @@ def _cmd_capability(args) -> int:
         raise UserError(f"{', '.join(args.text)}: no documents found")
     baseline = args.baseline if args.baseline is not None else default_baseline(args.model)
     tasks = [t for t in (args.tasks or "").split(",") if t]
-    report = capability_report(args.model, baseline, texts, tasks, args.device, args.max_len, args.limit)
+    lm_eval_options = {k: getattr(args, k) for k in ("limit", "batch_size", "include_path", "reference")}
+    report = capability_report(args.model, baseline, texts, tasks, args.device, args.max_len, **lm_eval_options)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -302,6 +402,13 @@ def register(subparsers) -> None:
     c.add_argument("--text", nargs="+", required=True, metavar="SRC", help="held-out jsonl / txt / parquet text")
     c.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy (needs lm-eval)")
     c.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
+    c.add_argument("--batch-size", type=int, default=8, help="lm-eval: requests per forward pass (default 8)")
+    c.add_argument("--include-path", metavar="DIR", help="lm-eval: a folder of extra task YAML files (local data)")
+    c.add_argument(
+        "--reference",
+        action="store_true",
+        help="lm-eval: also score the tasks with the unbatched reference scorer; print both timings and the difference",
+    )
     c.add_argument("--max-len", type=int, default=512, help="perplexity window in tokens (default 512)")
     c.add_argument("--max-docs", type=int, default=None, help="score at most this many documents")
     c.add_argument("--device", default="cpu")

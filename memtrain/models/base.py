@@ -76,6 +76,36 @@ class MemtrainModel(nn.Module):
                 )
             self.lm_head.weight = tie_to.weight
 
+    # -- Hugging Face Hub folders (memtrain.hub) ------------------------------------------------------------
+    def save_pretrained(self, out, *, tokenizer, config=None, meta: dict | None = None):
+        """Write this model as a Hub folder ``out`` (config.json, model.safetensors, the tokenizer, README.md;
+        see :mod:`memtrain.hub`). ``tokenizer``: memtrain's Tokenizer of the model; ``config``: the run config
+        (default: a minimal one around ``self.cfg``); ``meta``: the checkpoint's meta.json. Returns ``out``."""
+        from memtrain.hub import save_pretrained
+
+        return save_pretrained(self, out, config=config, tokenizer=tokenizer, meta=meta)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, device="cpu", revision: str | None = None):
+        """The model of a Hub folder or Hub repository id (see :mod:`memtrain.hub`), in eval mode on
+        ``device``; :class:`UserError` when it is not a memtrain export or not of this class."""
+        from memtrain.hub import CONFIG_FILE, load_pretrained
+
+        loaded = load_pretrained(path_or_repo, device, revision)
+        if not isinstance(loaded.model, cls):
+            raise UserError(
+                f"{loaded.folder / CONFIG_FILE}: holds a {type(loaded.model).__name__}, not a {cls.__name__}; "
+                "load it with MemtrainModel.from_pretrained"
+            )
+        return loaded.model
+
+    def push_to_hub(self, repo_id: str, *, tokenizer, config=None, private: bool | None = None, token=None) -> str:
+        """:meth:`save_pretrained` into a temporary folder and upload it to the Hub repository ``repo_id``
+        (needs a network connection and a write token); returns the commit URL."""
+        from memtrain.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, tokenizer=tokenizer, config=config)
+
     @property
     def chunk_span(self) -> int:
         """Row positions per chunk of the rows this model reads: L (``cfg.chunk_len``); a memory model with an
