@@ -322,6 +322,8 @@ def test_sliced_build_killed_and_resumed_is_byte_identical(corpus, tokenizer_pat
     # what a kill in the middle of a unit leaves behind
     (job / "val" / ".unit_00003.tmp-99999").mkdir(parents=True, exist_ok=True)
     (job / "val" / ".unit_00003.tmp-99999" / "shard.00000.mds.zstd").write_bytes(b"half")
+    # and beside a unit that is finished (a kill between two of its temporary folders), which no start cleans
+    (job / "val" / ".unit_00000.tmp-99998").mkdir(parents=True, exist_ok=True)
     second = build_shards([str(src)], tokenizer_path, out, workers=1, rank=1, world=3, merge=False, **common)
     assert second["written"] == len(range(1, n, 3)) and not second["merged"]
     # a finished unit damaged afterwards (slice 2's unit 5) is found and written again

@@ -6,7 +6,9 @@
 #   train_cuda.log and train_cuda/profile/ (a tiny run on CUDA: the log line's MFU and memory, a trace, a memory snapshot)
 # Budget: about 8 minutes on one H100, at most GPU_CHECK_BUDGET seconds (570) in all: each stage has a cap and
 # gets what is left; a stage that fails or times out is reported and the others still run; the exit code is
-# non-zero if any stage failed. Order: tests, autoencoder benchmark, operator benchmarks, memory benchmark.
+# non-zero if any stage failed. Order: tests, autoencoder benchmark, memory benchmark, CUDA training, operator benchmarks.
+# bench.json gathers every number with env.txt, the kernel tests' result line and summary.txt: one file per run
+# (docs/performance/ keeps them).
 #   MEMTRAIN_COMMIT=<short hash> bash tools/gpu_check.sh   (a copy without .git; offline wheels: docs/performance.md)
 #   GPU_CHECK_QUICK=1 bash tools/gpu_check.sh  (fewer benchmark variants, about 5 minutes)
 # It then runs tools/gpu_check_deepspeed.sh if that exists (about 6 more minutes, so past a 10-minute limit on
@@ -26,11 +28,12 @@ fail() { echo "gpu_check: FAILED: $1" | tee -a "$OUT/summary.txt"; status=1; }
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-570}))
 limit() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
 
-# The image's Python may lack pydantic (memtrain.config): install it from carried wheels (.whl/, no network).
-if ! "$PY" -c "import pydantic, yaml" 2>/dev/null; then
-  "$PY" -m pip install --no-index --no-deps --quiet .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
-    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl \
-    || fail "pydantic from .whl/"
+# The image's Python may lack pydantic (memtrain.config), mosaicml-streaming (the demo shards of the training check) and
+# deepspeed: with no package index there, they come as wheels in .whl/ (docs/performance.md), installed apart in /tmp/site.
+if ! "$PY" -c "import pydantic, yaml, streaming, deepspeed" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || fail "installing .whl/*.whl"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 source tools/gpu_env.sh
@@ -45,7 +48,7 @@ memtrain_install || true
 cat "$OUT/env.txt"
 
 echo "== kernel tests on CUDA" | tee -a "$OUT/summary.txt"
-timeout "$(limit 200)" "$PY" -m pytest -q --noconftest -p no:cacheprovider -rs tests/test_kernels.py \
+timeout "$(limit 150)" "$PY" -m pytest -q --noconftest -p no:cacheprovider -rs tests/test_kernels.py \
   tests/test_kernels_models.py > "$OUT/kernels_test.log" 2>&1 || fail "kernel tests (see kernels_test.log)"
 tail -3 "$OUT/kernels_test.log" | tee -a "$OUT/summary.txt"
 
@@ -56,14 +59,9 @@ bench() {  # name config cap: each variant's row is written to the JSON as soon 
     --json "$OUT/bench_$1.json" > "$OUT/bench_$1.txt" 2>&1 || fail "benchmark $1 (see bench_$1.txt)"
   grep -E '^(#|\|)' "$OUT/bench_$1.txt" | tee -a "$OUT/summary.txt" || true
 }
-bench ae paper/mixer_autoencoder_d1024_c512 210
+bench ae paper/mixer_autoencoder_d1024_c512 180
 
-echo "== operator benchmarks" | tee -a "$OUT/summary.txt"
-timeout "$(limit 120)" "$PY" -m memtrain.kernels.bench_ops --json "$OUT/bench_ops.json" > "$OUT/bench_ops.txt" 2>&1 \
-  || fail "operator benchmarks (see bench_ops.txt)"
-grep '^|' "$OUT/bench_ops.txt" | tee -a "$OUT/summary.txt" || true
-
-bench memory paper/memory_mixer_e512_d512 240
+bench memory paper/memory_mixer_e512_d512 180
 
 echo "== training on CUDA: log line with MFU, profile trace and memory snapshot" | tee -a "$OUT/summary.txt"
 train_check() {
@@ -74,14 +72,23 @@ train_check() {
   grep -q 'MFU ' "$OUT/train_cuda.log" && grep -q 'mem ' "$OUT/train_cuda.log" &&
   test -s "$OUT"/train_cuda/profile/trace-rank0-steps5-7.json && test -s "$OUT"/train_cuda/profile/memory-rank0-steps5-7.pickle
 }
-( export -f train_check; export PY OUT; timeout "$(limit 90)" bash -c train_check ) || fail "CUDA training check (see train_cuda.log)"
+( export -f train_check; export PY OUT; timeout "$(limit 75)" bash -c train_check ) || fail "CUDA training check (see train_cuda.log)"
 grep -E '^step (10|40)/' "$OUT/train_cuda.log" | tee -a "$OUT/summary.txt" || true
+
+echo "== operator benchmarks" | tee -a "$OUT/summary.txt"
+timeout "$(limit 120)" "$PY" -m memtrain.kernels.bench_ops --json "$OUT/bench_ops.json" > "$OUT/bench_ops.txt" 2>&1 \
+  || fail "operator benchmarks (see bench_ops.txt)"
+grep '^|' "$OUT/bench_ops.txt" | tee -a "$OUT/summary.txt" || true
 
 "$PY" - "$OUT" <<'PY' || fail "bench.json"
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 parts = {name: json.loads((out / f"bench_{name}.json").read_text())
          for name in ("ae", "memory", "ops") if (out / f"bench_{name}.json").exists()}
+parts["env"] = (out / "env.txt").read_text().splitlines() if (out / "env.txt").exists() else []
+log = out / "kernels_test.log"
+parts["kernel_tests"] = log.read_text().strip().splitlines()[-1] if log.exists() and log.read_text().strip() else None
+parts["summary"] = (out / "summary.txt").read_text().splitlines()
 (out / "bench.json").write_text(json.dumps(parts, indent=2))
 PY
 

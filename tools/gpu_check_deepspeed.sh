@@ -8,7 +8,8 @@
 # Where the GPU machine's Python lacks deepspeed or mosaicml-streaming, their wheels (and the few of their needs
 # it lacks) are installed from .whl/ (see docs/distributed.md for the list and how to build it). Budget: about 6 minutes
 # on one H100. DS_CHECK_DEVICE=cpu runs the same stages on CPU (how the script itself is tested), and
-# DS_CHECK_BENCH_CONFIG=yaml/tiny.yaml benchmarks a smaller model.
+# DS_CHECK_BENCH_CONFIG=yaml/tiny.yaml benchmarks a smaller model; DS_CHECK_EQ_CAP and DS_CHECK_BENCH_CAP (240, 300 s)
+# cap the two stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check_deepspeed}
@@ -51,13 +52,13 @@ else
 fi
 
 echo "== ZeRO 0-3 equivalence on $DEVICE, $NPROC rank(s)" | tee -a "$OUT/summary.txt"
-timeout 240 "$PY" tools/ds_equivalence.py --device "$DEVICE" --nproc "$NPROC" --work /tmp/ds_equivalence \
+timeout "${DS_CHECK_EQ_CAP:-240}" "$PY" tools/ds_equivalence.py --device "$DEVICE" --nproc "$NPROC" --work /tmp/ds_equivalence \
   --json "$OUT/equivalence.json" > "$OUT/equivalence.log" 2>&1 || fail "equivalence (see equivalence.log)"
 grep -E '^(zero|pipeline|ds_equivalence)' "$OUT/equivalence.log" | tee -a "$OUT/summary.txt"
 
 echo "== ZeRO throughput: $BENCH_CONFIG" | tee -a "$OUT/summary.txt"
 if [ "$DEVICE" = cuda ]; then BENCH_ARGS=(--steps 10 --warmup 3); else BENCH_ARGS=(--steps 2 --warmup 1 --batch-size 1); fi
-timeout 300 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29517 tools/bench_deepspeed.py \
+timeout "${DS_CHECK_BENCH_CAP:-300}" "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port 29517 tools/bench_deepspeed.py \
   "$BENCH_CONFIG" --device "$DEVICE" --variants plain,zero0,zero1,zero2,zero3 \
   "${BENCH_ARGS[@]}" --json "$OUT/bench_zero.json" > "$OUT/bench_zero.txt" 2>&1 || fail "ZeRO benchmark (see bench_zero.txt)"
 grep -E '^(#|\|)' "$OUT/bench_zero.txt" | tee -a "$OUT/summary.txt"

@@ -121,9 +121,15 @@ def start_unit(split_dir: Path, name: str) -> Path:
     """The temporary folder to write unit ``name`` of ``split_dir`` into, after removing what a killed run of
     that unit left."""
     split_dir.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(split_dir, name)
+    return split_dir / f".{name}.tmp-{os.getpid()}"
+
+
+def clear_leftovers(split_dir: Path, name: str) -> None:
+    """Remove the temporary folders killed runs of unit ``name`` left in ``split_dir``. A resumed slice calls it
+    for its finished units too: one a killed run completed has no later start to clean up after it."""
     for stale in split_dir.glob(f".{name}.*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return split_dir / f".{name}.tmp-{os.getpid()}"
 
 
 def finish_unit(tmp: Path, final: Path, extra: Mapping[str, Any] | None = None, one_shard: bool = True) -> dict:

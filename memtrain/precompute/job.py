@@ -474,6 +474,8 @@ def run_precompute(
     autocast = autocast_for(prec, dev)
     mine = job.units[rank::world]
     todo = [u for u in mine if not units.unit_done(job.out / u[0] / mf.unit_name(u[1]))]
+    for u in mine:
+        units.clear_leftovers(job.out / u[0], mf.unit_name(u[1]))
     per_row = sum(len(t["chunks"]) for t in job.plan["tasks"].values())
     total = sum(u[2]["samples"] for u in todo) * per_row
     t0 = time.perf_counter()
