@@ -3,9 +3,10 @@
 This folder installs as the package ``memtrain.kernels`` (``pyproject.toml`` maps it), in a wheel as in an
 editable install; it is never a top-level package of its own. ``memtrain.kernels.dispatch`` is the one entry
 point the models use; it imports Triton only when a Triton kernel is actually chosen.
-"""
 
-if __name__ != "memtrain.kernels":
-    # Run from the repository root, this folder shadows the unrelated `kernels` package on PyPI, which other
-    # libraries probe for with `import kernels`: refuse, so that such a probe sees "not installed".
-    raise ImportError(f"{__file__}: memtrain's kernels import as memtrain.kernels, not as {__name__}")
+Run from the repository root (``python -m memtrain``, ``python -m pytest``), this folder is also reachable as a
+top-level ``kernels``, the name of an unrelated package on PyPI that other libraries probe for: transformers 5
+imports ``kernels`` when it finds one without package metadata and reads its ``__version__``. Imported under
+that name, this module is therefore empty and has no version, which such a probe reads as "not usable", and it
+must not raise: an error here would break the probing library's own import.
+"""

@@ -356,7 +356,7 @@ def compute_losses(
     parts: dict[str, ObjectiveStats] = {}
     for name, w in active.items():
         inputs, targets = make_task(name, ids, special, n_chunks)
-        hidden = (forward or model)(inputs, memories=memories[name] if per_objective else memories)
+        hidden = (model if forward is None else forward)(inputs, memories=memories[name] if per_objective else memories)
         stats = supervised_loss(model, hidden, model.align_labels(targets))
         stats.weight = w
         parts[name] = stats

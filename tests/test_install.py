@@ -137,3 +137,18 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     assert (work / "R" / "checkpoints").is_dir() or any((work / "R").rglob("model.safetensors"))
     script = _run([memtrain, "submit", "tiny", "--dry-run", "--workdir", "J"], work, env)
     assert "#SBATCH --job-name=tiny" in script and "memtrain_finish" in script
+
+
+def test_the_kernels_folder_is_inert_under_its_top_level_name():
+    """From the repository root, ``kernels/`` is also a top-level ``kernels``, the name of an unrelated package
+    that transformers 5 probes for by importing it and reading ``__version__``: the probe must find no version
+    and no error (an error there broke ``import transformers`` for every ``python -m memtrain`` run)."""
+    probe = (
+        "import importlib, importlib.util; "
+        "assert importlib.util.find_spec('kernels') is not None; "
+        "k = importlib.import_module('kernels'); "
+        "assert getattr(k, '__version__', 'N/A') == 'N/A' and not [n for n in vars(k) if not n.startswith('__')]; "
+        "import memtrain.kernels.dispatch; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

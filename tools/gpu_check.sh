@@ -48,20 +48,23 @@ memtrain_install || true
 cat "$OUT/env.txt"
 
 echo "== kernel tests on CUDA" | tee -a "$OUT/summary.txt"
-timeout "$(limit 150)" "$PY" -m pytest -q --noconftest -p no:cacheprovider -rs tests/test_kernels.py \
+# -v --durations: each test's name and the slowest ones in the log; a per-test limit where pytest-timeout is there
+PER_TEST=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120" || true)
+timeout "$(limit "${GPU_CHECK_TEST_CAP:-200}")" "$PY" -m pytest -v --durations=15 --noconftest -p no:cacheprovider -rs $PER_TEST tests/test_kernels.py \
   tests/test_kernels_models.py > "$OUT/kernels_test.log" 2>&1 || fail "kernel tests (see kernels_test.log)"
 tail -3 "$OUT/kernels_test.log" | tee -a "$OUT/summary.txt"
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then VARIANTS=torch,torch+compile,triton; else VARIANTS=torch,torch+compile,triton,triton+compile; fi
+VARIANTS=${GPU_CHECK_VARIANTS:-$VARIANTS}  # e.g. torch,torch+compile to measure a subset again
 bench() {  # name config cap: each variant's row is written to the JSON as soon as it is measured
   echo "== training benchmark: $2" | tee -a "$OUT/summary.txt"
   timeout "$(limit "$3")" "$PY" -m memtrain.bench "$2" --variants "$VARIANTS" --steps 10 --warmup 3 --profile 12 \
     --json "$OUT/bench_$1.json" > "$OUT/bench_$1.txt" 2>&1 || fail "benchmark $1 (see bench_$1.txt)"
   grep -E '^(#|\|)' "$OUT/bench_$1.txt" | tee -a "$OUT/summary.txt" || true
 }
-bench ae paper/mixer_autoencoder_d1024_c512 180
+bench ae paper/mixer_autoencoder_d1024_c512 "${GPU_CHECK_BENCH_CAP:-180}"
 
-bench memory paper/memory_mixer_e512_d512 180
+bench memory paper/memory_mixer_e512_d512 "${GPU_CHECK_BENCH_CAP:-180}"
 
 echo "== training on CUDA: log line with MFU, profile trace and memory snapshot" | tee -a "$OUT/summary.txt"
 train_check() {
@@ -72,13 +75,15 @@ train_check() {
   grep -q 'MFU ' "$OUT/train_cuda.log" && grep -q 'mem ' "$OUT/train_cuda.log" &&
   test -s "$OUT"/train_cuda/profile/trace-rank0-steps5-7.json && test -s "$OUT"/train_cuda/profile/memory-rank0-steps5-7.pickle
 }
-( export -f train_check; export PY OUT; timeout "$(limit 75)" bash -c train_check ) || fail "CUDA training check (see train_cuda.log)"
+( export -f train_check; export PY OUT; timeout "$(limit 45)" bash -c train_check ) || fail "CUDA training check (see train_cuda.log)"
 grep -E '^step (10|40)/' "$OUT/train_cuda.log" | tee -a "$OUT/summary.txt" || true
 
-echo "== operator benchmarks" | tee -a "$OUT/summary.txt"
-timeout "$(limit 120)" "$PY" -m memtrain.kernels.bench_ops --json "$OUT/bench_ops.json" > "$OUT/bench_ops.txt" 2>&1 \
-  || fail "operator benchmarks (see bench_ops.txt)"
-grep '^|' "$OUT/bench_ops.txt" | tee -a "$OUT/summary.txt" || true
+if [ "${GPU_CHECK_OPS:-1}" = 1 ]; then  # GPU_CHECK_OPS=0 leaves them out
+  echo "== operator benchmarks" | tee -a "$OUT/summary.txt"
+  timeout "$(limit 120)" "$PY" -m memtrain.kernels.bench_ops --json "$OUT/bench_ops.json" > "$OUT/bench_ops.txt" 2>&1 \
+    || fail "operator benchmarks (see bench_ops.txt)"
+  grep '^|' "$OUT/bench_ops.txt" | tee -a "$OUT/summary.txt" || true
+fi
 
 "$PY" - "$OUT" <<'PY' || fail "bench.json"
 import json, sys, pathlib
