@@ -317,9 +317,11 @@ class ModelConfig(_Strict):
     kernels: Literal["auto", "triton", "torch"] = Field(
         default="auto",
         description=(
-            "Implementation of the mixer blocks and of the output head + loss: `auto` = the Triton kernels when the "
-            "tensors are on CUDA and Triton imports, the pure-torch reference otherwise; `triton` = Triton (on CPU "
-            "only under `TRITON_INTERPRET=1`); `torch` = the reference everywhere. Same results up to rounding."
+            "Implementation of the mixer blocks and of the output head + loss: `auto` = the one measured fastest, "
+            "today the pure-torch reference on every device (on an H200 each Triton kernel lost to torch eager, "
+            "docs/performance.md; `train.compile` fuses the reference); `triton` = the Triton kernels (on CPU only "
+            "under `TRITON_INTERPRET=1`), e.g. for the chunked head's memory at a large vocabulary; `torch` = the "
+            "reference everywhere. Same results up to rounding."
         ),
     )
 

@@ -44,6 +44,7 @@ def test_resolve_and_set_kernels(monkeypatch):
     cpu = torch.device("cpu")
     assert dispatch.resolve("torch", cpu) == "torch"
     assert dispatch.resolve("auto", cpu) == "torch"  # auto never picks the interpreter
+    assert dispatch.resolve("auto", torch.device("cuda")) == "torch"  # nor Triton, which lost to torch on an H200
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.resolve("triton", cpu) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
