@@ -706,3 +706,47 @@ def test_closed_loader_leaves_no_lock_files(tiny_data):
     assert any(f.exists() for f in files)
     loader.close()
     assert not any(f.exists() for f in files)
+
+
+def test_a_leader_registers_its_shared_memory_under_the_node_lock(tiny_data, monkeypatch):
+    """A job's local leader picks and registers its /dev/shm prefix under one node-wide lock: while another
+    job's leader holds it, the loader waits; other ranks never take it; a lock held too long is not waited for."""
+    import fcntl
+    import tempfile
+    import threading
+
+    from memtrain.data import loader as loader_module
+
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    fd = os.open(os.path.join(folder, loader_module.PREFIX_LOCK), os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another job's leader, registering its prefix
+    opened = threading.Event()
+
+    def build() -> None:
+        with make_loader(str(tiny_data.shards), "train", batch_size=2, shuffle=False, seed=0):
+            opened.set()
+
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        waiting = threading.Thread(target=build)
+        waiting.start()
+        assert not opened.wait(1.5)  # waits for the other leader
+        os.close(fd)  # the other job's prefix is registered
+        fd = -1
+        waiting.join(60)
+        assert opened.is_set()
+
+        fd = os.open(os.path.join(folder, loader_module.PREFIX_LOCK), os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        monkeypatch.setenv("LOCAL_RANK", "1")  # not a leader: its leader holds the lock for it
+        opened.clear()
+        build()
+        assert opened.is_set()
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setattr(loader_module, "PREFIX_LOCK_WAIT_S", 0.3)  # a stuck holder is not waited for
+        opened.clear()
+        build()
+        assert opened.is_set()
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -27,7 +27,7 @@ from memtrain.engine.trainer import train
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 STEPS = 100
-KILLS = 20
+KILLS = 12
 SEED = 20240611
 SETS = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=1", "train.keep_ckpts=2"]
 
@@ -95,14 +95,14 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tiny_
         assert latest is not None and ckpt.checkpoint_problem(latest.path) is None
         assert latest.step < STEPS, "the run finished before all kills; raise STEPS"
         refs = ckpt.list_checkpoints(run)
-        if i % 7 == 3 and len(refs) >= 2:  # now and then a crash also damages the newest checkpoint
+        if i % 5 == 2 and len(refs) >= 2:  # now and then a crash also damages the newest checkpoint
             _damage(refs[-1].path, rng)
             damaged += 1
             expected_start = ckpt.latest_checkpoint(run).step
             assert expected_start == refs[-2].step  # the previous complete one, left as it was
         else:
             expected_start = latest.step
-    assert during_save >= 5, during_save  # the kills did hit checkpoint writes
+    assert during_save >= 4, during_save  # the kills did hit checkpoint writes
     assert damaged >= 2
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

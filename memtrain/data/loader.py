@@ -19,6 +19,8 @@ Note: streaming decompresses the zstd shards it reads next to them (``shard.*.md
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import hashlib
 import json
@@ -448,13 +450,54 @@ def _num_nodes() -> int:
     return max(1, world // max(1, local_world))
 
 
+#: the node-wide lock file under which a job's local leader picks and registers its shared-memory prefix
+PREFIX_LOCK = "memtrain-shm-prefix.lock"
+#: how long a leader waits for another job's leader to finish registering before it goes on without the lock
+PREFIX_LOCK_WAIT_S = 120.0
+
+
+@contextlib.contextmanager
+def node_prefix_lock() -> Iterator[None]:
+    """Held by each job's local leader (``LOCAL_RANK`` 0) while streaming picks a free ``/dev/shm`` prefix and
+    registers it. Streaming scans for a free prefix, passes a barrier of the job's ranks, then creates it: two
+    jobs of one node starting together (the tasks of a job array landing on one node) can pick the same one,
+    and the loser's ranks would stop at different points of that sequence. Under this lock the second job's
+    leader scans only once the first one's prefix exists. The job's other ranks do not take it: their leader
+    holds it across the barriers where they wait. A lock held longer than PREFIX_LOCK_WAIT_S (a stuck process)
+    is not waited for beyond that."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        yield
+        return
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    try:  # read-only and never through a link: the file only carries the lock, in a folder everyone writes
+        fd = os.open(os.path.join(folder, PREFIX_LOCK), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + PREFIX_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _retry_shm_race(make, attempts: int = 5):
-    """``make()``, again after a FileExistsError: streaming picks a free shared-memory prefix by scanning
-    /dev/shm and then creates it, so two processes of the machine starting a dataset at the same moment can
-    pick the same one; the loser's next scan sees the winner's segments and picks another."""
+    """``make()`` under :func:`node_prefix_lock`, again after a FileExistsError: streaming picks a free
+    shared-memory prefix by scanning /dev/shm and then creates it, so a process that does not take the lock
+    (another program, or a lock given up on) can pick the same one at the same moment; the loser's next scan
+    sees the winner's segments and picks another."""
     for k in range(attempts):
         try:
-            return make()
+            with node_prefix_lock():
+                return make()
         except FileExistsError:
             if k == attempts - 1:
                 raise
