@@ -144,25 +144,11 @@ KILL_RUN = (
 )
 
 
-def torchrun_cmd(config: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
-    """2 ranks of ``memtrain train CONFIG`` under torchrun, or under the deepspeed launcher (which passes no
-    --local_rank with --no_local_rank, and sets LOCAL_SIZE where torchrun sets LOCAL_WORLD_SIZE)."""
+def torchrun_cmd(config: Path, *extra: str) -> list[str]:
+    """2 ranks of ``memtrain train CONFIG`` under torchrun (the DeepSpeed launcher's runs are in
+    tests/test_multinode.py)."""
     from memtrain.engine.distributed import free_port
 
-    if launcher == "deepspeed":
-        return [
-            str(Path(sys.executable).with_name("deepspeed")),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "--no_local_rank",
-            "--module",
-            "memtrain",
-            "train",
-            str(config),
-            *extra,
-        ]
     torchrun = Path(sys.executable).with_name("torchrun")
     return [
         str(torchrun),
@@ -189,15 +175,13 @@ SHM_RACE = "FileExistsError: [Errno 17] File exists: '/0"
 SHM_RACE_LEADER = "shared memory registered does not match local leader"
 
 
-def torchrun(config: Path, *extra: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m memtrain train CONFIG`` (or the deepspeed launcher); asserts success
+def torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m memtrain train CONFIG``; asserts success
     (one retry if the start lost streaming's shared-memory race with another job, before anything is written)."""
-    cmd = torchrun_cmd(config, *extra, launcher=launcher)
+    cmd = torchrun_cmd(config, *extra)
     done = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
     if done.returncode and (SHM_RACE in done.stderr or SHM_RACE_LEADER in done.stderr):
-        done = subprocess.run(
-            torchrun_cmd(config, *extra, launcher=launcher), env=run_env(), capture_output=True, text=True, timeout=300
-        )
+        done = subprocess.run(torchrun_cmd(config, *extra), env=run_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, "\n".join(ln for ln in done.stderr.splitlines() if "rank0]" in ln)[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     return done

@@ -146,19 +146,20 @@ def test_the_deepspeed_launchers_local_size_reaches_the_data_loader(monkeypatch)
 # ZeRO 0-3 on 2 ranks == one process
 
 
-@pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (3, "torchrun")])
+@pytest.mark.parametrize("stage", [0, 1, 3])
 @pytest.mark.distributed
-def test_zero_stage_on_two_ranks_equals_one_process(stage, launcher, reference, tiny_data, tmp_path):
-    """ZeRO 0/1/3 with 2 ranks x 4 rows train like one process with batches of 8 (ZeRO-1 started by the
-    deepspeed launcher). ZeRO-3 runs the curriculum (its second stage freezes the encoder: DeepSpeed keeps it
-    exactly as it was at the boundary)."""
+def test_zero_stage_on_two_ranks_equals_one_process(stage, reference, tiny_data, tmp_path):
+    """ZeRO 0/1/3 with 2 ranks x 4 rows (started by torchrun) train like one process with batches of 8. ZeRO-3
+    runs the curriculum (its second stage freezes the encoder: DeepSpeed keeps it exactly as it was at the
+    boundary). The DeepSpeed launcher's own runs, one node of two ranks and two nodes of one, are compared in
+    tests/test_multinode.py."""
     extra = (CURRICULUM,) if stage == 3 else ()
     run = tmp_path / f"zero{stage}"
     config = write_yaml(
         tmp_path / "c.yaml",
         tiny_raw(tiny_data.shards, run, [*RUN, "dist.engine=deepspeed", f"dist.zero_stage={stage}", *extra]),
     )
-    done = torchrun(config, launcher=launcher)
+    done = torchrun(config)
     assert f"2 rank(s) on cpu (DeepSpeed ZeRO-{stage}, fp32" in done.stdout
     ref = reference["curriculum" if stage == 3 else "plain"]
     same_losses(run, ref, STEPS)
