@@ -314,6 +314,15 @@ class ModelConfig(_Strict):
             "sides."
         ),
     )
+    init: Literal["arch", "torch"] = Field(
+        default="arch",
+        description=(
+            "How the Linear and Embedding weights of memtrain's own stacks start: `arch` = as each architecture "
+            "does (transformers N(0, 0.02) like HF Llama, mixers PyTorch's defaults); `torch` = PyTorch's defaults "
+            "for every one (embeddings N(0, 1), Linear U(±1/√fan_in)). A small transformer autoencoder leaves the "
+            "token-frequency plateau several times sooner with `torch` (docs/reproduction.md)."
+        ),
+    )
     kernels: Literal["auto", "triton", "torch"] = Field(
         default="auto",
         description=(

@@ -151,6 +151,32 @@ def test_untrained_model_of_a_yaml_config(tiny_data, tmp_path, capsys):
     assert p["label"] == "tiny untrained" and not p["trained"] and p["length"] == 8
 
 
+def test_model_init_torch_starts_every_layer_at_pytorchs_defaults_and_reaches_the_untrained_control(tiny_data):
+    """``model.init: torch`` (the reproduction's transformer autoencoder): embeddings N(0, 1) and Linear layers
+    U(±1/sqrt(fan_in)) instead of HF Llama's N(0, 0.02); the untrained control of a probe is built the same way."""
+    from memtrain.config import load_config
+    from memtrain.eval.probe import Source, probe_config
+    from memtrain.models import build_model
+
+    root = Path(__file__).parents[1] / "yaml" / "repro"
+    cfg = load_config(root / "transformer_autoencoder.yaml")
+    assert cfg.model.init == "torch"
+    torch.manual_seed(0)
+    fresh = build_model(cfg.model, 400)
+    llama = build_model(cfg.model.model_copy(update={"init": "arch"}), 400)
+    assert fresh.encoder.wte.weight.std().item() == pytest.approx(1.0, abs=0.05)
+    assert llama.encoder.wte.weight.std().item() == pytest.approx(0.02, abs=0.002)
+    bound = 1 / math.sqrt(cfg.model.decoder.d_model)  # lm_head: fan_in d
+    assert fresh.lm_head.weight.abs().max().item() <= bound and fresh.lm_head.weight.std().item() > 0.04
+    q = fresh.decoder.blocks[0].self_attn.q_proj.weight
+    assert q.abs().max().item() <= bound and q.std().item() > 0.04
+
+    control = probe_config(
+        Source("x.yaml", "t", cfg, None, 400, None), ProbeSettings(shards=str(tiny_data.shards)), "o"
+    )
+    assert control.model.init == "torch" and control.model.encoder == cfg.model.encoder
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cases whose answer is known
 

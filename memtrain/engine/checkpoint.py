@@ -36,7 +36,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from safetensors.torch import save_model
 from memtrain.config import Config, config_from_dict
 from memtrain.errors import UserError
 from memtrain.fileio import write_text_atomic
+
+if TYPE_CHECKING:
+    from memtrain.models.base import MemtrainModel
 
 _PREFIX = "step_"
 #: the file that lists every other file of a checkpoint with its size and sha256; written last
@@ -457,7 +460,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, Config, dict]:
     return ck, read_run_config(ck), read_meta(ck)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[MemtrainModel, Config, dict]:
     """(model in eval mode on ``device``, run config, meta) of a checkpoint or run directory of one of
     memtrain's own models: the one way every command turns a checkpoint into a model (an HF-decoder run's
     export is read by :func:`memtrain.inference.load_memory_model`)."""

@@ -52,9 +52,20 @@ def identity_of(cfg_dict: dict) -> dict:
     return {k: v for k, v in flat.items() if any(k == i or k.startswith(i + ".") for i in IDENTITY)}
 
 
+def with_defaults(cfg_dict: dict) -> dict:
+    """``cfg_dict`` with every field it lacks at its default: a run directory written before a setting existed
+    holds the run that the setting's default computes (a new setting's default keeps the old behaviour). A
+    dict that no longer validates is returned as it is, and then differs where it differs."""
+    try:
+        return Config.model_validate(cfg_dict).model_dump(mode="json")
+    except ValueError:
+        return cfg_dict
+
+
 def first_difference(a: dict, b: dict) -> str | None:
-    """The first identity field that differs between two config dicts, as 'field (old -> new)'."""
-    ia, ib = identity_of(a), identity_of(b)
+    """The first identity field that differs between two config dicts, as 'field (old -> new)'; a field one of
+    them lacks counts at its default (:func:`with_defaults`)."""
+    ia, ib = identity_of(with_defaults(a)), identity_of(with_defaults(b))
     for k in sorted(set(ia) | set(ib)):
         if ia.get(k) != ib.get(k):
             return f"{k}: {ia.get(k)!r} in the directory, {ib.get(k)!r} now"

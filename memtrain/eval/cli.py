@@ -4,7 +4,7 @@ memtrain probe RUN_OR_CHECKPOINT_OR_CONFIG [...] [--decoder mixer|transformer] [
                [--length N] [--memory-position -1|-2] [--steps N] [--untrained] [--controls]
                [--random-tokens] [--config OVERLAY.yaml] [--shards DIR] [--out DIR] [--set a.b=c ...]
 memtrain capacity --d-model 128 --lengths 8,16,32,64 [--arch mixer] [--steps N] [--out DIR] ...
-memtrain repro [--out runs/repro] [--quick] [--doc docs/reproduction.md]
+memtrain repro [--out runs/repro] [--quick] [--doc docs/reproduction.md] [--seeds N] [--corpus PATH]
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ def _cmd_repro(args) -> int:
         ("--out", args.out, "runs/repro"),
         ("--configs", args.configs, "yaml/repro"),
         ("--shards", args.shards, None),
+        ("--corpus", args.corpus, None),
+        ("--vocab-size", args.vocab_size, 4096),
+        ("--val-fraction", args.val_fraction, 0.02),
+        ("--seeds", args.seeds, None),
         ("--doc", args.doc, None),
     ]
     command = " ".join(
@@ -91,6 +95,10 @@ def _cmd_repro(args) -> int:
         overrides=tuple(args.set),
         command=command,
         rewrite_doc=args.rewrite_doc,
+        seeds=args.seeds,
+        corpus=args.corpus,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
     )
     return 0
 
@@ -172,6 +180,24 @@ def register(subparsers) -> None:
     )
     r.add_argument("--shards", help="shard directory for every run (default: the configs'; data/demo/shards)")
     r.add_argument("--configs", default="yaml/repro", help="directory of the run configs (default yaml/repro)")
+    r.add_argument(
+        "--corpus",
+        metavar="PATH",
+        help="parquet / jsonl / txt file, directory or glob: make the tokenizer and shards of every run from it "
+        "(in OUT/data) instead of using the bundled demo corpus",
+    )
+    r.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary made for --corpus (default 4096)")
+    r.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="share of the --corpus documents held out for evaluation (default 0.02; more for a small corpus)",
+    )
+    r.add_argument(
+        "--seeds",
+        type=int,
+        help="train and probe every model this many times; numbers become mean ± sd (default: repro.yaml's seeds)",
+    )
     r.add_argument(
         "--rewrite-doc", action="store_true", help="run nothing: write the document again from OUT/report.json"
     )

@@ -157,6 +157,7 @@ def probe_config(src: Source, s: ProbeSettings, out_dir: str | Path) -> Config:
         encoder=stack.model_dump(mode="json"),
         compression=1 if m.kind == "clm" else m.compression,
         final_norm=m.final_norm,
+        init=m.init,
         memory_position=s.memory_position if s.memory_position is not None else default_position,
         vocab_size=src.vocab_size,
         tie_embeddings=False,

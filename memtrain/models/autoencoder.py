@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from memtrain.config import ModelConfig
 from memtrain.models.base import ChunkEncoder, MemtrainModel
-from memtrain.models.stack import Stack, init_like
+from memtrain.models.stack import Stack, apply_init, init_like
 
 
 def unroll_index(seq_len: int, d_model: int, device: torch.device | None = None) -> torch.Tensor:
@@ -44,6 +44,7 @@ class Autoencoder(MemtrainModel):
         self.projection = init_like(nn.Linear(d // 2, d), arch) if cfg.injection == "unroll" else nn.Identity()
         self.decoder = Stack(cfg.decoder, cfg.chunk_len)
         self._build_head(tie_to=self.encoder.wte)
+        apply_init(self, cfg.init)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> memories [B, e] (after the bottleneck, before decoder_proj)."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from memtrain.config import ModelConfig
 from memtrain.labels import IGNORE_INDEX
 from memtrain.models.base import MemtrainModel
-from memtrain.models.stack import Stack, init_like
+from memtrain.models.stack import Stack, apply_init, init_like
 
 
 class CausalLM(MemtrainModel):
@@ -33,6 +33,7 @@ class CausalLM(MemtrainModel):
         self.wte = init_like(nn.Embedding(vocab_size, cfg.decoder.d_model), cfg.decoder.arch)
         self.decoder = Stack(cfg.decoder, cfg.seq_len)
         self._build_head(tie_to=self.wte)
+        apply_init(self, cfg.init)
 
     def align_labels(self, targets: torch.Tensor) -> torch.Tensor:
         """targets [B, T] -> labels [B, T] with labels[:, t] = targets[:, t+1] and labels[:, -1] = -100."""

@@ -20,7 +20,7 @@ import torch.nn as nn
 from memtrain.config import ModelConfig
 from memtrain.labels import IGNORE_INDEX
 from memtrain.models.base import ChunkEncoder, MemtrainModel
-from memtrain.models.stack import Stack, init_like
+from memtrain.models.stack import Stack, apply_init, init_like
 
 
 class MemoryModel(MemtrainModel):
@@ -42,6 +42,7 @@ class MemoryModel(MemtrainModel):
         self.decoder_wte = init_like(nn.Embedding(vocab_size, d), arch)
         self.decoder = Stack(cfg.decoder, cfg.n_chunks + cfg.chunk_len)
         self._build_head(tie_to=self.decoder_wte)
+        apply_init(self, cfg.init)
 
     def align_labels(self, targets: torch.Tensor) -> torch.Tensor:
         """targets [B, T] -> labels [B, T]: the targets, except the row's first token (no context) = -100."""

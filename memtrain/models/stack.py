@@ -40,6 +40,16 @@ def init_like(module: _M, arch: str) -> _M:
     return module
 
 
+def apply_init(model: nn.Module, init: str) -> None:
+    """``model.init``: ``torch`` resets every Linear and Embedding of ``model`` to PyTorch's defaults (Embedding
+    N(0, 1), Linear U(±1/sqrt(fan_in)) with its bias); ``arch`` keeps what each layer's architecture chose
+    (:func:`init_like`). Mixing weights and norms are not Linear or Embedding layers and keep theirs."""
+    if init == "torch":
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.reset_parameters()
+
+
 class Stack(nn.Module):
     """``cfg.n_layers`` blocks, then an optional final norm: [B, T, d] -> [B, T, d].
 
