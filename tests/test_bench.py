@@ -103,6 +103,13 @@ def test_bench_cli_runs_torch_and_triton_on_this_device(tmp_path, capsys):
     assert "| MFU | vs measured matmul |" in printed and "MFU peak: 0.5 TFLOP/s (--peak-tflops)" in printed
 
 
+def _tiny_bench(variants: list[str], **kwargs) -> dict:
+    """``memtrain bench`` of yaml/tiny.yaml on the CPU at vocabulary 64 (fp32, a 64^3 matmul for the rate)."""
+    import memtrain.bench as bench_mod
+
+    return bench_mod.bench("tiny", [], variants, precision=None, vocab=64, device="cpu", peak_size=64, **kwargs)
+
+
 def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
     import memtrain.bench as bench_mod
 
@@ -115,17 +122,11 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
 
     monkeypatch.setattr(bench_mod, "run_variant", run)
     seen = []
-    result = bench_mod.bench(
-        "tiny",
-        [],
+    result = _tiny_bench(
         ["triton", "torch"],
         steps=1,
         warmup=0,
         batch_size=1,
-        precision=None,
-        vocab=64,
-        device="cpu",
-        peak_size=64,
         on_progress=lambda r: seen.append((r["complete"], [x["variant"] for x in r["results"]])),
     )
     assert seen == [(False, ["triton"]), (True, ["triton", "torch"])]  # written after every variant
@@ -161,21 +162,8 @@ def test_compile_variants_train_like_the_eager_ones(monkeypatch):
     Dynamo's eager backend traces the same graph without a C++ compiler."""
     import functools
 
-    import memtrain.bench as bench_mod
-
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    result = bench_mod.bench(
-        "tiny",
-        [],
-        ["torch", "torch+compile"],
-        steps=2,
-        warmup=1,
-        batch_size=2,
-        precision=None,
-        vocab=64,
-        device="cpu",
-        peak_size=64,
-    )
+    result = _tiny_bench(["torch", "torch+compile"], steps=2, warmup=1, batch_size=2)
     eager, compiled = result["results"]
     assert "error" not in compiled, compiled
     assert compiled["tokens_per_s"] > 0

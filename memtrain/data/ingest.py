@@ -308,7 +308,7 @@ def build_shards(
             fileio.write_atomic(job / TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok.path, tmp))
         mine = list(range(rank, len(unit_list), world))
         todo = [i for i in mine if not all(units.unit_done(job / s / unit_name(i)) for s in plan["splits"])]
-        for i in set(mine) - set(todo):
+        for i in mine:  # including finished units: a killed run may have completed one after leaving a folder
             for s in plan["splits"]:
                 units.clear_leftovers(job / s, unit_name(i))
         from tqdm import tqdm

@@ -33,7 +33,7 @@ from pathlib import Path
 from memtrain.config import load_config
 from memtrain.engine.checkpoint import read_checkpoint
 from memtrain.errors import UserError
-from memtrain.eval.claims import aggregate, copy_claim, e4_claims, pm, probe_claims
+from memtrain.eval.claims import aggregate, condition_text, copy_claim, e4_claims, pm, probe_claims
 from memtrain.eval.data import finished
 from memtrain.eval.probe import ProbeSettings, Source, run_probe, slug, write_probe_report
 from memtrain.eval.report import evaluate_checkpoints, per_chunk_table, results_table, write_eval_report, write_report
@@ -584,8 +584,6 @@ def _minutes(seconds: dict[str, float]) -> str:
 
 
 def _check_lines(checks: list[dict]) -> list[str]:
-    from memtrain.eval.claims import condition_text
-
     lines = []
     for c in checks:
         over = c.get("over", "seed")
